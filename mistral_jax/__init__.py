@@ -1,0 +1,19 @@
+"""mistral_jax: Mistral and Mixtral inference as pure JAX functions."""
+
+from mistral_jax.args import LoraArgs, ModelArgs, MoeArgs, load_args
+from mistral_jax.cache import init_cache
+from mistral_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    MistralJaxError,
+    TokenizerError,
+    UserInputError,
+)
+from mistral_jax.model import abstract_params, forward, init_params, logical_axes
+from mistral_jax.transformer import Transformer
+
+__all__ = [
+    "CheckpointError", "ConfigError", "LoraArgs", "MistralJaxError", "ModelArgs", "MoeArgs",
+    "TokenizerError", "Transformer", "UserInputError", "abstract_params", "forward",
+    "init_cache", "init_params", "load_args", "logical_axes",
+]

@@ -1,0 +1,232 @@
+"""`ModelArgs`: the one description of a model, read from params.json or config.json.
+
+Mistral's own folders carry a `params.json` (mistral-inference's `TransformerArgs`);
+Hugging Face folders carry a `config.json` (`MistralForCausalLM` / `MixtralForCausalLM`).
+Both are parsed into the same frozen, hashable dataclass, so it can be a static
+argument of `jax.jit`.
+
+A missing `rope_theta` means what each reference means: 1e6 for params.json
+(mistral-inference: `rope_theta or 1e6`) and 1e4 for config.json (the default of
+transformers' `MistralConfig`). Mistral 7B v0.1's params.json omits it although
+that model was trained with 1e4; pass `rope_theta=1e4` to `Transformer.from_folder`
+for that one model in the Mistral layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from mistral_jax.errors import ConfigError
+
+MISTRAL_DEFAULT_ROPE_THETA = 1e6
+HF_DEFAULT_ROPE_THETA = 1e4
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeArgs:
+    num_experts: int
+    num_experts_per_tok: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraArgs:
+    rank: int
+    scaling: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """Hyper-parameters of a Mistral/Mixtral model, named as in params.json."""
+
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    vocab_size: int
+    rope_theta: float = MISTRAL_DEFAULT_ROPE_THETA
+    # None, one window for every layer, or a per-layer pattern repeated over the layers.
+    sliding_window: int | tuple[int | None, ...] | None = None
+    moe: MoeArgs | None = None
+    lora: LoraArgs | None = None
+    # Longest sequence the model supports, when the folder says (HF max_position_embeddings).
+    max_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
+                     "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if isinstance(self.sliding_window, list):
+            object.__setattr__(self, "sliding_window", tuple(self.sliding_window))
+        if isinstance(self.sliding_window, tuple):
+            if not self.sliding_window or self.n_layers % len(self.sliding_window):
+                raise ConfigError(
+                    f"sliding_window pattern of length {len(self.sliding_window)} does not "
+                    f"divide n_layers={self.n_layers}"
+                )
+        for w in self.layer_windows:
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise ConfigError(f"sliding_window entries must be positive integers, got {w!r}")
+        if self.moe is not None:
+            if self.moe.num_experts < 1:
+                raise ConfigError(f"moe.num_experts must be >= 1, got {self.moe.num_experts}")
+            if not 1 <= self.moe.num_experts_per_tok <= self.moe.num_experts:
+                raise ConfigError(
+                    f"moe.num_experts_per_tok must be in [1, num_experts={self.moe.num_experts}], "
+                    f"got {self.moe.num_experts_per_tok}"
+                )
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """The sliding window of each layer (None: full causal attention)."""
+        w = self.sliding_window
+        if isinstance(w, tuple):
+            return w * (self.n_layers // len(w))
+        return (w,) * self.n_layers
+
+    @property
+    def n_params(self) -> int:
+        d, f, v = self.dim, self.hidden_dim, self.vocab_size
+        attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * d * f * (self.moe.num_experts if self.moe else 1)
+        gate = d * self.moe.num_experts if self.moe else 0
+        return self.n_layers * (attn + ffn + gate + 2 * d) + 2 * v * d + d
+
+
+def _require(cfg: dict, key: str, source: Path) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ConfigError(f"{source}: required field {key!r} is missing")
+    return cfg[key]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object at top level")
+    return cfg
+
+
+def _build(source: Path, **kwargs: Any) -> ModelArgs:
+    try:
+        return ModelArgs(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
+    """Parse a Mistral `params.json` (mistral-inference's TransformerArgs)."""
+    path = Path(path)
+    cfg = _read_json(path)
+    req = {k: _require(cfg, k, path) for k in (
+        "dim", "n_layers", "hidden_dim", "n_heads", "norm_eps", "vocab_size")}
+    n_kv_heads = cfg.get("n_kv_heads") or req["n_heads"]
+    head_dim = cfg.get("head_dim") or req["dim"] // req["n_heads"]
+    moe = None
+    if cfg.get("moe"):
+        m = cfg["moe"]
+        for key in ("num_experts", "num_experts_per_tok"):
+            if key not in m:
+                raise ConfigError(f"{path}: moe block is missing required field {key!r}")
+        moe = MoeArgs(int(m["num_experts"]), int(m["num_experts_per_tok"]))
+    lora = None
+    if cfg.get("lora"):
+        lora = LoraArgs(int(_require(cfg["lora"], "rank", path)),
+                        float(cfg["lora"].get("scaling", 2.0)))
+    kwargs = dict(
+        req,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        rope_theta=float(cfg.get("rope_theta") or MISTRAL_DEFAULT_ROPE_THETA),
+        sliding_window=cfg.get("sliding_window"),
+        moe=moe,
+        lora=lora,
+        max_seq_len=cfg.get("max_seq_len") or cfg.get("max_position_embeddings"),
+    )
+    kwargs.update(overrides)
+    return _build(path, **kwargs)
+
+
+def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
+    """Parse a Hugging Face `config.json` of MistralForCausalLM or MixtralForCausalLM."""
+    path = Path(path)
+    cfg = _read_json(path)
+    arch = cfg.get("architectures") or []
+    if arch and not any(a in ("MistralForCausalLM", "MixtralForCausalLM") for a in arch):
+        raise ConfigError(
+            f"{path}: unsupported architectures {arch}; expected MistralForCausalLM or "
+            "MixtralForCausalLM"
+        )
+    if cfg.get("tie_word_embeddings"):
+        raise ConfigError(f"{path}: tie_word_embeddings=true is not supported by Mistral models")
+    n_heads = _require(cfg, "num_attention_heads", path)
+    dim = _require(cfg, "hidden_size", path)
+    rope = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta") or rope.get("rope_theta") or HF_DEFAULT_ROPE_THETA
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"{path}: rope_type {rope['rope_type']!r} is not supported")
+    moe = None
+    if "num_local_experts" in cfg or cfg.get("model_type") == "mixtral":
+        moe = MoeArgs(int(_require(cfg, "num_local_experts", path)),
+                      int(_require(cfg, "num_experts_per_tok", path)))
+    kwargs = dict(
+        dim=dim,
+        n_layers=_require(cfg, "num_hidden_layers", path),
+        head_dim=cfg.get("head_dim") or dim // n_heads,
+        hidden_dim=_require(cfg, "intermediate_size", path),
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        norm_eps=float(_require(cfg, "rms_norm_eps", path)),
+        vocab_size=_require(cfg, "vocab_size", path),
+        rope_theta=float(theta),
+        sliding_window=cfg.get("sliding_window"),
+        moe=moe,
+        max_seq_len=cfg.get("max_position_embeddings"),
+    )
+    kwargs.update(overrides)
+    return _build(path, **kwargs)
+
+
+def load_args(folder: str | Path, **overrides: Any) -> tuple[ModelArgs, str]:
+    """Read the args of a model folder; returns (args, layout) with layout 'mistral' or 'hf'."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: not a directory")
+    if (folder / "params.json").is_file():
+        return args_from_params_json(folder / "params.json", **overrides), "mistral"
+    if (folder / "config.json").is_file():
+        return args_from_hf_config(folder / "config.json", **overrides), "hf"
+    raise ConfigError(f"{folder}: no params.json (Mistral layout) or config.json (HF layout)")
+
+
+def args_to_params_json(args: ModelArgs) -> dict:
+    """The params.json dict that `args_from_params_json` reads back as `args`."""
+    out = {k: getattr(args, k) for k in (
+        "dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps",
+        "vocab_size", "rope_theta")}
+    if args.sliding_window is not None:
+        w = args.sliding_window
+        out["sliding_window"] = list(w) if isinstance(w, tuple) else w
+    if args.moe is not None:
+        out["moe"] = dataclasses.asdict(args.moe)
+    if args.lora is not None:
+        out["lora"] = dataclasses.asdict(args.lora)
+    if args.max_seq_len is not None:
+        out["max_seq_len"] = args.max_seq_len
+    return out

@@ -1,0 +1,295 @@
+"""Reading model weights from the folders users have: Mistral's and Hugging Face's.
+
+Mistral layout: `params.json` + `consolidated*.safetensors` with names such as
+`layers.0.attention.wq.weight`. HF layout: `config.json` + `model*.safetensors`
+(+ `model.safetensors.index.json`) with names such as
+`model.layers.0.self_attn.q_proj.weight`, whose q/k rows are permuted for
+"rotate half" rotary embeddings; we undo that permutation.
+
+Loading runs in two passes: the headers of every file are checked first (names,
+shapes, nothing missing or unknown), and only then are tensors read, one at a
+time from the memory map, transformed and cast. A bad checkpoint therefore fails
+before any weight is read, with one `CheckpointError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from mistral_jax.args import ModelArgs
+from mistral_jax.errors import CheckpointError
+
+ParamPath = tuple[str, ...]
+# Names some exporters add that carry nothing the model needs.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class TensorTarget:
+    """Where a checkpoint tensor goes in the params pytree, and how it gets there."""
+
+    path: ParamPath
+    transform: Callable[[np.ndarray], np.ndarray]
+    expert: int | None = None  # index along the stacked expert axis, for MoE weights
+
+
+def _t(w: np.ndarray) -> np.ndarray:
+    return w.T
+
+
+def _identity(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _heads_in(n_heads: int, head_dim: int, hf_permuted: bool):
+    """[n_heads * head_dim, D] (torch out, in) -> kernel [D, n_heads, head_dim]."""
+
+    def transform(w: np.ndarray) -> np.ndarray:
+        d = w.shape[1]
+        if hf_permuted:  # HF stores each head as [real halves | imaginary halves]
+            w = w.reshape(n_heads, 2, head_dim // 2, d).transpose(0, 2, 1, 3)
+        return w.reshape(n_heads, head_dim, d).transpose(2, 0, 1)
+
+    return transform
+
+
+def _heads_out(n_heads: int, head_dim: int):
+    """wo [D, n_heads * head_dim] -> kernel [n_heads, head_dim, D]."""
+    return lambda w: w.T.reshape(n_heads, head_dim, w.shape[0])
+
+
+_MISTRAL = {
+    "attention.wq": "wq", "attention.wk": "wk", "attention.wv": "wv", "attention.wo": "wo",
+    "feed_forward.w1": "w1", "feed_forward.w2": "w2", "feed_forward.w3": "w3",
+    "attention_norm": "attention_norm", "ffn_norm": "ffn_norm", "feed_forward.gate": "gate",
+}
+_HF = {
+    "self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv",
+    "self_attn.o_proj": "wo", "mlp.gate_proj": "w1", "mlp.down_proj": "w2", "mlp.up_proj": "w3",
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "block_sparse_moe.gate": "gate",
+}
+_MISTRAL_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
+_HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_MISTRAL_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+
+
+def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | None:
+    """Map a checkpoint tensor name to its place in params; None if it is not a model weight."""
+    hf = layout == "hf"
+    a = args
+    top = ({"model.embed_tokens.weight": "embedding", "model.norm.weight": "norm",
+            "lm_head.weight": "output"} if hf else
+           {"tok_embeddings.weight": "embedding", "norm.weight": "norm",
+            "output.weight": "output"})
+    if name in top:
+        key = top[name]
+        if key == "embedding":
+            return TensorTarget(("embedding",), _identity)
+        if key == "norm":
+            return TensorTarget(("norm", "weight"), _identity)
+        return TensorTarget(("output", "kernel"), _t)
+    m = (_HF_EXPERT if hf else _MISTRAL_EXPERT).fullmatch(name)
+    if m:
+        layer, expert, w = int(m[1]), int(m[2]), m[3]
+        if a.moe is None or layer >= a.n_layers or expert >= a.moe.num_experts:
+            return None
+        return TensorTarget((f"layers_{layer}", "feed_forward", w), _t, expert)
+    m = (_HF_LAYER if hf else _MISTRAL_LAYER).fullmatch(name)
+    if not m or int(m[1]) >= a.n_layers:
+        return None
+    layer, module = f"layers_{m[1]}", (_HF if hf else _MISTRAL).get(m[2])
+    if module is None:
+        return None
+    if module in ("attention_norm", "ffn_norm"):
+        return TensorTarget((layer, module, "weight"), _identity)
+    if module == "gate":
+        return None if a.moe is None else TensorTarget((layer, "feed_forward", "gate", "kernel"), _t)
+    if module in ("wq", "wk", "wv"):
+        heads = a.n_heads if module == "wq" else a.n_kv_heads
+        transform = _heads_in(heads, a.head_dim, hf_permuted=hf and module != "wv")
+        return TensorTarget((layer, "attention", module, "kernel"), transform)
+    if module == "wo":
+        return TensorTarget((layer, "attention", "wo", "kernel"), _heads_out(a.n_heads, a.head_dim))
+    if a.moe is not None:  # dense w1/w2/w3 names do not belong in a MoE model
+        return None
+    return TensorTarget((layer, "feed_forward", module, "kernel"), _t)
+
+
+def safetensors_files(folder: Path, layout: str) -> list[Path]:
+    """The weight files of a model folder, in a stable order."""
+    if layout == "hf":
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted({folder / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
+            return files
+        files = sorted(folder.glob("model*.safetensors"))
+    else:
+        files = sorted(folder.glob("consolidated*.safetensors"))
+    if not files:
+        pattern = "model*.safetensors" if layout == "hf" else "consolidated*.safetensors"
+        raise CheckpointError(f"{folder}: no weight files ({pattern})")
+    return files
+
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) from a safetensors header, validated by safetensors itself."""
+    try:
+        with safe_open(path, framework="np") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+            return out
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    file: Path
+    name: str
+    target: TensorTarget
+
+
+def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -> list[PlannedTensor]:
+    """Check every header against the expected params; return what to read, in file order.
+
+    `abstract` is the params pytree of ShapeDtypeStructs (`model.abstract_params`).
+    Raises CheckpointError for an unknown tensor, a wrong shape, a duplicate or a missing one.
+    """
+    expected = _flatten(abstract)
+    plan, seen = [], {}
+    for path in files:
+        for name, (shape, _) in read_header(path).items():
+            if IGNORED.fullmatch(name):
+                continue
+            target = tensor_target(name, layout, args)
+            if target is None or target.path not in expected:
+                raise CheckpointError(
+                    f"{path}: unexpected tensor {name!r} for a {layout}-layout model with "
+                    f"n_layers={args.n_layers}, moe={args.moe}")
+            param_shape = expected[target.path].shape
+            want = _torch_shape(target, param_shape[1:] if target.expert is not None else param_shape)
+            if tuple(shape) != want:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has shape {list(shape)}, expected {list(want)} "
+                    f"for these args")
+            key = (target.path, target.expert)
+            if key in seen:
+                raise CheckpointError(f"{path}: tensor {name!r} also appears in {seen[key]}")
+            seen[key] = path
+            plan.append(PlannedTensor(path, name, target))
+    missing = []
+    for p, leaf in expected.items():
+        n = leaf.shape[0] if _is_stacked_expert(p, args) else None
+        for e in ([None] if n is None else range(n)):
+            if (p, e) not in seen:
+                missing.append("/".join(p) + ("" if e is None else f"[expert {e}]"))
+    if missing:
+        names = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(
+            f"{files[0].parent}: {len(missing)} weights missing from the checkpoint: {names}")
+    return plan
+
+
+def _is_stacked_expert(path: ParamPath, args: ModelArgs) -> bool:
+    return args.moe is not None and path[-2:-1] == ("feed_forward",) and path[-1] in ("w1", "w2", "w3")
+
+
+def _torch_shape(target: TensorTarget, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint (PyTorch [out, in]) shape of a param (or one expert's slice) of `shape`."""
+    module = target.path[-2] if target.path[-1] == "kernel" else target.path[-1]
+    if target.path == ("embedding",) or target.path[-1] == "weight":
+        return tuple(shape)
+    if module in ("wq", "wk", "wv"):  # kernel [D, H, Hd] <- [H * Hd, D]
+        return (shape[1] * shape[2], shape[0])
+    if module == "wo":  # kernel [H, Hd, D] <- [D, H * Hd]
+        return (shape[2], shape[0] * shape[1])
+    return tuple(reversed(shape))  # plain [in, out] <- [out, in]
+
+
+def iter_tensors(plan: list[PlannedTensor], dtype) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
+    """Read, transform and cast each planned tensor, one at a time, from the memory map."""
+    by_file: dict[Path, list[PlannedTensor]] = {}
+    for p in plan:
+        by_file.setdefault(p.file, []).append(p)
+    for path, items in by_file.items():
+        try:
+            with safe_open(path, framework="np") as f:
+                for p in items:
+                    w = f.get_tensor(p.name)
+                    yield p, np.ascontiguousarray(p.target.transform(w)).astype(dtype, copy=False)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: failed to read tensors ({e})") from None
+
+
+def _flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _set(tree: dict, path: ParamPath, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
+                place: Callable[[ParamPath, np.ndarray], object] | None = None,
+                progress: bool = False):
+    """Load a safetensors checkpoint folder into a params pytree of `dtype`.
+
+    `place(path, host_array)` puts each finished leaf on its device(s) (default
+    `jax.device_put`); it is called once per leaf as soon as the leaf is complete,
+    so at most one leaf (a stacked expert weight for MoE) is held on the host.
+    """
+    import jax
+
+    from mistral_jax.model import abstract_params
+
+    folder = Path(folder)
+    np_dtype = np.dtype(dtype)
+    abstract = abstract_params(args, np_dtype)
+    plan = plan_checkpoint(safetensors_files(folder, layout), layout, args, abstract)
+    expected = _flatten(abstract)
+    place = place or (lambda path, arr: jax.device_put(arr))
+    pending: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
+    params: dict = {}
+    items = iter_tensors(plan, np_dtype)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, total=len(plan), desc=f"loading {folder.name}", unit="tensor")
+    for p, w in items:
+        path = p.target.path
+        if p.target.expert is None:
+            _set(params, path, place(path, w))
+            continue
+        buf, done = pending.setdefault(path, (np.empty(expected[path].shape, np_dtype), set()))
+        buf[p.target.expert] = w
+        done.add(p.target.expert)
+        if len(done) == buf.shape[0]:
+            _set(params, path, place(path, buf))
+            del pending[path]
+    return params

@@ -1,0 +1,93 @@
+"""The Mistral/Mixtral transformer and its pure forward function.
+
+    forward(params, tokens, positions, cache, *, args) -> (logits, cache)
+
+`params` is a plain pytree (nested dicts of arrays), `args` a hashable `ModelArgs`
+(static under `jax.jit`), `cache` the pytree from `init_cache` or None for a
+cache-less full causal pass. Layers are unrolled (one param subtree per layer,
+`layers_0` ... `layers_{n-1}`): on GPUs an unrolled decode step reads weights at
+76-90% of memory bandwidth where `lax.scan` over stacked layers reached 33%.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mistral_jax.args import ModelArgs
+from mistral_jax.cache import Cache, init_cache
+from mistral_jax.layers import Dtype, Linear, RMSNorm, TransformerBlock
+
+__all__ = ["MistralModel", "forward", "init_cache", "init_params", "abstract_params",
+           "logical_axes", "causal_positions"]
+
+
+class MistralModel(nn.Module):
+    args: ModelArgs
+    dtype: Dtype = jnp.float32  # parameter dtype at init; compute follows the params' dtype
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array,
+                 cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+        """tokens, positions [B, T] int32 (-1: padding) -> logits [B, T, V] float32."""
+        a = self.args
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (a.vocab_size, a.dim), self.dtype)
+        x = jnp.take(embedding, tokens, axis=0)
+        new_cache = [] if cache is not None else None
+        for i, window in enumerate(a.layer_windows):
+            x, layer_cache = TransformerBlock(a, window, self.dtype, name=f"layers_{i}")(
+                x, positions, None if cache is None else cache[i])
+            if cache is not None:
+                new_cache.append(layer_cache)
+        x = RMSNorm(a.norm_eps, self.dtype, name="norm")(x)
+        logits = Linear((a.dim, a.vocab_size), ("embed", "vocab"), "btd,dv->btv",
+                        dtype=self.dtype, name="output")(x)
+        return logits.astype(jnp.float32), new_cache
+
+
+def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None, *,
+            args: ModelArgs) -> tuple[jax.Array, Cache | None]:
+    """Pure forward pass. tokens, positions [B, T] int32 -> (logits [B, T, V] f32, cache).
+
+    With a cache, attention covers the cached keys plus the new ones and the new
+    keys are written (see `cache.py`); with `cache=None` it is a plain causal pass.
+    """
+    # The embedding lives at the top level of params (mistral-inference: tok_embeddings).
+    return MistralModel(args).apply({"params": params}, tokens, positions, cache)
+
+
+def causal_positions(tokens: jax.Array) -> jax.Array:
+    """Positions 0..T-1 for every row of tokens [B, T]."""
+    b, t = tokens.shape
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def _boxed_init(args: ModelArgs, dtype, key):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return MistralModel(args, dtype).init(key, tokens, tokens)["params"]
+
+
+def init_params(args: ModelArgs, key: jax.Array | int = 0, dtype: Dtype = jnp.float32):
+    """Random params (a plain pytree) for `args`, e.g. for tests and benchmarks."""
+    if isinstance(key, int):
+        key = jax.random.PRNGKey(key)
+    return nn.meta.unbox(jax.jit(functools.partial(_boxed_init, args, dtype))(key))
+
+
+def abstract_params(args: ModelArgs, dtype: Dtype = jnp.float32):
+    """ShapeDtypeStructs of the params, computed without allocating anything."""
+    return nn.meta.unbox(jax.eval_shape(functools.partial(_boxed_init, args, dtype),
+                                        jax.random.PRNGKey(0)))
+
+
+def logical_axes(args: ModelArgs):
+    """A pytree like params whose leaves are PartitionSpecs of logical axis names."""
+    boxed = jax.eval_shape(functools.partial(_boxed_init, args, jnp.float32),
+                           jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)

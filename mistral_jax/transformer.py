@@ -1,0 +1,103 @@
+"""`Transformer`: the model object users hold, mirroring mistral-inference's API.
+
+    model = Transformer.from_folder(path, dtype="float32")
+    logits = model.logits([[1, 2, 3]])          # [B, T, V] float32
+    model.args, model.params                     # ModelArgs, plain pytree
+
+The pure function underneath is `mistral_jax.model.forward`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.cache import Cache, init_cache
+from mistral_jax.checkpoint import load_params
+from mistral_jax.errors import UserInputError
+from mistral_jax.model import causal_positions, forward, init_params
+
+DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
+          "fp32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """'bfloat16' / 'float32' / 'float16' or a dtype -> a numpy dtype; else UserInputError."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    dt = jnp.dtype(dtype)
+    if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)):
+        raise UserInputError(f"dtype must be bfloat16, float16 or float32, got {dt}")
+    return dt
+
+
+@functools.partial(jax.jit, static_argnames=("args",))
+def jit_forward(params, tokens, positions, cache, *, args):
+    return forward(params, tokens, positions, cache, args=args)
+
+
+class Transformer:
+    """A model: its `args`, its `params` pytree, and convenience methods around `forward`."""
+
+    def __init__(self, args: ModelArgs, params: Any, *, folder: Path | None = None):
+        self.args = args
+        self.params = params
+        self.folder = folder
+        self.load_seconds: float | None = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, dtype: Any = "bfloat16",
+                    max_batch_size: int | None = None, progress: bool = False,
+                    **arg_overrides: Any) -> Transformer:
+        """Load a Mistral-layout or HF-layout model folder.
+
+        `arg_overrides` replace fields of the folder's args (e.g. `rope_theta=1e4` for
+        Mistral 7B v0.1 in the Mistral layout). `max_batch_size` is accepted for
+        compatibility with mistral-inference and unused: caches are sized per call.
+        """
+        del max_batch_size
+        folder = Path(folder)
+        dt = resolve_dtype(dtype)
+        start = time.perf_counter()
+        args, layout = load_args(folder, **arg_overrides)
+        params = load_params(folder, args, layout, dt, progress=progress)
+        model = cls(args, params, folder=folder)
+        model.load_seconds = time.perf_counter() - start
+        return model
+
+    @classmethod
+    def random(cls, args: ModelArgs, *, seed: int = 0, dtype: Any = "float32") -> Transformer:
+        """A model with random weights (tests, benchmarks)."""
+        return cls(args, init_params(args, seed, resolve_dtype(dtype)))
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.params["embedding"].dtype
+
+    def init_cache(self, batch_size: int, max_seq_len: int) -> Cache:
+        return init_cache(self.args, batch_size, max_seq_len, self.dtype)
+
+    def forward(self, tokens, positions, cache: Cache | None = None):
+        """Jitted `model.forward`: tokens, positions [B, T] -> (logits [B, T, V], cache)."""
+        return jit_forward(self.params, jnp.asarray(tokens, jnp.int32),
+                           jnp.asarray(positions, jnp.int32), cache, args=self.args)
+
+    def logits(self, tokens) -> jax.Array:
+        """Full causal forward of tokens [B, T] (or [T]) -> float32 logits [B, T, V] (or [T, V])."""
+        arr = np.asarray(tokens)
+        if arr.ndim not in (1, 2) or arr.size == 0:
+            raise UserInputError(f"tokens must be a non-empty [T] or [B, T] array, got shape {arr.shape}")
+        if arr.min() < 0 or arr.max() >= self.args.vocab_size:
+            raise UserInputError(f"token ids must be in [0, vocab_size={self.args.vocab_size})")
+        batch = jnp.asarray(np.atleast_2d(arr), jnp.int32)
+        logits, _ = self.forward(batch, causal_positions(batch), None)
+        return logits[0] if arr.ndim == 1 else logits
