@@ -1,0 +1,303 @@
+"""Parity of the dense model with transformers' MistralForCausalLM (PyTorch, float32),
+the rotating KV cache, and clear errors for bad checkpoint folders."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (
+    random_mistral_state,
+    rel_err,
+    tiny_args,
+    torch_logits,
+    torch_reference,
+    write_hf_folder,
+    write_mistral_folder,
+)
+
+from mistral_jax import CheckpointError, ConfigError, Transformer, forward, init_cache
+from mistral_jax.args import args_from_hf_config, args_from_params_json
+from mistral_jax.model import causal_positions
+
+# (n_heads, n_kv_heads): GQA ratios 1, 2 and 4; windows on and off; both rope thetas and vocabs.
+CONFIGS = {
+    "mha_nowin_theta1e6_v32000": dict(n_heads=4, n_kv_heads=4, vocab_size=32000),
+    "gqa2_win8_theta1e4_v32768": dict(n_heads=4, n_kv_heads=2, sliding_window=8,
+                                      rope_theta=1e4, vocab_size=32768),
+    "gqa4_win16_theta1e6_v32768": dict(n_heads=8, n_kv_heads=2, head_dim=8, sliding_window=16,
+                                       vocab_size=32768, n_layers=3),
+    "gqa4_nowin_theta1e4_v32000": dict(n_heads=8, n_kv_heads=2, head_dim=8, rope_theta=1e4,
+                                       vocab_size=32000),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    """One random model written in both layouts, plus transformers' model of the HF folder."""
+    args = tiny_args(**CONFIGS[request.param])
+    state = random_mistral_state(args, seed=len(request.param))
+    root = tmp_path_factory.mktemp(request.param)
+    mistral = write_mistral_folder(root / "mistral", args, state)
+    hf = write_hf_folder(root / "hf", args, state, shards=2)
+    return args, mistral, hf, torch_reference(hf)
+
+
+@pytest.mark.parametrize("layout", ["mistral", "hf"])
+def test_logits_match_transformers_float32(checkpoint, layout):
+    args, mistral, hf, ref = checkpoint
+    model = Transformer.from_folder(mistral if layout == "mistral" else hf, dtype="float32")
+    assert model.args == args.__class__(**{**args.__dict__, "max_seq_len": model.args.max_seq_len})
+    tokens = np.random.default_rng(1).integers(0, args.vocab_size, (2, 40))
+    assert rel_err(model.logits(tokens), torch_logits(ref, tokens)) <= 1e-5
+
+
+def _decode_incrementally(model, tokens, prefill_len, cache_len):
+    """Prefill `prefill_len` tokens, then feed the rest one at a time; logits [B, T, V]."""
+    b, t = tokens.shape
+    pos = np.broadcast_to(np.arange(t), (b, t))
+    cache = model.init_cache(b, cache_len)
+    out, cache = model.forward(tokens[:, :prefill_len], pos[:, :prefill_len], cache)
+    steps = [out]
+    for i in range(prefill_len, t):
+        out, cache = model.forward(tokens[:, i:i + 1], pos[:, i:i + 1], cache)
+        steps.append(out)
+    return np.concatenate(steps, axis=1)
+
+
+def test_sliding_window_decode_matches_full_recompute_and_transformers(tmp_path):
+    """Window 16, a 40-token prompt (longer than the window), then 20 decoded tokens."""
+    args = tiny_args(sliding_window=16, n_layers=2, vocab_size=1000)
+    state = random_mistral_state(args, seed=7)
+    hf = write_hf_folder(tmp_path / "hf", args, state)
+    model = Transformer.from_folder(write_mistral_folder(tmp_path / "m", args, state),
+                                    dtype="float32")
+    tokens = np.random.default_rng(2).integers(0, args.vocab_size, (1, 60))
+    incremental = _decode_incrementally(model, tokens, prefill_len=40, cache_len=64)
+    full = np.asarray(model.logits(tokens))
+    assert rel_err(incremental, full) <= 1e-5
+    # Each decode step equals a from-scratch forward of the sequence so far.
+    for step in (40, 47, 59):
+        assert rel_err(incremental[:, step], np.asarray(model.logits(tokens[:, :step + 1]))[:, -1]) <= 1e-5
+    assert rel_err(full, torch_logits(torch_reference(hf), tokens)) <= 1e-5
+    # The window matters: without it the logits past position 16 differ.
+    no_window = Transformer(args.__class__(**{**args.__dict__, "sliding_window": None}), model.params)
+    assert rel_err(no_window.logits(tokens)[:, 20:], full[:, 20:]) > 1e-3
+
+
+@pytest.mark.parametrize("window,prefill,cache_len", [
+    (None, 5, 32),   # plain cache
+    (8, 3, 32),      # decode wraps the 8-slot ring buffer several times
+    (8, 13, 32),     # prefill longer than the window, then wrap
+    (6, 1, 32),
+])
+def test_incremental_decode_equals_full_forward(window, prefill, cache_len):
+    args = tiny_args(sliding_window=window, vocab_size=500, n_layers=2)
+    model = Transformer.random(args, seed=3)
+    tokens = np.random.default_rng(4).integers(0, args.vocab_size, (2, 30))
+    incremental = _decode_incrementally(model, tokens, prefill, cache_len)
+    assert rel_err(incremental, model.logits(tokens)) <= 1e-5
+
+
+def test_chunked_prefill_equals_full_forward_across_window_wrap():
+    args = tiny_args(sliding_window=8, vocab_size=500)
+    model = Transformer.random(args, seed=5)
+    tokens = np.random.default_rng(6).integers(0, args.vocab_size, (1, 36))
+    pos = causal_positions(jnp.asarray(tokens))
+    cache = model.init_cache(1, 64)
+    outs = []
+    for s in range(0, 36, 7):  # chunks of 7 < window, and the last one shorter
+        out, cache = model.forward(tokens[:, s:s + 7], pos[:, s:s + 7], cache)
+        outs.append(out)
+    assert rel_err(np.concatenate(outs, 1), model.logits(tokens)) <= 1e-5
+
+
+def test_ragged_rows_with_padding_decode_like_single_rows():
+    """Rows at different positions (padding = position -1) match each row run alone."""
+    args = tiny_args(sliding_window=8, vocab_size=500)
+    model = Transformer.random(args, seed=8)
+    rng = np.random.default_rng(9)
+    lens = [5, 12]
+    seqs = [rng.integers(0, 500, n + 4) for n in lens]
+    width = max(lens)
+    toks = np.zeros((2, width), np.int32)
+    pos = np.full((2, width), -1, np.int32)
+    for r, n in enumerate(lens):
+        toks[r, :n], pos[r, :n] = seqs[r][:n], np.arange(n)
+    cache = model.init_cache(2, 32)
+    _, cache = model.forward(toks, pos, cache)
+    for step in range(4):
+        nxt = np.array([[s[n + step]] for s, n in zip(seqs, lens)], np.int32)
+        p = np.array([[n + step] for n in lens], np.int32)
+        out, cache = model.forward(nxt, p, cache)
+        for r, n in enumerate(lens):
+            alone = np.asarray(model.logits(seqs[r][None, :n + step + 1]))[0, -1]
+            assert rel_err(out[r, 0], alone) <= 1e-5
+
+
+def test_bfloat16_close_to_float32(tmp_path):
+    args = tiny_args(sliding_window=8, vocab_size=1000)
+    folder = write_mistral_folder(tmp_path / "m", args, random_mistral_state(args, seed=11))
+    f32 = Transformer.from_folder(folder, dtype="float32")
+    bf16 = Transformer.from_folder(folder, dtype="bfloat16")
+    assert bf16.params["layers_0"]["attention"]["wq"]["kernel"].dtype == jnp.bfloat16
+    tokens = np.random.default_rng(12).integers(0, args.vocab_size, (2, 24))
+    low = np.asarray(bf16.logits(tokens))
+    assert low.dtype == np.float32 and np.isfinite(low).all()
+    assert rel_err(low, f32.logits(tokens)) <= 2e-2
+
+
+def test_forward_is_pure_jittable_differentiable_and_vmappable():
+    args = tiny_args(vocab_size=300)
+    model = Transformer.random(args, seed=13)
+    tokens = jnp.asarray(np.random.default_rng(14).integers(0, 300, (3, 10)), jnp.int32)
+    pos = causal_positions(tokens)
+
+    def nll(params, toks):
+        logits, _ = forward(params, toks[None], jnp.arange(10)[None], None, args=args)
+        return -jax.nn.log_softmax(logits[0, :-1])[jnp.arange(9), toks[1:]].mean()
+
+    per_row = jax.jit(jax.vmap(nll, in_axes=(None, 0)))(model.params, tokens)
+    full, _ = forward(model.params, tokens, pos, None, args=args)
+    expected = -jax.nn.log_softmax(full[:, :-1])
+    expected = np.take_along_axis(np.asarray(expected), np.asarray(tokens)[:, 1:, None], -1)
+    np.testing.assert_allclose(per_row, expected[..., 0].mean(1), rtol=1e-5)
+    grads = jax.grad(lambda p: nll(p, tokens[0]))(model.params)
+    g = grads["layers_1"]["attention"]["wq"]["kernel"]
+    assert g.shape == (args.dim, args.n_heads, args.head_dim)
+    assert np.isfinite(g).all() and np.abs(g).max() > 0
+    # The same inputs give the same outputs: no hidden state.
+    again, _ = forward(model.params, tokens, pos, None, args=args)
+    np.testing.assert_array_equal(full, again)
+
+
+def test_cache_is_a_plain_pytree_returned_not_mutated():
+    args = tiny_args(sliding_window=4, vocab_size=100)
+    model = Transformer.random(args)
+    cache = init_cache(args, 1, 16, jnp.float32)
+    before = jax.tree_util.tree_map(np.asarray, cache)
+    _, new = model.forward(np.array([[1, 2, 3, 4, 5, 6]]), np.arange(6)[None], cache)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before,
+                           jax.tree_util.tree_map(np.asarray, cache))
+    # The ring holds the newest 4 positions, each in slot pos % 4.
+    np.testing.assert_array_equal(np.asarray(new[0]["pos"])[0], [4, 5, 2, 3])
+
+
+# ---------------------------------------------------------------- args
+
+
+def test_missing_rope_theta_follows_each_reference(tmp_path):
+    args = tiny_args(rope_theta=5e5)
+    m = write_mistral_folder(tmp_path / "m", args, random_mistral_state(args))
+    h = write_hf_folder(tmp_path / "h", args, random_mistral_state(args))
+    for path in (m / "params.json", h / "config.json"):
+        cfg = json.loads(path.read_text())
+        cfg.pop("rope_theta")
+        path.write_text(json.dumps(cfg))
+    assert args_from_params_json(m / "params.json").rope_theta == 1e6  # mistral-inference
+    assert args_from_hf_config(h / "config.json").rope_theta == 1e4  # transformers' MistralConfig
+    assert Transformer.from_folder(m, dtype="float32", rope_theta=1e4).args.rope_theta == 1e4
+
+
+def test_hf_config_rope_parameters_and_per_layer_window(tmp_path):
+    cfg = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "rms_norm_eps": 1e-5, "vocab_size": 100,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 2e5}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    a = args_from_hf_config(tmp_path / "config.json")
+    assert (a.rope_theta, a.head_dim, a.sliding_window) == (2e5, 16, None)
+    p = tiny_args(n_layers=4, sliding_window=[8, None]).layer_windows
+    assert p == (8, None, 8, None)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def good_folder(tmp_path):
+    args = tiny_args(vocab_size=100)
+    return write_mistral_folder(tmp_path / "m", args, random_mistral_state(args)), args
+
+
+def test_folder_without_params_or_config(tmp_path):
+    with pytest.raises(ConfigError, match="no params.json .* or config.json"):
+        Transformer.from_folder(tmp_path)
+
+
+def test_params_json_missing_field_names_it(good_folder):
+    folder, _ = good_folder
+    cfg = json.loads((folder / "params.json").read_text())
+    del cfg["hidden_dim"]
+    (folder / "params.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"params.json: required field 'hidden_dim'"):
+        Transformer.from_folder(folder)
+
+
+def test_truncated_safetensors_names_the_file(good_folder):
+    folder, _ = good_folder
+    f = folder / "consolidated.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="consolidated.safetensors: not a valid safetensors"):
+        Transformer.from_folder(folder)
+
+
+def test_corrupt_header_names_the_file(good_folder):
+    folder, _ = good_folder
+    f = folder / "consolidated.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"{not json!!!"
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="consolidated.safetensors: not a valid safetensors"):
+        Transformer.from_folder(folder)
+
+
+def _rewrite(folder, args, change):
+    from safetensors.numpy import load_file, save_file
+
+    f = folder / "consolidated.safetensors"
+    state = load_file(f)
+    change(state)
+    save_file(state, f)
+
+
+def test_missing_tensor_is_named(good_folder):
+    folder, args = good_folder
+    _rewrite(folder, args, lambda s: s.pop("layers.1.attention.wk.weight"))
+    with pytest.raises(CheckpointError, match="layers_1/attention/wk/kernel"):
+        Transformer.from_folder(folder)
+
+
+def test_wrong_shape_is_named(good_folder):
+    folder, args = good_folder
+    _rewrite(folder, args, lambda s: s.update({"layers.0.feed_forward.w2.weight":
+                                               np.zeros((args.dim, 7), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"'layers.0.feed_forward.w2.weight' has shape \[64, 7\], expected \[64, 128\]"):
+        Transformer.from_folder(folder)
+
+
+def test_unknown_extra_tensor_is_named(good_folder):
+    folder, args = good_folder
+    _rewrite(folder, args, lambda s: s.update({"layers.5.attention.wq.weight": np.zeros((4, 4), np.float32)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'layers.5.attention.wq.weight'"):
+        Transformer.from_folder(folder)
+
+
+def test_missing_shard_in_index_is_named(tmp_path):
+    args = tiny_args(vocab_size=100)
+    hf = write_hf_folder(tmp_path / "h", args, random_mistral_state(args), shards=2)
+    (hf / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lists shard model-00002-of-00002.safetensors, which is missing"):
+        Transformer.from_folder(hf)
+
+
+def test_inconsistent_heads_in_params_json(good_folder):
+    folder, _ = good_folder
+    cfg = json.loads((folder / "params.json").read_text())
+    cfg["n_kv_heads"] = 3
+    (folder / "params.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="params.json: n_heads .* multiple of n_kv_heads"):
+        Transformer.from_folder(folder)
