@@ -1,0 +1,551 @@
+"""Quantized weights: int8 and fp8 (e4m3) kernels with float32 scales per output channel.
+
+A quantized linear layer keeps its `kernel` in the same shape, stored as int8 or
+float8_e4m3fn, and gains a `scale` over the kernel's output dims; stacked MoE expert
+weights gain a sibling `<name>_scale` (`w1` [E, D, F] int8 -> `w1_scale` [E, F]):
+
+    {'wq': {'kernel': int8 [D, H, Hd], 'scale': f32 [H, Hd]}}
+    y = (x @ kernel) * scale            # exact: a per-output-channel scale commutes with x @ .
+
+`Linear` (layers.py) dispatches on the presence of `scale`, so `forward` stays the one
+pure function and a quantized params tree is just a params tree. Which layers are
+quantized: attention wq/wk/wv/wo and the feed-forward w1/w2/w3 (dense or experts), as
+published fp8 checkpoints do; the embedding, norms, MoE gate and output stay in the
+compute dtype (the gate decides routing; the output projection is ~2% of a 7B model).
+
+Activations stay in the compute dtype (weight-only quantization), except for
+compressed-tensors checkpoints whose config quantizes them: those Linear layers also
+carry `input_scale` f32 []: > 0 is a static per-tensor scale from the checkpoint, 0
+means a dynamic per-token scale (max |x| over the contracted dims / qmax).
+
+Loading: `Transformer.from_folder(..., quantize='int8' | 'fp8' | 'fp8-tensor')` quantizes
+each weight as soon as it is read (`quantize_finisher`), so the full-precision model
+never exists at once; compressed-tensors checkpoints (llm-compressor, e.g.
+FP8-dynamic) are read as they are stored (`read_compressed_tensors`,
+`checkpoint_abstract`), never dequantized.
+
+Speed: `qeinsum` is the one place the matmul happens. On CPU it is
+einsum(x, kernel.astype(x.dtype)) * scale; a fused dequantizing GPU kernel (e.g. Pallas)
+belongs there. None is wired in yet: no speed claim is made for quantized decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from mistral_jax.args import ModelArgs
+from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
+
+ParamPath = tuple[str, ...]
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+INT8 = jnp.dtype(jnp.int8)
+QUANTIZED_DTYPES = (INT8, FP8)
+# safetensors dtype names of quantized storage -> numpy dtypes (numpy itself lacks fp8).
+STORAGE_DTYPES = {"I8": np.dtype(np.int8), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
+# Modules quantized by default (module name, i.e. the param path's last non-leaf key).
+QUANTIZED_MODULES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantMode:
+    """How to quantize weights: storage dtype and scale granularity."""
+
+    name: str
+    dtype: Any
+    per_tensor: bool = False  # one scale per tensor (stored broadcast over output channels)
+
+
+MODES = {
+    "int8": QuantMode("int8", INT8),
+    "fp8": QuantMode("fp8", FP8),
+    "fp8-tensor": QuantMode("fp8-tensor", FP8, per_tensor=True),
+}
+
+
+def resolve_mode(mode: str | QuantMode) -> QuantMode:
+    """'int8' | 'fp8' | 'fp8-tensor' (or a QuantMode) -> QuantMode; else UserInputError."""
+    if isinstance(mode, QuantMode):
+        return mode
+    if mode not in MODES:
+        raise UserInputError(f"quantize must be one of {sorted(MODES)}, got {mode!r}")
+    return MODES[mode]
+
+
+def qmax(dtype) -> float:
+    """Largest magnitude the storage dtype holds: 127 for int8, 448 for float8_e4m3fn."""
+    dtype = jnp.dtype(dtype)
+    if dtype == INT8:
+        return 127.0
+    return float(jnp.finfo(dtype).max)
+
+
+def is_quantized(x) -> bool:
+    return jnp.dtype(x.dtype) in QUANTIZED_DTYPES
+
+
+# ---------------------------------------------------------------------------------------------
+# Which dims of a weight are contracted with the input, and where its extra leaves live.
+
+
+def split_dims(path: ParamPath, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(lead, in, out) axes of the linear weight at `path` with `ndim` dims.
+
+    Kernels are [in..., out...]: `wo` [H, Hd, D] contracts two dims, other kernels one.
+    Stacked expert weights [E, in, out] have the expert axis as a `lead` dim.
+    """
+    if path[-1] == "kernel":
+        n_in = 2 if path[-2] == "wo" else 1
+        return (), tuple(range(n_in)), tuple(range(n_in, ndim))
+    if ndim == 3 and path[-1] in ("w1", "w2", "w3"):
+        return (0,), (1,), (2,)
+    raise ValueError(f"{'/'.join(path)} is not a linear weight")
+
+
+def is_linear_weight(path: ParamPath, ndim: int) -> bool:
+    return path[-1] == "kernel" or (ndim == 3 and path[-1] in ("w1", "w2", "w3"))
+
+
+def sibling(path: ParamPath, leaf: str) -> ParamPath:
+    """The path of the extra leaf `leaf` ('scale', 'input_scale', 'lora_a', ...) of a weight.
+
+    Inside a Linear's dict for `.../kernel`; `<name>_<leaf>` beside stacked expert weights.
+    """
+    if path[-1] == "kernel":
+        return path[:-1] + (leaf,)
+    return path[:-1] + (f"{path[-1]}_{leaf}",)
+
+
+def should_quantize(path: ParamPath, ndim: int) -> bool:
+    """Whether the weight at `path` is quantized by `quantize_params` / `--quantize`."""
+    if not is_linear_weight(path, ndim):
+        return False
+    module = path[-2] if path[-1] == "kernel" else path[-1]
+    return module in QUANTIZED_MODULES and path[0].startswith("layers_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize, dequantize, matmul.
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "in_dims"))
+def quantize_array(w: jax.Array, mode: QuantMode, in_dims: tuple[int, ...]):
+    """w [lead..., in..., out...] -> (q of mode.dtype, same shape; scale f32 [lead..., out...]).
+
+    Symmetric, one scale per output channel (amax over the `in_dims` / qmax), or one per
+    tensor. int8 rounds to nearest (ties to even); fp8 rounds in the cast.
+    """
+    w = w.astype(jnp.float32)
+    top = qmax(mode.dtype)
+    amax = jnp.max(jnp.abs(w), axis=in_dims)
+    if mode.per_tensor:
+        amax = jnp.broadcast_to(jnp.max(amax), amax.shape)
+    scale = jnp.where(amax > 0, amax / top, 1.0)
+    q = jnp.clip(w / jnp.expand_dims(scale, in_dims), -top, top)
+    if jnp.dtype(mode.dtype) == INT8:
+        q = jnp.round(q)
+    return q.astype(mode.dtype), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, in_dims: tuple[int, ...], dtype=jnp.float32):
+    """The inverse of `quantize_array`: q * scale, in `dtype`."""
+    return (q.astype(jnp.float32) * jnp.expand_dims(scale.astype(jnp.float32), in_dims)).astype(dtype)
+
+
+def on_host(fn: Callable, *arrays):
+    """Run a jitted `fn` on the host CPU for numpy inputs; numpy outputs (used while loading)."""
+    cpu = jax.devices("cpu")[0]
+    out = fn(*(jax.device_put(a, cpu) for a in arrays))
+    return jax.tree.map(np.asarray, out)
+
+
+def _align(v: jax.Array, letters: str, out: str) -> jax.Array:
+    """v with axes named by `letters` -> broadcastable against an array with axes `out`."""
+    order = [c for c in out if c in letters]
+    v = jnp.transpose(v, [letters.index(c) for c in order])
+    return v.reshape([v.shape[order.index(c)] if c in letters else 1 for c in out])
+
+
+def _parse(eqn: str) -> tuple[str, str, str]:
+    inputs, out = eqn.replace(" ", "").split("->")
+    x, k = inputs.split(",")
+    return x, k, out
+
+
+def quantize_activations(x: jax.Array, contracted: tuple[int, ...], dtype, input_scale: jax.Array):
+    """x -> (x quantized to `dtype` and back to x.dtype, scale broadcastable against x).
+
+    `input_scale` > 0: that static per-tensor scale; 0: per-token, max |x| over the
+    `contracted` axes / qmax.
+    """
+    top = qmax(dtype)
+    dynamic = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=contracted, keepdims=True) / top
+    dynamic = jnp.where(dynamic > 0, dynamic, 1.0)
+    s = jnp.where(input_scale > 0, input_scale.astype(jnp.float32), dynamic)
+    xq = jnp.clip(x.astype(jnp.float32) / s, -top, top)
+    if jnp.dtype(dtype) == INT8:
+        xq = jnp.round(xq)
+    return xq.astype(dtype).astype(x.dtype), s
+
+
+def qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
+            input_scale: jax.Array | None = None) -> jax.Array:
+    """einsum(eqn, x, dequantized kernel) without materializing the dequantized kernel.
+
+    kernel int8/fp8 [in..., out...] (or [lead..., in..., out...]), scale f32 over the kernel
+    dims that reach the output. Accumulates in float32 and returns x.dtype. This is the
+    slot for a fused dequantizing GPU kernel (none is wired in: see the module docstring).
+    """
+    xs, ks, out = _parse(eqn)
+    if input_scale is None:
+        y = jnp.einsum(eqn, x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    else:  # activations quantized too (compressed-tensors W8A8)
+        contracted = tuple(i for i, c in enumerate(xs) if c in ks and c not in out)
+        xq, s = quantize_activations(x, contracted, kernel.dtype, input_scale)
+        y = jnp.einsum(eqn, xq, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        s_letters = "".join(c for i, c in enumerate(xs) if i not in contracted)
+        y = y * _align(jnp.squeeze(s, contracted), s_letters, out)
+    scale_letters = "".join(c for c in ks if c in out)
+    return (y * _align(scale.astype(jnp.float32), scale_letters, out)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole params trees.
+
+
+def flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: dict[ParamPath, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def quantize_leaf(path: ParamPath, w, mode: str | QuantMode) -> dict[ParamPath, Any]:
+    """One weight -> {path: quantized kernel, scale path: scale}, or {path: w} if not quantized.
+
+    numpy inputs are quantized on the host CPU and come back as numpy (load time);
+    jax arrays stay on their device.
+    """
+    mode = resolve_mode(mode)
+    if not should_quantize(path, np.ndim(w)) or is_quantized(w):
+        return {path: w}
+    _, in_dims, _ = split_dims(path, np.ndim(w))
+    if isinstance(w, np.ndarray):
+        q, scale = on_host(functools.partial(quantize_array, mode=mode, in_dims=in_dims), w)
+    else:
+        q, scale = quantize_array(w, mode, in_dims)
+    return {path: q, sibling(path, "scale"): scale}
+
+
+def quantize_params(params, mode: str | QuantMode):
+    """Quantize every attention / feed-forward weight of a params pytree (see module docstring).
+
+    Works on arrays or ShapeDtypeStructs alike (under `jax.eval_shape`). Already
+    quantized weights are left as they are.
+    """
+    out = {}
+    for path, w in flatten(params).items():
+        if isinstance(w, jax.ShapeDtypeStruct):
+            out.update(jax.eval_shape(lambda a, p=path: quantize_leaf(p, a, mode), w))
+        else:
+            out.update(quantize_leaf(path, w, mode))
+    return unflatten(out)
+
+
+def quantize_finisher(mode: str | QuantMode) -> Callable[[ParamPath, np.ndarray], dict]:
+    """A `finish` hook for `checkpoint.load_params`: quantizes each weight as it is read."""
+    mode = resolve_mode(mode)
+    return lambda path, w: quantize_leaf(path, w, mode)
+
+
+def quantized_abstract_params(args: ModelArgs, mode: str | QuantMode, dtype=jnp.bfloat16):
+    """ShapeDtypeStructs of `quantize_params(init_params(args, dtype), mode)`, nothing allocated."""
+    from mistral_jax.model import abstract_params
+
+    return quantize_params(abstract_params(args, dtype), mode)
+
+
+def param_logical_axes(params, args: ModelArgs):
+    """PartitionSpecs of logical axis names for a params tree with extra leaves.
+
+    Covers quantized weights (`scale`: the kernel's lead and output axes; `input_scale`:
+    replicated) and unmerged LoRA (`lora_a`: lead + input axes + rank; `lora_b`: lead +
+    rank + output axes; the rank axis is never sharded). `params` may hold arrays or
+    ShapeDtypeStructs.
+    """
+    from mistral_jax.model import logical_axes
+
+    base = flatten(logical_axes(args), ())
+    flat = flatten(params)
+    out = {}
+    for path in flat:
+        if path in base:
+            out[path] = base[path]
+            continue
+        found = None
+        for suffix in ("input_scale", "scale", "lora_a", "lora_b"):
+            for kernel in (path[:-1] + ("kernel",), path[:-1] + (path[-1][: -len(suffix) - 1],)):
+                if kernel in base and sibling(kernel, suffix) == path:
+                    found = kernel, suffix
+        if found is None:
+            raise ValueError(f"no logical axes known for param {'/'.join(path)}")
+        kernel, suffix = found
+        spec = tuple(base[kernel])
+        lead, ins, outs = (tuple(spec[i] for i in dims)
+                           for dims in split_dims(kernel, len(spec)))
+        out[path] = PartitionSpec(*{
+            "input_scale": (),
+            "scale": lead + outs,
+            "lora_a": lead + ins + (None,),
+            "lora_b": lead + (None,) + outs,
+        }[suffix])
+    return unflatten(out)
+
+
+def param_bytes(tree) -> int:
+    """Total bytes of the leaves (arrays or ShapeDtypeStructs) of a params tree."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors checkpoints (llm-compressor): int8 / fp8 weights with `weight_scale`.
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedTensorsScheme:
+    """The parts of a compressed-tensors `quantization_config` this package runs."""
+
+    weight_dtype: np.dtype  # int8 or float8_e4m3fn
+    weight_strategy: str  # 'channel' or 'tensor'
+    activations: str | None  # None: weight-only; 'dynamic': per token; 'static': per tensor
+    source: Path
+
+
+def read_compressed_tensors(folder: str | Path) -> CompressedTensorsScheme | None:
+    """The quantization scheme of a model folder, or None for an unquantized checkpoint.
+
+    Reads `quantization_config` from config.json (HF layout) or `quantization` from
+    params.json. Supported: 8-bit symmetric int or float weights, per channel or per
+    tensor, with activations unquantized, dynamic per token, or static per tensor.
+    Anything else is a ConfigError naming the field.
+    """
+    folder = Path(folder)
+    cfg, source = None, None
+    for name, key in (("params.json", "quantization"), ("config.json", "quantization_config")):
+        f = folder / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{f}: not valid JSON ({e})") from None
+            if isinstance(data, dict) and data.get(key):
+                cfg, source = data[key], f
+                break
+    if cfg is None:
+        return None
+
+    def bad(field: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(f"{source}: quantization field {field} = {value!r} is not supported "
+                           f"(supported: {want})")
+
+    method = cfg.get("quant_method")
+    if method != "compressed-tensors":
+        raise bad("quant_method", method, "'compressed-tensors'")
+    fmt = cfg.get("format")
+    if fmt not in ("float-quantized", "int-quantized", "naive-quantized"):
+        raise bad("format", fmt, "float-quantized, int-quantized, naive-quantized")
+    if cfg.get("kv_cache_scheme"):
+        raise bad("kv_cache_scheme", cfg["kv_cache_scheme"], "null")
+    groups = cfg.get("config_groups") or {}
+    if not groups:
+        raise bad("config_groups", groups, "one or more groups")
+    schemes = set()
+    for gname, group in groups.items():
+        w = group.get("weights") or {}
+        prefix = f"config_groups.{gname}.weights"
+        if w.get("num_bits") != 8:
+            raise bad(prefix + ".num_bits", w.get("num_bits"), "8")
+        if w.get("type") not in ("float", "int"):
+            raise bad(prefix + ".type", w.get("type"), "float, int")
+        if not w.get("symmetric", True):
+            raise bad(prefix + ".symmetric", w.get("symmetric"), "true")
+        if w.get("strategy") not in ("channel", "tensor"):
+            raise bad(prefix + ".strategy", w.get("strategy"), "channel, tensor")
+        if w.get("dynamic"):
+            raise bad(prefix + ".dynamic", w.get("dynamic"), "false")
+        act = group.get("input_activations")
+        mode = None
+        if act:
+            prefix = f"config_groups.{gname}.input_activations"
+            if act.get("num_bits") != 8:
+                raise bad(prefix + ".num_bits", act.get("num_bits"), "8")
+            if act.get("type") != w["type"]:
+                raise bad(prefix + ".type", act.get("type"), f"{w['type']!r} like the weights")
+            if not act.get("symmetric", True):
+                raise bad(prefix + ".symmetric", act.get("symmetric"), "true")
+            want = "token" if act.get("dynamic") is True else "tensor"
+            if act.get("dynamic") not in (True, False) or act.get("strategy") != want:
+                raise bad(prefix + ".strategy", act.get("strategy"),
+                          "'token' with dynamic: true, or 'tensor' with dynamic: false")
+            mode = "dynamic" if act["dynamic"] else "static"
+        if group.get("output_activations"):
+            raise bad(f"config_groups.{gname}.output_activations", group["output_activations"],
+                      "null")
+        dtype = STORAGE_DTYPES["F8_E4M3" if w["type"] == "float" else "I8"]
+        schemes.add((dtype, w["strategy"], mode))
+    if len(schemes) > 1:
+        raise bad("config_groups", sorted(groups), "groups that all use one scheme")
+    dtype, strategy, mode = schemes.pop()
+    return CompressedTensorsScheme(dtype, strategy, mode, source)
+
+
+def scale_target(name: str, layout: str, args: ModelArgs):
+    """`checkpoint.tensor_target` for `<weight>.weight_scale` / `<weight>.input_scale` names."""
+    from mistral_jax.checkpoint import TensorTarget, tensor_target
+
+    base, leaf = name.rsplit(".", 1)
+    target = tensor_target(base + ".weight", layout, args)
+    if target is None or not is_linear_weight(target.path, 3 if target.expert is not None else 0):
+        return None
+    if leaf == "input_scale":
+        return TensorTarget(sibling(target.path, "input_scale"),
+                            lambda s: np.asarray(s, np.float32).reshape(()), target.expert)
+    n_in = len(split_dims(target.path, 3)[1]) if target.path[-1] == "kernel" else 1
+
+    def transform(s: np.ndarray) -> np.ndarray:
+        s = np.asarray(s, np.float32)
+        if s.size == 1:  # per tensor: `plan_checkpoint` broadcasts it over the channels
+            return s.reshape(())
+        if n_in > 1:  # a single output dim (wo): rows are the channels as they are
+            return s.reshape(-1)
+        # Output channels are the rows of [out, in]: move them like a one-column weight
+        # (this applies HF's q/k row permutation too).
+        return target.transform(s.reshape(-1, 1))[0]
+
+    return TensorTarget(sibling(target.path, "scale"), transform, target.expert)
+
+
+def scale_shapes(leaf: str, shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """Checkpoint shapes accepted for a scale of params shape `shape` (one expert's slice)."""
+    if leaf.endswith("input_scale"):
+        return {(), (1,)}
+    n = int(np.prod(shape))
+    return {(n, 1), (n,), (1,), ()}
+
+
+def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
+                        scheme: CompressedTensorsScheme | None):
+    """The params a checkpoint holds: `abstract_params`, with each weight that has a
+    `weight_scale` quantized (its stored dtype) plus its scale leaves.
+
+    Returns (abstract, extra) where `extra` maps paths to leaves the config implies but the
+    files do not store (dynamic activation scales, 0.0).
+    """
+    from mistral_jax.checkpoint import read_header, tensor_target
+    from mistral_jax.model import abstract_params
+
+    abstract = abstract_params(args, dtype)
+    if scheme is None:
+        return abstract, {}
+    flat = flatten(abstract)
+    headers = {}
+    for f in files:
+        for name, (shape, dt) in read_header(f).items():
+            headers[name] = (f, shape, dt)
+    extra = {}
+    for name, (f, _, _) in headers.items():
+        if not name.endswith((".weight_scale", ".input_scale")):
+            continue
+        base = name.rsplit(".", 1)[0] + ".weight"
+        target = tensor_target(base, layout, args)
+        if target is None or target.path not in flat or base not in headers:
+            raise CheckpointError(f"{f}: tensor {name!r} scales no weight of this model "
+                                  f"(no {base!r} in the checkpoint)")
+        path, leaf = target.path, flat[target.path]
+        if name.endswith(".input_scale"):
+            if scheme.activations != "static":
+                raise CheckpointError(f"{f}: tensor {name!r} but {scheme.source} does not "
+                                      "declare static activation quantization")
+            if target.expert is not None:
+                raise CheckpointError(f"{f}: tensor {name!r}: static activation scales of MoE "
+                                      "experts are not supported")
+            flat[sibling(path, "input_scale")] = jax.ShapeDtypeStruct((), jnp.float32)
+            continue
+        wdt = headers[base][2]
+        if wdt not in STORAGE_DTYPES or STORAGE_DTYPES[wdt] != scheme.weight_dtype:
+            raise CheckpointError(
+                f"{headers[base][0]}: tensor {base!r} has dtype {wdt}, expected "
+                f"{scheme.weight_dtype} as {scheme.source} says (it has a weight_scale)")
+        lead, _, outs = split_dims(path, len(leaf.shape))
+        flat[path] = jax.ShapeDtypeStruct(leaf.shape, scheme.weight_dtype)
+        flat[sibling(path, "scale")] = jax.ShapeDtypeStruct(
+            tuple(leaf.shape[i] for i in lead + outs), jnp.float32)
+        if scheme.activations == "dynamic" and target.expert is None:
+            extra[sibling(path, "input_scale")] = np.zeros((), np.float32)
+    return unflatten(flat), extra
+
+
+def drop_activation_quantization(params):
+    """params without `input_scale` leaves: activations of every layer stay unquantized."""
+    return unflatten({p: v for p, v in flatten(params).items() if p[-1] != "input_scale"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality: how far quantized logits are from a reference.
+
+
+def quality(forward_ref: Callable, forward_q: Callable, prompts: np.ndarray,
+            new_tokens: int = 16) -> dict[str, float]:
+    """Compare two models on fixed prompts [B, T]: relative logit error and greedy agreement.
+
+    `forward_*(tokens [B, L], positions [B, L]) -> logits [B, L, V]` (positions -1: padding).
+    Returns rel_err (max |dq - dref| / max |dref| over the prompts' logits), top1_agreement
+    (teacher-forced next-token argmax agreement over every prompt position), and
+    greedy_agreement (fraction of `new_tokens` greedy continuation tokens equal, position by
+    position, each model continuing its own text).
+    """
+    b, t = prompts.shape
+    length = t + new_tokens
+    tokens = np.zeros((b, length), np.int32)
+    tokens[:, :t] = prompts
+    pos = np.where(np.arange(length) < t, np.arange(length), -1).astype(np.int32)
+    pos = np.broadcast_to(pos, (b, length))
+    ref = np.asarray(forward_ref(tokens, pos), np.float64)[:, :t]
+    got = np.asarray(forward_q(tokens, pos), np.float64)[:, :t]
+    result = {
+        "rel_err": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
+        "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+    }
+    outs = []
+    for fwd in (forward_ref, forward_q):
+        seq, p = tokens.copy(), pos.copy()
+        for i in range(t, length):
+            logits = np.asarray(fwd(seq, p))
+            seq[:, i] = logits[:, i - 1].argmax(-1)
+            p[:, i] = i
+        outs.append(seq[:, t:])
+    result["greedy_agreement"] = float(np.mean(outs[0] == outs[1]))
+    return result
