@@ -84,6 +84,10 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | None:
     """Map a checkpoint tensor name to its place in params; None if it is not a model weight."""
+    if name.endswith((".weight_scale", ".input_scale")):  # compressed-tensors (quant.py)
+        from mistral_jax.quant import scale_target
+
+        return scale_target(name, layout, args)
     hf = layout == "hf"
     a = args
     top = ({"model.embed_tokens.weight": "embedding", "model.norm.weight": "norm",
@@ -173,10 +177,12 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
     `abstract` is the params pytree of ShapeDtypeStructs (`model.abstract_params`).
     Raises CheckpointError for an unknown tensor, a wrong shape, a duplicate or a missing one.
     """
+    from mistral_jax.quant import STORAGE_DTYPES, is_quantized, scale_shapes
+
     expected = _flatten(abstract)
     plan, seen = [], {}
     for path in files:
-        for name, (shape, _) in read_header(path).items():
+        for name, (shape, dt) in read_header(path).items():
             if IGNORED.fullmatch(name):
                 continue
             target = tensor_target(name, layout, args)
@@ -184,8 +190,22 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
                 raise CheckpointError(
                     f"{path}: unexpected tensor {name!r} for a {layout}-layout model with "
                     f"n_layers={args.n_layers}, moe={args.moe}")
-            param_shape = expected[target.path].shape
-            want = _torch_shape(target, param_shape[1:] if target.expert is not None else param_shape)
+            leaf = expected[target.path]
+            param_shape = leaf.shape[1:] if target.expert is not None else leaf.shape
+            if dt in STORAGE_DTYPES and not is_quantized(leaf):
+                raise CheckpointError(f"{path}: tensor {name!r} is stored as {dt} but the "
+                                      "checkpoint has no weight_scale for it")
+            if target.path[-1].endswith("scale"):  # compressed-tensors scales (quant.py)
+                if tuple(shape) not in scale_shapes(target.path[-1], param_shape):
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has shape {list(shape)}, expected one scale "
+                        f"per output channel ({int(np.prod(param_shape))}) or one per tensor")
+                if param_shape and int(np.prod(shape)) == 1:  # per tensor: broadcast
+                    target = TensorTarget(target.path, _broadcast(target.transform, param_shape),
+                                          target.expert)
+                want = tuple(shape)
+            else:
+                want = _torch_shape(target, param_shape)
             if tuple(shape) != want:
                 raise CheckpointError(
                     f"{path}: tensor {name!r} has shape {list(shape)}, expected {list(want)} "
@@ -226,6 +246,8 @@ def _torch_shape(target: TensorTarget, shape: tuple[int, ...]) -> tuple[int, ...
 
 def iter_tensors(plan: list[PlannedTensor], dtype) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
     """Read, transform and cast each planned tensor, one at a time, from the memory map."""
+    from mistral_jax.quant import STORAGE_DTYPES
+
     by_file: dict[Path, list[PlannedTensor]] = {}
     for p in plan:
         by_file.setdefault(p.file, []).append(p)
@@ -233,10 +255,35 @@ def iter_tensors(plan: list[PlannedTensor], dtype) -> Iterator[tuple[PlannedTens
         try:
             with safe_open(path, framework="np") as f:
                 for p in items:
-                    w = f.get_tensor(p.name)
-                    yield p, np.ascontiguousarray(p.target.transform(w)).astype(dtype, copy=False)
+                    w = _get_tensor(f, path, p.name)
+                    # int8/fp8 weights keep their dtype, their scales are float32 (quant.py)
+                    dt = (w.dtype if w.dtype in STORAGE_DTYPES.values() else
+                          np.float32 if p.target.path[-1].endswith("scale") else dtype)
+                    yield p, np.ascontiguousarray(p.target.transform(w)).astype(dt, copy=False)
         except SafetensorError as e:
             raise CheckpointError(f"{path}: failed to read tensors ({e})") from None
+
+
+def _broadcast(transform: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]):
+    return lambda w: np.broadcast_to(transform(w), shape)
+
+
+def _get_tensor(f, path: Path, name: str) -> np.ndarray:
+    """A tensor from an open safetensors file; fp8, which numpy lacks, via a memory map."""
+    from mistral_jax.quant import STORAGE_DTYPES
+
+    sl = f.get_slice(name)
+    dt = sl.get_dtype()
+    if not dt.startswith("F8"):
+        return f.get_tensor(name)
+    if dt not in STORAGE_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        start, end = json.loads(fh.read(n))[name]["data_offsets"]
+    shape = tuple(sl.get_shape())
+    return np.memmap(path, STORAGE_DTYPES[dt], "r", offset=8 + n + start,
+                     shape=(end - start,)).reshape(shape)
 
 
 def _flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, object]:
@@ -257,21 +304,27 @@ def _set(tree: dict, path: ParamPath, value) -> None:
 
 def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
                 place: Callable[[ParamPath, np.ndarray], object] | None = None,
-                progress: bool = False):
+                progress: bool = False,
+                finish: Callable[[ParamPath, np.ndarray], dict[ParamPath, np.ndarray]] | None = None):
     """Load a safetensors checkpoint folder into a params pytree of `dtype`.
 
     `place(path, host_array)` puts each finished leaf on its device(s) (default
     `jax.device_put`); it is called once per leaf as soon as the leaf is complete,
     so at most one leaf (a stacked expert weight for MoE) is held on the host.
+    `finish(path, host_array) -> {path: host_array}` may first turn a finished leaf
+    into other leaves (LoRA merge, quantization: `lora.load_hooks`). Weights stored
+    int8/fp8 with a `weight_scale` (compressed-tensors) stay so (`quant.py`).
     """
     import jax
 
-    from mistral_jax.model import abstract_params
+    from mistral_jax.quant import checkpoint_abstract, read_compressed_tensors
 
     folder = Path(folder)
     np_dtype = np.dtype(dtype)
-    abstract = abstract_params(args, np_dtype)
-    plan = plan_checkpoint(safetensors_files(folder, layout), layout, args, abstract)
+    files = safetensors_files(folder, layout)
+    abstract, implied = checkpoint_abstract(files, layout, args, np_dtype,
+                                            read_compressed_tensors(folder))
+    plan = plan_checkpoint(files, layout, args, abstract)
     expected = _flatten(abstract)
     place = place or (lambda path, arr: jax.device_put(arr))
     pending: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
@@ -281,15 +334,23 @@ def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
         from tqdm import tqdm
 
         items = tqdm(items, total=len(plan), desc=f"loading {folder.name}", unit="tensor")
+
+    def emit(path: ParamPath, w: np.ndarray) -> None:
+        for leaf_path, leaf in (finish(path, w) if finish else {path: w}).items():
+            _set(params, leaf_path, place(leaf_path, leaf))
+
     for p, w in items:
         path = p.target.path
         if p.target.expert is None:
-            _set(params, path, place(path, w))
+            emit(path, w)
             continue
-        buf, done = pending.setdefault(path, (np.empty(expected[path].shape, np_dtype), set()))
+        buf, done = pending.setdefault(path, (np.empty(expected[path].shape, expected[path].dtype),
+                                              set()))
         buf[p.target.expert] = w
         done.add(p.target.expert)
         if len(done) == buf.shape[0]:
-            _set(params, path, place(path, buf))
+            emit(path, buf)
             del pending[path]
+    for path, w in implied.items():  # e.g. dynamic activation scales, not stored in files
+        emit(path, w)
     return params
