@@ -1,0 +1,105 @@
+"""Sampling strategies: small frozen dataclasses, each one method from logits to token ids.
+
+A strategy is hashable, so it can be a static argument of `jax.jit`: the decode loop
+in `generate.py` is compiled once per strategy. Build one from user-facing values
+with `make_strategy`, which validates them and picks `Greedy` at temperature 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from mistral_jax.errors import UserInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """Always the most likely token (argmax; the lowest id on ties)."""
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits f32[B, V], key (unused) -> token ids int32[B]."""
+        del key
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Sample from softmax(logits / temperature), truncated by top-k then top-p.
+
+    top_k keeps the k most likely tokens (None: all). top_p (nucleus) then keeps,
+    over the probabilities renormalised after top-k and sorted in decreasing
+    order, the smallest prefix whose mass is >= top_p; the top token is always kept.
+    """
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.temperature, allow_zero=False)
+        _check_top_p(self.top_p)
+        _check_top_k(self.top_k)
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits f32[B, V], a PRNG key -> token ids int32[B]."""
+        logits = logits.astype(jnp.float32) / self.temperature
+        vocab = logits.shape[-1]
+        k = vocab if self.top_k is None else min(self.top_k, vocab)
+        if k == vocab and self.top_p >= 1.0:
+            return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        # Work in sorted order: top_k gives the k best logits [B, k] in decreasing order
+        # and their ids, so ties are cut exactly at k and top-p is a prefix mask.
+        top_logits, top_ids = jax.lax.top_k(logits, k)
+        if self.top_p < 1.0:
+            probs = jax.nn.softmax(top_logits, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, k], 0 for the top token
+            top_logits = jnp.where(mass_before < self.top_p, top_logits, -jnp.inf)
+        choice = jax.random.categorical(key, top_logits, axis=-1)  # [B], index into top_ids
+        return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+Strategy = Greedy | Sampling
+
+
+def make_strategy(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None
+) -> Strategy:
+    """Validate user sampling parameters; `Greedy()` at temperature 0, else `Sampling`."""
+    _check_temperature(temperature, allow_zero=True)
+    _check_top_p(top_p)
+    _check_top_k(top_k)
+    if temperature == 0:
+        return Greedy()
+    return Sampling(
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=None if top_k is None else int(top_k),
+    )
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_temperature(t: object, *, allow_zero: bool) -> None:
+    if allow_zero and not (_is_real(t) and t >= 0):
+        raise UserInputError(f"temperature must be >= 0 (0 means greedy), got {t!r}")
+    if not allow_zero and not (_is_real(t) and t > 0):
+        raise UserInputError(f"temperature must be > 0 for Sampling (use Greedy for 0), got {t!r}")
+
+
+def _check_top_p(p: object) -> None:
+    if not (_is_real(p) and 0 < p <= 1):
+        raise UserInputError(f"top_p must be in (0, 1], got {p!r}")
+
+
+def _check_top_k(k: object) -> None:
+    if k is not None and not (
+        isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1
+    ):
+        raise UserInputError(f"top_k must be None or an integer >= 1, got {k!r}")
