@@ -220,12 +220,32 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
         n = leaf.shape[0] if _is_stacked_expert(p, args) else None
         for e in ([None] if n is None else range(n)):
             if (p, e) not in seen:
-                missing.append("/".join(p) + ("" if e is None else f"[expert {e}]"))
+                missing.append(checkpoint_name(p, e, layout))
     if missing:
         names = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(
             f"{files[0].parent}: {len(missing)} weights missing from the checkpoint: {names}")
     return plan
+
+
+def checkpoint_name(path: ParamPath, expert: int | None, layout: str) -> str:
+    """The checkpoint tensor name of a param leaf (the inverse of `tensor_target`), for messages."""
+    hf = layout == "hf"
+    top = {("embedding",): "model.embed_tokens.weight" if hf else "tok_embeddings.weight",
+           ("norm", "weight"): "model.norm.weight" if hf else "norm.weight",
+           ("output", "kernel"): "lm_head.weight" if hf else "output.weight"}
+    if path in top:
+        return top[path]
+    m = re.fullmatch(r"layers_(\d+)", path[0])
+    if m:
+        prefix = f"model.layers.{m[1]}." if hf else f"layers.{m[1]}."
+        if expert is not None:
+            experts = "block_sparse_moe.experts" if hf else "feed_forward.experts"
+            return f"{prefix}{experts}.{expert}.{path[-1]}.weight"
+        names = {module: name for name, module in (_HF if hf else _MISTRAL).items()}
+        if len(path) >= 3 and path[-1] in ("kernel", "weight") and path[-2] in names:
+            return f"{prefix}{names[path[-2]]}.weight"
+    return "/".join(path) + ("" if expert is None else f"[expert {expert}]")
 
 
 def _is_stacked_expert(path: ParamPath, args: ModelArgs) -> bool:
