@@ -220,7 +220,9 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
         n = leaf.shape[0] if _is_stacked_expert(p, args) else None
         for e in ([None] if n is None else range(n)):
             if (p, e) not in seen:
-                missing.append(checkpoint_name(p, e, layout))
+                param = "/".join(p) + ("" if e is None else f"[expert {e}]")
+                name = checkpoint_name(p, e, layout)
+                missing.append(param if name == param else f"{name} ({param})")
     if missing:
         names = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(
