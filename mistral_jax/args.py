@@ -139,10 +139,13 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
     n_kv_heads = cfg.get("n_kv_heads") or req["n_heads"]
     head_dim = cfg.get("head_dim") or req["dim"] // req["n_heads"]
     moe = None
-    if cfg.get("moe"):
+    if cfg.get("moe") is not None:  # an empty block is incomplete, as in mistral-inference
         m = cfg["moe"]
+        if not isinstance(m, dict):
+            raise ConfigError(f"{path}: moe must be an object with num_experts and "
+                              f"num_experts_per_tok, got {m!r}")
         for key in ("num_experts", "num_experts_per_tok"):
-            if key not in m:
+            if m.get(key) is None:
                 raise ConfigError(f"{path}: moe block is missing required field {key!r}")
         moe = MoeArgs(int(m["num_experts"]), int(m["num_experts_per_tok"]))
     lora = None
