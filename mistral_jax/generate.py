@@ -120,12 +120,13 @@ def prefill(
     def run_chunk(carry, chunk):
         cache, last_logits = carry
         tok, pos, start = chunk  # [B, C], [B, C], []
-        logits, cache = forward(params, tok, pos, cache, args=args)  # [B, C, V]
         idx = last_idx - start
         here = (idx >= 0) & (idx < chunk_size)
-        picked = jnp.take_along_axis(
-            logits, jnp.clip(idx, 0, chunk_size - 1)[:, None, None], axis=1
-        )[:, 0]
+        # Only each row's last prompt token goes through the output head: [B, 1, V].
+        logits, cache = forward(
+            params, tok, pos, cache, args=args, logits_index=jnp.clip(idx, 0, chunk_size - 1)
+        )
+        picked = logits[:, 0]
         last_logits = jnp.where(here[:, None], picked.astype(jnp.float32), last_logits)
         return (cache, last_logits), None
 

@@ -30,9 +30,13 @@ class MistralModel(nn.Module):
     dtype: Dtype = jnp.float32  # parameter dtype at init; compute follows the params' dtype
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array,
-                 cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
-        """tokens, positions [B, T] int32 (-1: padding) -> logits [B, T, V] float32."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
+                 logits_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """tokens, positions [B, T] int32 (-1: padding) -> logits [B, T, V] float32.
+
+        With logits_index [B] int32, only row b's token logits_index[b] goes through the
+        output head: logits [B, 1, V] (a prefill needs one row of logits, not T).
+        """
         a = self.args
         embedding = self.param(
             "embedding",
@@ -45,6 +49,8 @@ class MistralModel(nn.Module):
                 x, positions, None if cache is None else cache[i])
             if cache is not None:
                 new_cache.append(layer_cache)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)
         x = RMSNorm(a.norm_eps, self.dtype, name="norm")(x)
         logits = Linear((a.dim, a.vocab_size), ("embed", "vocab"), "btd,dv->btv",
                         dtype=self.dtype, name="output")(x)
@@ -52,14 +58,14 @@ class MistralModel(nn.Module):
 
 
 def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None, *,
-            args: ModelArgs) -> tuple[jax.Array, Cache | None]:
+            args: ModelArgs, logits_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
     """Pure forward pass. tokens, positions [B, T] int32 -> (logits [B, T, V] f32, cache).
 
     With a cache, attention covers the cached keys plus the new ones and the new
     keys are written (see `cache.py`); with `cache=None` it is a plain causal pass.
+    `logits_index` [B] keeps only one position per row: logits [B, 1, V].
     """
-    # The embedding lives at the top level of params (mistral-inference: tok_embeddings).
-    return MistralModel(args).apply({"params": params}, tokens, positions, cache)
+    return MistralModel(args).apply({"params": params}, tokens, positions, cache, logits_index)
 
 
 def causal_positions(tokens: jax.Array) -> jax.Array:

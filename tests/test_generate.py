@@ -43,7 +43,7 @@ def toy_init_cache(args, batch_size, max_seq_len, dtype):
     }
 
 
-def toy_forward(params, tokens, positions, cache, *, args):
+def toy_forward(params, tokens, positions, cache, *, args, logits_index=None):
     """logits[b, t] = A[token] + sum over cached (q <= position) of cos(0.37 q + 1) * B[token_q]."""
     del args
     TRACES[toy_forward] += 1  # Python runs only while jax traces
@@ -60,13 +60,15 @@ def toy_forward(params, tokens, positions, cache, *, args):
     seen = (pos_c[:, None, :] >= 0) & (pos_c[:, None, :] <= positions[:, :, None])  # [B, T, S]
     weight = jnp.where(seen, jnp.cos(0.37 * pos_c + 1.0)[:, None, :], 0.0)
     logits = params["A"][tokens] + jnp.einsum("bts,bsv->btv", weight, params["B"][tok_c])
+    if logits_index is not None:  # the model contract: keep one position per row
+        logits = jnp.take_along_axis(logits, logits_index[:, None, None], axis=1)
     return logits.astype(jnp.float32), {"tok": tok_c, "pos": pos_c}
 
 
-def counting_forward(params, tokens, positions, cache, *, args):
+def counting_forward(params, tokens, positions, cache, *, args, logits_index=None):
     """toy_forward under its own name, so its traces are counted apart from other tests."""
     TRACES[counting_forward] += 1
-    return toy_forward(params, tokens, positions, cache, args=args)
+    return toy_forward(params, tokens, positions, cache, args=args, logits_index=logits_index)
 
 
 def toy_params(vocab=23, seed=0):

@@ -301,3 +301,15 @@ def test_inconsistent_heads_in_params_json(good_folder):
     (folder / "params.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="params.json: n_heads .* multiple of n_kv_heads"):
         Transformer.from_folder(folder)
+
+
+def test_logits_index_keeps_one_position_per_row():
+    args = tiny_args(vocab_size=200, sliding_window=4)
+    model = Transformer.random(args, seed=21)
+    tokens = jnp.asarray(np.random.default_rng(22).integers(0, 200, (3, 9)), jnp.int32)
+    pos = causal_positions(tokens)
+    full, _ = forward(model.params, tokens, pos, None, args=args)
+    idx = jnp.array([8, 0, 5], jnp.int32)
+    picked, _ = forward(model.params, tokens, pos, None, args=args, logits_index=idx)
+    assert picked.shape == (3, 1, 200)
+    np.testing.assert_allclose(picked[:, 0], full[jnp.arange(3), idx], rtol=1e-5, atol=1e-6)
