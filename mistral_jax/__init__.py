@@ -9,11 +9,14 @@ from mistral_jax.errors import (
     TokenizerError,
     UserInputError,
 )
+from mistral_jax.generate import generate, generate_stream
 from mistral_jax.model import abstract_params, forward, init_params, logical_axes
+from mistral_jax.tokenizer import Tokenizer, load_tokenizer
 from mistral_jax.transformer import Transformer
 
 __all__ = [
     "CheckpointError", "ConfigError", "LoraArgs", "MistralJaxError", "ModelArgs", "MoeArgs",
-    "TokenizerError", "Transformer", "UserInputError", "abstract_params", "forward",
-    "init_cache", "init_params", "load_args", "logical_axes",
+    "Tokenizer", "TokenizerError", "Transformer", "UserInputError", "abstract_params", "forward",
+    "generate", "generate_stream", "init_cache", "init_params", "load_args", "load_tokenizer",
+    "logical_axes",
 ]
