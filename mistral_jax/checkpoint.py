@@ -251,7 +251,8 @@ def checkpoint_name(path: ParamPath, expert: int | None, layout: str) -> str:
 
 
 def _is_stacked_expert(path: ParamPath, args: ModelArgs) -> bool:
-    return args.moe is not None and path[-2:-1] == ("feed_forward",) and path[-1] in ("w1", "w2", "w3")
+    return (args.moe is not None and path[-2:-1] == ("feed_forward",)
+            and path[-1] in ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale"))
 
 
 def _torch_shape(target: TensorTarget, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -281,7 +282,8 @@ def iter_tensors(plan: list[PlannedTensor], dtype) -> Iterator[tuple[PlannedTens
                     # int8/fp8 weights keep their dtype, their scales are float32 (quant.py)
                     dt = (w.dtype if w.dtype in STORAGE_DTYPES.values() else
                           np.float32 if p.target.path[-1].endswith("scale") else dtype)
-                    yield p, np.ascontiguousarray(p.target.transform(w)).astype(dt, copy=False)
+                    w = p.target.transform(w)  # (ascontiguousarray makes 0-d arrays 1-d)
+                    yield p, np.ascontiguousarray(w).reshape(w.shape).astype(dt, copy=False)
         except SafetensorError as e:
             raise CheckpointError(f"{path}: failed to read tensors ({e})") from None
 

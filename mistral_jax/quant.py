@@ -522,7 +522,8 @@ def quality(forward_ref: Callable, forward_q: Callable, prompts: np.ndarray,
     """Compare two models on fixed prompts [B, T]: relative logit error and greedy agreement.
 
     `forward_*(tokens [B, L], positions [B, L]) -> logits [B, L, V]` (positions -1: padding).
-    Returns rel_err (max |dq - dref| / max |dref| over the prompts' logits), top1_agreement
+    Returns rel_err (max |dq - dref| / max |dref| over the prompts' logits), rms_rel_err
+    (root-mean-square of the difference over that of the reference), top1_agreement
     (teacher-forced next-token argmax agreement over every prompt position), and
     greedy_agreement (fraction of `new_tokens` greedy continuation tokens equal, position by
     position, each model continuing its own text).
@@ -537,6 +538,7 @@ def quality(forward_ref: Callable, forward_q: Callable, prompts: np.ndarray,
     got = np.asarray(forward_q(tokens, pos), np.float64)[:, :t]
     result = {
         "rel_err": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
+        "rms_rel_err": float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2))),
         "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
     }
     outs = []
