@@ -1,0 +1,65 @@
+"""Convert a Mistral or Hugging Face safetensors folder into an Orbax checkpoint folder.
+
+    python -m convert.safetensors_to_orbax SRC DST [--dtype bfloat16] [--format auto|mistral|hf]
+                                           [--force] [--verify]
+    mistral-jax-convert SRC DST ...
+
+DST then loads with `Transformer.from_folder(DST)`. Exit status 0 on success, 2 on bad
+input (a one-line error naming the file at fault), 130 when interrupted; in every failure
+DST is left as it was (absent, or the previous checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from mistral_jax.errors import MistralJaxError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mistral-jax-convert",
+        description="Convert a Mistral (params.json + consolidated*.safetensors) or Hugging Face "
+                    "(config.json + model*.safetensors) folder into an Orbax checkpoint folder.")
+    p.add_argument("src", help="source model folder")
+    p.add_argument("dst", help="output folder (must not exist unless --force)")
+    p.add_argument("--dtype", default="bfloat16", help="weight dtype: bfloat16 (default), "
+                   "float16 or float32")
+    p.add_argument("--format", default="auto", choices=("auto", "mistral", "hf"),
+                   help="source layout (auto: params.json -> mistral, config.json -> hf)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true",
+                   help="read every tensor back and compare it with the source before finishing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _terminate(signum, frame):  # SIGTERM: unwind so the partial output is removed
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    opts = _parser().parse_args(argv)
+    from mistral_jax.convert import convert
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        stats = convert(opts.src, opts.dst, dtype=opts.dtype, layout=opts.format,
+                        force=opts.force, verify=opts.verify, progress=not opts.quiet)
+    except (MistralJaxError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the destination was left as it was", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
