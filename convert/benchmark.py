@@ -126,6 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         written = sum(f.stat().st_size for f in (work / "dst").rglob("*") if f.is_file())
         print(f"child peak RSS {rss:.0f} MB; {written / 1e9:.2f} GB on disk; {seconds:.1f} s "
               f"including start-up ({written / 1e6 / seconds:.0f} MB/s); dtype {opts.dtype}")
+        tiny = ModelArgs(dim=64, n_layers=1, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                         norm_eps=1e-5, vocab_size=256)
+        write_synthetic(work / "tiny", tiny)
+        status, base, _, out = convert_in_child(work / "tiny", work / "tiny_dst")
+        print(f"same CLI on a tiny model: peak RSS {base:.0f} MB (imports, JAX); the "
+              f"conversion itself added {rss - base:.0f} MB (largest tensor {largest / 1e6:.0f} MB)")
+        import jax
+
+        from mistral_jax.convert import restore_params
+
+        start = time.perf_counter()
+        params = restore_params(work / "dst", args, None)
+        jax.block_until_ready(params)
+        restore_s = time.perf_counter() - start
+        print(f"restore_params onto {jax.devices()[0]}: {restore_s:.1f} s "
+              f"({written / 1e6 / restore_s:.0f} MB/s)")
     finally:
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -218,7 +218,9 @@ def _ts_context():
     import tensorstore as ts
 
     # No read cache: every byte is used once, and cached chunks would only add resident memory.
-    return ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_sync": False})
+    # file_io_sync: every chunk is fsynced before its write completes, so the final rename
+    # never publishes chunks that a power cut could still lose.
+    return ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_sync": True})
 
 
 def _zarr_spec(folder: Path, path: ParamPath) -> dict:
