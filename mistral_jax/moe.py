@@ -52,6 +52,27 @@ class MoeFeedForward(nn.Module):
         b, t, _ = x.shape
         flat = x.reshape(b * t, d)
         weights, experts = route(gate(flat), a.moe.num_experts_per_tok)
+        w1, w2, w3 = (self._plain_weight(n, w, x.dtype) for n, w in (("w1", w1), ("w2", w2),
+                                                                    ("w3", w3)))
         out = moe_dense(flat, weights, experts, w1.astype(x.dtype), w2.astype(x.dtype),
                         w3.astype(x.dtype))
         return out.reshape(b, t, d)
+
+    def _plain_weight(self, name: str, w: jax.Array, dtype) -> jax.Array:
+        """Expert weights [E, in, out] as plain arrays: dequantized when stored int8/fp8 with
+        a `<name>_scale` (quant.py), plus an unmerged LoRA adapter's delta (lora.py).
+
+        Both materialize the layer's full expert weights per call; reading only the
+        selected experts' int8/fp8 weights needs the paths above to take the scales.
+        """
+        from mistral_jax.lora import lora_delta
+        from mistral_jax.quant import dequantize
+
+        scale = self.get_variable("params", f"{name}_scale")
+        if scale is not None:
+            w = dequantize(w, scale, (1,), dtype)
+        if self.has_variable("params", f"{name}_lora_a"):
+            delta = lora_delta(self.get_variable("params", f"{name}_lora_a"),
+                               self.get_variable("params", f"{name}_lora_b"), n_lead=1)
+            w = (w.astype(jnp.float32) + delta).astype(dtype)
+        return w

@@ -22,6 +22,7 @@ from mistral_jax.args import ModelArgs, load_args
 from mistral_jax.cache import Cache, init_cache
 from mistral_jax.checkpoint import load_params
 from mistral_jax.errors import UserInputError
+from mistral_jax.lora import load_hooks
 from mistral_jax.model import causal_positions, forward, init_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
@@ -57,19 +58,28 @@ class Transformer:
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: Any = "bfloat16",
                     max_batch_size: int | None = None, progress: bool = False,
+                    lora_path: str | Path | None = None, lora_merge: bool | None = None,
+                    lora_scaling: float | None = None, quantize: str | None = None,
                     **arg_overrides: Any) -> Transformer:
         """Load a Mistral-layout or HF-layout model folder.
 
         `arg_overrides` replace fields of the folder's args (e.g. `rope_theta=1e4` for
         Mistral 7B v0.1 in the Mistral layout). `max_batch_size` is accepted for
         compatibility with mistral-inference and unused: caches are sized per call.
+        `lora_path`: a LoRA adapter file or folder (lora.py), merged into the weights
+        unless `lora_merge=False` (by default unmerged only when the folder's params.json
+        has a lora block, as in mistral-inference); `lora_scaling` overrides its scaling.
+        `quantize`: 'int8', 'fp8' or 'fp8-tensor' quantizes the weights as they load
+        (quant.py); compressed-tensors int8/fp8 checkpoints load quantized without it.
         """
         del max_batch_size
         folder = Path(folder)
         dt = resolve_dtype(dtype)
         start = time.perf_counter()
         args, layout = load_args(folder, **arg_overrides)
-        params = load_params(folder, args, layout, dt, progress=progress)
+        finish, post = load_hooks(folder, args, dt, lora_path=lora_path, lora_merge=lora_merge,
+                                  lora_scaling=lora_scaling, quantize=quantize)
+        params = post(load_params(folder, args, layout, dt, progress=progress, finish=finish))
         model = cls(args, params, folder=folder)
         model.load_seconds = time.perf_counter() - start
         return model

@@ -1,0 +1,312 @@
+"""Quantized weights: int8 / fp8 error bounds from the formats, the quantized matmul,
+quantized models close to bfloat16, quantize-at-load, shapes and axes for sharding, and
+compressed-tensors (llm-compressor) checkpoints loaded as stored."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from helpers import (
+    hf_config,
+    mistral_to_hf_state,
+    random_mistral_state,
+    rel_err,
+    tiny_args,
+    tiny_moe_args,
+    write_mistral_folder,
+)
+from safetensors.numpy import save_file
+
+from mistral_jax import (
+    CheckpointError,
+    ConfigError,
+    ModelArgs,
+    MoeArgs,
+    Transformer,
+    UserInputError,
+)
+from mistral_jax.model import abstract_params
+from mistral_jax.quant import (
+    MODES,
+    dequantize,
+    drop_activation_quantization,
+    flatten,
+    param_bytes,
+    param_logical_axes,
+    qeinsum,
+    quality,
+    quantize_array,
+    quantize_params,
+    quantized_abstract_params,
+)
+from mistral_jax.transformer import jit_forward
+
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def test_quantization_error_stays_within_the_format_bound():
+    """int8: |w - q*s| <= s/2. fp8 e4m3 (3 mantissa bits): relative error <= 2^-4 for
+    normal numbers, absolute <= 2^-10 * s (half the smallest subnormal) below."""
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((96, 3, 8)) * 0.05, jnp.float32)
+    for name in MODES:
+        q, s = quantize_array(w, MODES[name], (0,))
+        assert q.dtype == MODES[name].dtype and s.shape == (3, 8)
+        err = np.abs(np.asarray(dequantize(q, s, (0,))) - np.asarray(w))
+        s = np.asarray(s)[None]
+        if name == "int8":
+            assert np.all(err <= s / 2 * (1 + 1e-6))
+        else:
+            assert np.all(err <= np.maximum(2.0 ** -4 * np.abs(np.asarray(w)), 2.0 ** -10 * s)
+                          * (1 + 1e-6))
+        if name == "fp8-tensor":
+            assert np.all(s == s.flat[0])
+    # The fp8 cast rounds like ml_dtypes (round to nearest even).
+    q, s = quantize_array(w, MODES["fp8"], (0,))
+    want = (np.asarray(w) / np.asarray(s)[None]).astype(E4M3)
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("eqn,shape,n_in", [("btd,dhk->bthk", (16, 4, 8), 1),
+                                            ("bthk,hkd->btd", (4, 8, 16), 2),
+                                            ("nd,de->ne", (16, 5), 1)])
+def test_quantized_matmul_equals_matmul_with_the_dequantized_kernel(eqn, shape, n_in):
+    rng = np.random.default_rng(1)
+    in_dims = tuple(range(n_in))
+    x_shape = {"btd": (2, 3, 16), "bthk": (2, 3, 4, 8), "nd": (6, 16)}[eqn.split(",")[0]]
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    for mode in ("int8", "fp8"):
+        q, s = quantize_array(w, MODES[mode], in_dims)
+        want = jnp.einsum(eqn, x, dequantize(q, s, in_dims))
+        assert rel_err(qeinsum(eqn, x, q, s), want) <= 1e-6
+
+
+def test_activation_quantization_matches_a_numpy_reference():
+    """input_scale 0: per-token scale max|x|/448; > 0: that static scale (compressed-tensors)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 4, 8)).astype(np.float32)
+    q, s = quantize_array(jnp.asarray(w), MODES["fp8"], (0,))
+    wd = np.asarray(dequantize(q, s, (0,)))
+    for static in (0.0, 0.01):
+        xs = np.abs(x).max(-1, keepdims=True) / 448 if static == 0 else np.float32(static)
+        xq = np.clip(x / xs, -448, 448).astype(E4M3).astype(np.float32) * xs
+        want = np.einsum("btd,dhk->bthk", xq, wd)
+        got = qeinsum("btd,dhk->bthk", jnp.asarray(x), q, s, jnp.float32(static))
+        assert rel_err(got, want) <= 1e-5
+        assert rel_err(got, np.einsum("btd,dhk->bthk", x, wd)) > 1e-4  # it did quantize
+
+
+# Relative logit error bounds of quantized models against the same model in bfloat16,
+# about twice what was measured on these tiny random models (see the quality report).
+# Max error over every logit of dense models; root-mean-square for MoE, where a few tokens
+# whose top-2 experts flip dominate the max (bfloat16 itself differs from float32 there).
+MAX_REL_ERR = {"int8": 0.04, "fp8": 0.12, "fp8-tensor": 0.12}
+MOE_RMS_REL_ERR = {"int8": 0.05, "fp8": 0.15, "fp8-tensor": 0.15}
+
+
+def _fwd(args, params):
+    return lambda t, p: jit_forward(params, jnp.asarray(t), jnp.asarray(p), None, args=args)[0]
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_quantized_logits_stay_close_to_bfloat16(kind):
+    args = tiny_args(vocab_size=512) if kind == "dense" else tiny_moe_args()
+    bf16 = Transformer.random(args, seed=0, dtype="bfloat16").params
+    prompts = np.random.default_rng(0).integers(0, args.vocab_size, (8, 16))
+    for mode in MODES:
+        report = quality(_fwd(args, bf16), _fwd(args, quantize_params(bf16, mode)), prompts,
+                         new_tokens=8)
+        print(f"{kind} {mode} vs bfloat16: {report}")
+        if kind == "dense":
+            assert report["rel_err"] <= MAX_REL_ERR[mode]
+        else:
+            assert report["rms_rel_err"] <= MOE_RMS_REL_ERR[mode]
+        assert report["top1_agreement"] >= 0.85
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def folder(request, tmp_path_factory):
+    args = tiny_args(vocab_size=512) if request.param == "dense" else tiny_moe_args()
+    root = tmp_path_factory.mktemp(request.param)
+    return args, write_mistral_folder(root / "m", args, random_mistral_state(args, seed=4))
+
+
+def test_quantize_at_load_equals_quantizing_the_loaded_model(folder):
+    args, path = folder
+    loaded = Transformer.from_folder(path, dtype="bfloat16", quantize="fp8")
+    want = quantize_params(Transformer.from_folder(path, dtype="bfloat16").params, "fp8")
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    with pytest.raises(UserInputError, match="quantize must be one of"):
+        Transformer.from_folder(path, quantize="int4")
+
+
+def test_quantized_abstract_params_and_logical_axes_describe_the_quantized_tree(folder):
+    args, path = folder
+    params = Transformer.from_folder(path, dtype="bfloat16", quantize="int8").params
+    abstract = flatten(quantized_abstract_params(args, "int8", jnp.bfloat16))
+    flat = flatten(params)
+    assert abstract.keys() == flat.keys()
+    for p, leaf in flat.items():
+        assert (abstract[p].shape, abstract[p].dtype) == (leaf.shape, leaf.dtype), p
+    axes = flatten(param_logical_axes(params, args))
+    for p, leaf in flat.items():
+        assert len(axes[p]) == leaf.ndim, p
+    layer = ("layers_0", "attention")
+    assert tuple(axes[layer + ("wq", "scale")]) == ("q_heads", "head_dim")
+    assert tuple(axes[layer + ("wo", "scale")]) == ("embed",)
+    if args.moe:
+        assert tuple(axes[("layers_0", "feed_forward", "w2_scale")]) == ("expert", "embed")
+
+
+def test_quantized_mixtral_8x7b_weights_fit_one_80gb_gpu():
+    """Computed from abstract shapes (nothing allocated): int8/fp8 weights of the Mixtral
+    8x7B preset take about half of bfloat16's ~93 GB, leaving room for a KV cache on 80 GB."""
+    args = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
+                     n_kv_heads=8, norm_eps=1e-5, vocab_size=32000,
+                     moe=MoeArgs(num_experts=8, num_experts_per_tok=2))
+    bf16 = param_bytes(abstract_params(args, jnp.bfloat16))
+    for mode in ("int8", "fp8"):
+        quant = param_bytes(quantized_abstract_params(args, mode, jnp.bfloat16))
+        print(f"mixtral-8x7b {mode}: {quant / 1e9:.1f} GB (bfloat16 {bf16 / 1e9:.1f} GB)")
+        assert quant < 0.52 * bf16 and quant < 50e9
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors checkpoints, written here as llm-compressor writes them.
+
+QUANTIZED = re.compile(r".*(proj|experts\.\d+\.w[123])\.weight")
+
+
+def ct_config(weights: str = "float", strategy: str = "channel", activations: str | None = None):
+    act = None
+    if activations:
+        act = {"num_bits": 8, "type": weights, "symmetric": True,
+               "dynamic": activations == "dynamic",
+               "strategy": "token" if activations == "dynamic" else "tensor"}
+    return {"quant_method": "compressed-tensors", "format": f"{weights}-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"], "kv_cache_scheme": None,
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": act, "output_activations": None,
+                "weights": {"num_bits": 8, "type": weights, "symmetric": True,
+                            "strategy": strategy, "dynamic": False, "group_size": None}}}}
+
+
+def write_compressed_tensors(folder, args, state, *, weights="float", strategy="channel",
+                             activations=None, cfg=None, edit=None):
+    """An HF folder with int8/fp8 [out, in] weights and [out, 1] weight_scale (numpy's own
+    quantizer, independent of quant.py); returns the dequantized float32 state too.
+    `edit(tensors)` may change the tensors before they are written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = mistral_to_hf_state(state, args)
+    dtype, top = (E4M3, 448.0) if weights == "float" else (np.dtype(np.int8), 127.0)
+    out, dequantized = {}, {}
+    for name, w in hf.items():
+        if not QUANTIZED.fullmatch(name):
+            out[name] = dequantized[name] = w
+            continue
+        amax = np.abs(w).max() if strategy == "tensor" else np.abs(w).max(1, keepdims=True)
+        scale = (np.broadcast_to(amax, (w.shape[0], 1)) / top).astype(np.float32)
+        q = w / scale
+        q = np.round(q).astype(dtype) if weights == "int" else q.astype(dtype)
+        out[name] = q
+        out[name + "_scale"] = scale[:1, 0] if strategy == "tensor" else scale
+        if activations == "static":
+            out[name[: -len("weight")] + "input_scale"] = np.full((1,), 0.02, np.float32)
+        dequantized[name] = q.astype(np.float32) * scale
+    if edit is not None:
+        edit(out)
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    config = hf_config(args)
+    config["quantization_config"] = cfg or ct_config(weights, strategy, activations)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, dequantized
+
+
+TOKENS = np.random.default_rng(7).integers(0, 512, (2, 16))
+
+
+@pytest.mark.parametrize("kind,weights,strategy", [("dense", "float", "channel"),
+                                                   ("dense", "float", "tensor"),
+                                                   ("dense", "int", "channel"),
+                                                   ("moe", "float", "channel")])
+def test_compressed_tensors_checkpoint_loads_quantized_and_matches_its_dequantized_weights(
+        tmp_path, kind, weights, strategy):
+    args = tiny_args(vocab_size=512) if kind == "dense" else tiny_moe_args()
+    state = random_mistral_state(args, seed=5)
+    ct, dequantized = write_compressed_tensors(tmp_path / "ct", args, state, weights=weights,
+                                               strategy=strategy)
+    model = Transformer.from_folder(ct, dtype="float32")
+    flat = flatten(model.params)
+    want_dtype = E4M3 if weights == "float" else np.dtype(np.int8)
+    kernels = [p for p in flat if p[-1] in ("kernel", "w1", "w2", "w3") and p[0] != "output"
+               and "gate" not in p]
+    assert kernels and all(flat[p].dtype == want_dtype for p in kernels)  # never dequantized
+    assert flat[("output", "kernel")].dtype == np.float32  # lm_head is ignored by the recipe
+    # The same weights dequantized to float32, as an ordinary HF checkpoint.
+    ref_folder = tmp_path / "ref"
+    ref_folder.mkdir()
+    save_file(dequantized, ref_folder / "model.safetensors")
+    (ref_folder / "config.json").write_text(json.dumps(hf_config(args)))
+    want = Transformer.from_folder(ref_folder, dtype="float32").logits(TOKENS)
+    assert rel_err(model.logits(TOKENS), want) <= 1e-5
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_compressed_tensors_activation_quantization_follows_the_config(tmp_path, activations):
+    args = tiny_args(vocab_size=512)
+    ct, _ = write_compressed_tensors(tmp_path / "ct", args, random_mistral_state(args, seed=6),
+                                     activations=activations)
+    model = Transformer.from_folder(ct, dtype="float32")
+    scales = [v for p, v in flatten(model.params).items() if p[-1] == "input_scale"]
+    assert len(scales) == 7 * args.n_layers
+    assert all(s == np.float32(0.0 if activations == "dynamic" else 0.02) for s in scales)
+    weight_only = Transformer(args, drop_activation_quantization(model.params))
+    got, want = model.logits(TOKENS), weight_only.logits(TOKENS)
+    print(f"fp8 activations ({activations}) vs weight-only: rel err {rel_err(got, want):.4f}")
+    assert 1e-4 < rel_err(got, want) <= 0.25
+
+
+@pytest.mark.parametrize("case", ["fp8_without_scale", "bad_scale_shape", "group_strategy",
+                                  "four_bits", "not_compressed_tensors", "quantize_again"])
+def test_bad_compressed_tensors_checkpoints_are_rejected(tmp_path, case):
+    args = tiny_args(vocab_size=512)
+    state = random_mistral_state(args, seed=8)
+    cfg = ct_config()
+    if case == "group_strategy":
+        cfg["config_groups"]["group_0"]["weights"]["strategy"] = "group"
+    elif case == "four_bits":
+        cfg["config_groups"]["group_0"]["weights"]["num_bits"] = 4
+    elif case == "not_compressed_tensors":
+        cfg["quant_method"] = "gptq"
+    name = "model.layers.1.self_attn.k_proj.weight_scale"
+
+    def edit(tensors):
+        if case == "fp8_without_scale":
+            del tensors[name]
+        elif case == "bad_scale_shape":
+            tensors[name] = np.ones((3, 1), np.float32)
+
+    ct, _ = write_compressed_tensors(tmp_path / "ct", args, state, cfg=cfg, edit=edit)
+    if case in ("fp8_without_scale", "bad_scale_shape"):
+        key = name[: -len("_scale")] if case == "fp8_without_scale" else name
+        with pytest.raises(CheckpointError, match=re.escape(repr(key))):
+            Transformer.from_folder(ct)
+        return
+    if case == "quantize_again":
+        with pytest.raises(UserInputError, match="already quantized"):
+            Transformer.from_folder(ct, quantize="int8")
+        return
+    field = {"group_strategy": "weights.strategy", "four_bits": "weights.num_bits",
+             "not_compressed_tensors": "quant_method"}[case]
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        Transformer.from_folder(ct)
