@@ -1,0 +1,287 @@
+"""What `sample`, `chat` and `demo` share: flags, up-front validation, model loading, timing.
+
+Each command is `main(argv) -> exit status`, run through `run`, which turns every
+`MistralJaxError` (and every argparse error) into one line `error: ...` on stderr and
+exit status 2, with no traceback. Everything a user can get wrong is checked before
+the weights are read: sampling values, dtype, prompts, the tokenizer, and that the
+prompts plus `--max-tokens` fit the model's context.
+
+Informational lines (load time, compile time, tokens/s) go to stderr, so stdout
+holds only what the model wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.resources
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
+from mistral_jax.sampling import make_strategy
+from mistral_jax.tokenizer import Tokenizer, load_tokenizer
+from mistral_jax.transformer import DTYPES, Transformer
+
+EXIT_USER_ERROR = 2
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises `UserInputError` (one line, exit 2, via `run`)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserInputError(f"{message} (see {self.prog} --help)")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--ckpt, --tokenizer, --dtype, --lora, --quantize: which model to load and how (see `load_model`)."""
+    parser.add_argument(
+        "--ckpt", metavar="DIR", type=Path, default=None,
+        help="model folder: Mistral layout (params.json + consolidated.safetensors), "
+        "Hugging Face layout (config.json + *.safetensors) or a mistral-jax-convert output; "
+        "default: the small built-in demo model")
+    parser.add_argument(
+        "--tokenizer", metavar="PATH", type=Path, default=None,
+        help="tokenizer file or folder (default: the one in --ckpt)")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=sorted(DTYPES),
+        help="dtype of the weights and KV cache (default: bfloat16)")
+    parser.add_argument(
+        "--lora", metavar="PATH", type=Path, default=None,
+        help="LoRA adapter (mistral-finetune lora.safetensors, or a peft adapter folder), "
+        "merged into the weights at load")
+    parser.add_argument(
+        "--quantize", default=None, choices=["int8", "fp8", "fp8-tensor"],
+        help="quantize the attention and feed-forward weights as they load (weight-only; "
+        "compressed-tensors fp8/int8 checkpoints are loaded quantized without this flag)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens: int | None,
+                       temperature: float, max_tokens_help: str | None = None) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed (checked by `check_sampling`)."""
+    parser.add_argument("--max-tokens", type=int_at_least(1), default=max_tokens,
+                        help=max_tokens_help or
+                        f"most tokens generated per answer (default: {max_tokens})")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f">= 0; 0 is greedy (default: {temperature})")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling mass, in (0, 1] (default: 1, off)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k most likely tokens, k >= 1 (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
+
+
+def check_sampling(ns: argparse.Namespace) -> None:
+    """Raise UserInputError for a temperature < 0, top_p outside (0, 1] or top_k < 1."""
+    make_strategy(ns.temperature, ns.top_p, ns.top_k)
+
+
+def sampling_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `generate` set by the sampling flags."""
+    return dict(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                top_k=ns.top_k, seed=ns.seed)
+
+
+def check_text(text: str, flag: str) -> str:
+    """A prompt given on the command line: anything but empty or only whitespace."""
+    if not text.strip():
+        raise UserInputError(f"{flag} is empty: give a non-empty text")
+    return text
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def demo_model_folder() -> Path:
+    """Where the built-in demo model ships inside the package (may be absent)."""
+    return Path(str(importlib.resources.files("mistral_jax").joinpath("demo_model")))
+
+
+def resolve_ckpt(ns: argparse.Namespace) -> Path:
+    """--ckpt, or the built-in demo model when it is omitted (said so on stderr)."""
+    if ns.ckpt is not None:
+        return ns.ckpt
+    folder = demo_model_folder()
+    if not (folder / "params.json").is_file():
+        raise UserInputError(
+            f"no --ckpt given and the built-in demo model is not installed ({folder} has no "
+            "params.json): pass --ckpt DIR with a model folder")
+    log(f"no --ckpt given: running the built-in demo model ({folder}), a tiny model "
+        "trained on Python docstrings")
+    return folder
+
+
+def prepare(ns: argparse.Namespace) -> tuple[Path, ModelArgs, Tokenizer]:
+    """Folder, args and tokenizer of the requested model, without reading any weight."""
+    folder = resolve_ckpt(ns)
+    args, _ = load_args(folder)
+    tok_path = ns.tokenizer if ns.tokenizer is not None else folder
+    try:
+        tok = load_tokenizer(tok_path)
+    except TokenizerError as e:
+        if ns.tokenizer is not None:
+            raise
+        raise TokenizerError(f"{e}; pass --tokenizer PATH") from None
+    if tok.n_words > args.vocab_size:
+        raise TokenizerError(
+            f"tokenizer {tok.path} has {tok.n_words} tokens but the model in {folder} has "
+            f"vocab_size={args.vocab_size}: they do not belong together")
+    return folder, args, tok
+
+
+def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: ModelArgs,
+                  names: Sequence[str]) -> None:
+    """Each prompt plus max_tokens must fit the model's context (when the folder states it)."""
+    if args.max_seq_len is None:
+        return
+    for ids, name in zip(prompts, names):
+        if len(ids) + max_tokens > args.max_seq_len:
+            raise UserInputError(
+                f"{name} is {len(ids)} tokens; with --max-tokens {max_tokens} that is "
+                f"{len(ids) + max_tokens} positions, beyond the model's context of "
+                f"{args.max_seq_len}: shorten it or lower --max-tokens (at most "
+                f"{max(args.max_seq_len - len(ids), 0)})")
+
+
+def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
+    """Read the weights of `folder` as the flags ask (progress bar, then the load time)."""
+    kwargs: dict[str, Any] = dict(dtype=ns.dtype, progress=True)
+    # Flags that change loading go here, each one line: kwargs["mesh"] = ns.mesh, ...
+    kwargs["lora_path"] = getattr(ns, "lora", None)
+    kwargs["quantize"] = getattr(ns, "quantize", None)
+    model = Transformer.from_folder(folder, **kwargs)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
+    log(f"loaded {folder} ({n_params / 1e6:.1f}M parameters, {model.dtype}) in "
+        f"{model.load_seconds:.2f} s")
+    return model
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class CompileTimer:
+    """Seconds JAX spends tracing, lowering and compiling while the `with` block runs.
+
+    Read from `jax.monitoring` events, so a first call can be split into compile time
+    and run time without compiling anything twice.
+    """
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._active = False
+
+    def _listen(self, event: str, duration: float, *args: Any, **kwargs: Any) -> None:
+        if self._active and event in self.EVENTS:
+            self.seconds += duration
+
+    def __enter__(self) -> CompileTimer:
+        self._active = True
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active = False
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:
+            try:
+                unregister(self._listen)
+            except (AssertionError, ValueError, KeyError):
+                pass
+
+
+@dataclasses.dataclass
+class GenStats:
+    """Timings of one generation; compile time is excluded from the other two."""
+
+    n_tokens: int
+    first_token_s: float  # prompt processing + first sampled token
+    total_s: float  # whole generation
+    compile_s: float
+
+    def summary(self) -> str:
+        rate = self.n_tokens / self.total_s if self.total_s > 0 else float("inf")
+        return (f"{self.n_tokens} tokens in {self.total_s:.2f} s: {rate:.1f} tokens/s, "
+                f"time to first token {self.first_token_s:.3f} s")
+
+
+def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_tokens: int,
+                   temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+                   seed: int = 0, eos_id: int | None = None
+                   ) -> tuple[list[list[int]], GenStats]:
+    """`generate.generate`, timed: stopped once after the prompts' first token.
+
+    Returns the generated ids per prompt (cut at eos, as `generate` does) and the timings.
+    """
+    from mistral_jax.generate import _start, decode_jit
+    from mistral_jax.model import forward, init_cache
+
+    strategy = make_strategy(temperature, top_p, top_k)
+    with CompileTimer() as compile_timer:
+        start = time.perf_counter()
+        state, eos, static = _start(
+            model.params, model.args, prompts, max_tokens=max_tokens, strategy=strategy,
+            seed=seed, eos_id=eos_id, chunk_size=None, dtype=model.dtype, forward=forward,
+            init_cache=init_cache)
+        jax.block_until_ready(state.tokens)
+        first = time.perf_counter() - start
+        compile_first = compile_timer.seconds
+        state = decode_jit(model.params, state, eos, jnp.int32(max_tokens), **static)
+        tokens = np.asarray(jax.device_get(state.tokens))[: len(prompts), :max_tokens]
+        total = time.perf_counter() - start
+    stop = (tokens == -1) | (tokens == (-1 if eos_id is None else eos_id))  # [B, N]
+    lengths = np.where(stop.any(axis=1), stop.argmax(axis=1), max_tokens)
+    out = [row[:n].tolist() for row, n in zip(tokens, lengths)]
+    stats = GenStats(n_tokens=int(lengths.sum()), first_token_s=first - compile_first,
+                     total_s=total - compile_timer.seconds, compile_s=compile_timer.seconds)
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def log(message: str) -> None:
+    """One informational line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None) -> int:
+    """Run a command; a MistralJaxError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        return main(argv) or 0
+    except MistralJaxError as e:
+        message = " ".join(str(e).split())
+        sys.stdout.flush()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

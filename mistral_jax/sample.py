@@ -1,0 +1,158 @@
+"""`python -m mistral_jax.sample`: complete prompts as one batch and print the answers.
+
+    python -m mistral_jax.sample --ckpt DIR --prompt "Once upon a time" --prompt "def fib(n):"
+    python -m mistral_jax.sample --ckpt DIR --instruct --prompt "Name three rivers."
+    python -m mistral_jax.sample --ckpt DIR --instruct --tools tools.json --prompt "Weather in Paris?"
+    python -m mistral_jax.sample --ckpt DIR --fim-prefix "def add(a, b):" --fim-suffix "print(add(1, 2))"
+
+Each answer goes to stdout (several prompts: each followed by a `=====` line); a tool-call
+answer is printed as a JSON list of {"name", "arguments"}. Load time, compile time,
+tokens/s and time to first token go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
+from mistral_jax import cli
+from mistral_jax.errors import TokenizerError, UserInputError
+from mistral_jax.tokenizer import Tokenizer, ToolCall
+
+SEPARATOR = "====================="
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="python -m mistral_jax.sample",
+        description="Generate completions for one or more prompts, as one batch.")
+    cli.add_model_flags(p)
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt; repeat the flag for a batch of prompts")
+    p.add_argument("--instruct", action="store_true",
+                   help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="system prompt (with --instruct)")
+    p.add_argument("--tools", metavar="FILE.json", type=Path, default=None,
+                   help="OpenAI-style list of functions the model may call (with --instruct); "
+                   "a tool-call answer is printed as JSON")
+    p.add_argument("--fim-prefix", metavar="TEXT", default=None,
+                   help="fill in the middle: the code before the gap (needs a v3+ tokenizer)")
+    p.add_argument("--fim-suffix", metavar="TEXT", default=None,
+                   help="fill in the middle: the code after the gap")
+    cli.add_sampling_flags(p, max_tokens=128, temperature=0.0)
+    return p
+
+
+def read_tools(path: Path) -> list[dict[str, Any]]:
+    """An OpenAI-style function list: [{"type": "function", "function": {"name", ...}}, ...]."""
+    try:
+        tools = json.loads(path.read_text())
+    except OSError as e:
+        raise UserInputError(f"--tools {path}: cannot read it ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserInputError(f"--tools {path}: not valid JSON ({e})") from None
+    if not isinstance(tools, list) or not tools:
+        raise UserInputError(f"--tools {path}: expected a non-empty JSON list of functions")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise UserInputError(
+                f"--tools {path}: item {i} is not a function: expected "
+                '{"type": "function", "function": {"name": ..., "parameters": {...}}}')
+    return tools
+
+
+def check_flags(ns: argparse.Namespace) -> None:
+    """Everything that can be checked before the model folder is opened."""
+    cli.check_sampling(ns)
+    fim = ns.fim_prefix is not None or ns.fim_suffix is not None
+    if fim:
+        if ns.prompt or ns.instruct:
+            raise UserInputError("--fim-prefix/--fim-suffix cannot be combined with --prompt "
+                                 "or --instruct: a fill-in-the-middle request is one prompt")
+        if not ((ns.fim_prefix or "").strip() or (ns.fim_suffix or "").strip()):
+            raise UserInputError("--fim-prefix and --fim-suffix are both empty: give at least one")
+    elif not ns.prompt:
+        raise UserInputError("give at least one --prompt TEXT (or --fim-prefix/--fim-suffix)")
+    for i, text in enumerate(ns.prompt):
+        cli.check_text(text, f"--prompt #{i + 1}" if len(ns.prompt) > 1 else "--prompt")
+    if (ns.tools is not None or ns.system is not None) and not ns.instruct:
+        raise UserInputError("--tools and --system need --instruct (they are part of the "
+                             "chat template)")
+
+
+def encode_prompts(ns: argparse.Namespace, tok: Tokenizer,
+                   tools: list[dict[str, Any]] | None) -> list[list[int]]:
+    """Prompt ids: the FIM request, chat-template user messages, or plain text after BOS."""
+    if ns.fim_prefix is not None or ns.fim_suffix is not None:
+        return [tok.encode_fim(ns.fim_prefix or "", ns.fim_suffix or "")]
+    if ns.instruct:
+        return [tok.encode_chat([{"role": "user", "content": text}], system=ns.system,
+                                tools=tools) for text in ns.prompt]
+    return [tok.encode(text, bos=True) for text in ns.prompt]
+
+
+def tool_calls_json(calls: Sequence[ToolCall]) -> str:
+    """Tool calls as one JSON line: [{"name": ..., "arguments": {...}}, ...]."""
+    out = []
+    for call in calls:
+        item: dict[str, Any] = {"name": call.name, "arguments": call.arguments}
+        if call.id is not None:
+            item["id"] = call.id
+        out.append(item)
+    return json.dumps(out, ensure_ascii=False)
+
+
+def answer_text(ids: Sequence[int], tok: Tokenizer, parse_tools: bool) -> str:
+    """What to print for generated ids: their text, or the parsed tool calls as JSON."""
+    if not parse_tools:
+        return tok.decode(ids)
+    try:
+        content, calls = tok.split_tool_calls(ids)
+    except TokenizerError as e:  # the model wrote [TOOL_CALLS] but no valid JSON after it
+        cli.log(f"warning: {e}")
+        return tok.decode(ids)
+    if not calls:
+        return content
+    return f"{content}\n{tool_calls_json(calls)}" if content.strip() else tool_calls_json(calls)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    ns = build_parser().parse_args(argv)
+    check_flags(ns)
+    tools = read_tools(ns.tools) if ns.tools is not None else None
+    folder, args, tok = cli.prepare(ns)
+    if tools is not None and tok.version < TokenizerVersion.v2:
+        raise UserInputError(f"--tools needs a tokenizer of version v2 or later; {tok.path} is "
+                             f"{tok.version.value}")
+    prompts = encode_prompts(ns, tok, tools)
+    names = (["the fill-in-the-middle prompt"] if len(prompts) == 1 and not ns.prompt else
+             [f"--prompt #{i + 1}" if len(prompts) > 1 else "--prompt"
+              for i in range(len(prompts))])
+    cli.check_lengths(prompts, ns.max_tokens, args, names)
+
+    model = cli.load_model(ns, folder)
+    outputs, stats = cli.timed_generate(prompts, model, eos_id=tok.eos_id,
+                                        **cli.sampling_kwargs(ns))
+    for ids in outputs:
+        print(answer_text(ids, tok, parse_tools=tools is not None), flush=True)
+        if len(outputs) > 1:
+            print(SEPARATOR, flush=True)
+    cli.log(f"compiled in {stats.compile_s:.2f} s")
+    cli.log(stats.summary())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m mistral_jax.sample` / `mistral-jax-sample`; returns the exit status."""
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""The command line (`sample`, `chat`, `demo`) end to end, on tiny scripted checkpoints.
+
+A scripted checkpoint is a real Mistral-layout folder (params.json, consolidated.safetensors,
+the v3 tokenizer of mistral-common) whose weights make greedy decoding follow a fixed
+table "this token -> next token": attention and feed-forward outputs are zero, so the
+residual stream is the embedding of the current token, a one-hot direction, and the
+output head maps that direction to its successor (logit 80 against 0 for every other id).
+So each command's exact output is known from the table, and tool calls and FIM answers
+can be produced on purpose.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mistral_common
+import numpy as np
+import pytest
+
+from mistral_jax import chat, cli, demo, sample
+from mistral_jax.tokenizer import Tokenizer, load_tokenizer
+from tests.helpers import random_mistral_state, tiny_args, write_hf_folder, write_mistral_folder
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(mistral_common.__file__).parent / "data"
+V3 = DATA / "mistral_instruct_tokenizer_240323.model.v3"
+V1 = DATA / "tokenizer.model.v1"
+MAX_SEQ_LEN = 256
+
+ANSWER = "Hello! I am a tiny scripted model."  # after [/INST]: every chat turn
+PLAIN = {"The cat": "sat on the mat.", "My favourite colour is": "blue."}
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "def mul(x, y):\n    return", "\n\nprint(mul(2, 3))", "x * y"
+TOOL_CALL = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+# ----------------------------------------------------------------------------- scripted models
+
+
+def distinct_ids(tok: Tokenizer, text: str) -> list[int]:
+    """Ids of pieces, no id twice, that decode to `text` (so a token -> next table can spell it)."""
+    sp = tok.mistral.instruct_tokenizer.tokenizer._model
+    pieces: dict[str, int] = {}
+    for i in range(sp.get_piece_size()):
+        if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)):
+            pieces.setdefault(sp.id_to_piece(i).replace("\u2581", " "), i)
+
+    def spell(rest: str, used: tuple[int, ...]) -> list[int] | None:
+        if not rest:
+            return []
+        for k in range(min(len(rest), 16), 0, -1):
+            i = pieces.get(rest[:k])
+            if i is not None and i not in used:
+                tail = spell(rest[k:], (*used, i))
+                if tail is not None:
+                    return [i, *tail]
+        return None
+
+    ids = spell(text, ())
+    assert ids is not None and tok.decode(ids) == text
+    return ids
+
+
+def successor_table(*chains: list[int]) -> dict[int, int]:
+    """{token: next token} from chains [t0, t1, ..., tn]; a token may not have two successors."""
+    table: dict[int, int] = {}
+    for chain in chains:
+        for a, b in zip(chain, chain[1:]):
+            assert table.setdefault(a, b) == b, f"token {a} would need two successors"
+    return table
+
+
+def scripted_state(args, table: dict[int, int]) -> dict[str, np.ndarray]:
+    """Mistral-named float32 weights whose greedy next token after t is table[t]."""
+    assert len(table) <= args.dim
+    d = args.dim
+    z = np.zeros
+    state = {"tok_embeddings.weight": z((args.vocab_size, d), np.float32),
+             "output.weight": z((args.vocab_size, d), np.float32),
+             "norm.weight": np.ones(d, np.float32)}
+    for j, (src, dst) in enumerate(sorted(table.items())):
+        state["tok_embeddings.weight"][src, j] = 1.0
+        state["output.weight"][dst, j] = 10.0
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes = {"attention.wq": (q, d), "attention.wk": (kv, d), "attention.wv": (kv, d),
+                  "attention.wo": (d, q), "feed_forward.w1": (args.hidden_dim, d),
+                  "feed_forward.w2": (d, args.hidden_dim), "feed_forward.w3": (args.hidden_dim, d)}
+        state.update({p + k + ".weight": z(s, np.float32) for k, s in shapes.items()})
+        state[p + "attention_norm.weight"] = np.ones(d, np.float32)
+        state[p + "ffn_norm.weight"] = np.ones(d, np.float32)
+    return state
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return load_tokenizer(V3)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    args = tiny_args(n_layers=1, vocab_size=tok.n_words, max_seq_len=MAX_SEQ_LEN)
+    inst, eos = tok._raw.get_special_token("[/INST]"), tok.eos_id
+    assert tok.encode_chat([{"role": "user", "content": "x"}])[-1] == inst
+
+    def enc(text: str) -> list[int]:
+        return tok.encode(text, bos=False)
+
+    text_table = successor_table(
+        [inst, *enc(ANSWER), eos],
+        *([enc(prompt)[-1], *enc(answer), eos] for prompt, answer in PLAIN.items()),
+        [tok.encode_fim(FIM_PREFIX, FIM_SUFFIX)[-1], *enc(FIM_MIDDLE), eos],
+    )
+    tool_calls_id = tok._raw.get_special_token("[TOOL_CALLS]")
+    tool_json = '[{"name":"get_weather","arguments": {"city":"Paris"}}]'
+    tool_table = successor_table([inst, tool_calls_id, *distinct_ids(tok, tool_json), eos])
+
+    out = {}
+    for name, table in (("text", text_table), ("tools", tool_table)):
+        state = scripted_state(args, table)
+        out[name] = write_mistral_folder(root / name, args, state)
+        shutil.copy(V3, out[name] / V3.name)
+    out["hf"] = write_hf_folder(root / "hf", args, scripted_state(args, text_table))
+    shutil.copy(V3, out["hf"] / "tokenizer.model")  # HF layout: an unversioned file
+    out["no_tokenizer"] = write_mistral_folder(root / "no_tokenizer", args, state)
+    out["v1"] = write_mistral_folder(root / "v1", args, state)
+    shutil.copy(V1, out["v1"] / V1.name)
+    (root / "tools.json").write_text(json.dumps(TOOLS))
+    out["tools_json"] = root / "tools.json"
+    (root / "bad_tools.json").write_text('[{"type": "function"')
+    out["bad_tools_json"] = root / "bad_tools.json"
+    return out
+
+
+def expected(tok: Tokenizer, text: str) -> str:
+    """How the scripted model's answer prints: the decoded ids of `text`."""
+    return tok.decode(tok.encode(text, bos=False))
+
+
+def run_module(module: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", module, *argv], input=stdin, text=True,
+                          capture_output=True, cwd=REPO, env=env, timeout=300)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_sample_batch_prints_each_completion_and_timings(folders, tok):
+    prompts = list(PLAIN)
+    res = run_module("mistral_jax.sample", "--ckpt", str(folders["text"]), "--prompt", prompts[0],
+                     "--prompt", prompts[1], "--max-tokens", "12", "--dtype", "float32")
+    assert res.returncode == 0, res.stderr
+    want = []
+    for p in prompts:
+        want += [expected(tok, PLAIN[p]), sample.SEPARATOR]
+    assert res.stdout.splitlines() == want
+    for part in ("loading text", "loaded ", "compiled in ", "tokens/s", "time to first token"):
+        assert part in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_chat_streams_answers_over_stdin_reset_and_quit(folders, tok):
+    long = "word " * 60  # about 60 tokens: with --max-tokens 200 beyond the context of 256
+    res = run_module("mistral_jax.chat", "--ckpt", str(folders["text"]), "--system", "Be brief.",
+                     "--max-tokens", "200",
+                     stdin=f"hello\n\n/reset\n{long}\nhi there\n/quit\nnever read\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [expected(tok, ANSWER)] * 2
+    assert "(new conversation)" in res.stderr and "time to first token" in res.stderr
+    assert "error: the conversation is" in res.stderr and f"context of {MAX_SEQ_LEN}" in res.stderr
+    assert "compiled in" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_user_error_is_one_line_exit_2_without_traceback(folders):
+    res = run_module("mistral_jax.sample", "--ckpt", str(folders["text"]), "--prompt", "hi",
+                     "--temperature", "-0.5")
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == ["error: temperature must be >= 0 (0 means greedy), got -0.5"]
+    assert res.stdout == ""
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def run_main(main, argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tool_call_answer_is_printed_as_parsed_json(folders, capsys):
+    code, out, err = run_main(sample.main, [
+        "--ckpt", folders["tools"], "--instruct", "--tools", folders["tools_json"],
+        "--prompt", "What is the weather in Paris?"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == TOOL_CALL
+
+
+def test_fim_prints_the_middle(folders, tok, capsys):
+    code, out, err = run_main(sample.main, [
+        "--ckpt", folders["text"], "--fim-prefix", FIM_PREFIX, "--fim-suffix", FIM_SUFFIX], capsys)
+    assert code == 0, err
+    assert out == expected(tok, FIM_MIDDLE) + "\n"
+
+
+def test_hf_layout_folder_gives_the_same_completion(folders, tok, capsys):
+    prompt = "The cat"
+    code, out, err = run_main(sample.main, ["--ckpt", folders["hf"], "--prompt", prompt], capsys)
+    assert code == 0, err
+    assert out == expected(tok, PLAIN[prompt]) + "\n"
+
+
+def test_instruct_sample_follows_the_chat_template(folders, tok, capsys):
+    code, out, err = run_main(sample.main, ["--ckpt", folders["text"], "--instruct", "--system",
+                                            "Be brief.", "--prompt", "hello"], capsys)
+    assert code == 0, err
+    assert out == expected(tok, ANSWER) + "\n"
+
+
+def test_demo_completes_the_three_prompts_as_one_batch(folders, tok, capsys):
+    code, out, err = run_main(demo.main, ["--ckpt", folders["text"], "--max-tokens", "4"], capsys)
+    assert code == 0, err
+    blocks = out.split(demo.SEPARATOR + "\n")
+    assert blocks[-1] == "" and len(blocks) == len(demo.PROMPTS) + 1
+    for block, prompt in zip(blocks, demo.PROMPTS):
+        assert block.startswith(prompt.strip())
+    assert "tokens/s" in err
+
+
+def test_no_ckpt_runs_the_built_in_demo_model(folders, tok, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "demo_model_folder", lambda: tmp_path / "missing")
+    code, out, err = run_main(sample.main, ["--prompt", "The cat"], capsys)
+    assert code == 2 and "no --ckpt given" in err and "--ckpt DIR" in err
+    monkeypatch.setattr(cli, "demo_model_folder", lambda: folders["text"])
+    code, out, err = run_main(sample.main, ["--prompt", "The cat"], capsys)
+    assert code == 0, err
+    assert out == expected(tok, PLAIN["The cat"]) + "\n"
+    assert "built-in demo model" in err
+
+
+def test_chat_ctrl_d_exits_cleanly(folders, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # end of input at the first prompt
+    code, out, err = run_main(chat.main, ["--ckpt", folders["text"]], capsys)
+    assert code == 0 and out == "", err
+    assert "/quit or Ctrl-D exits" in err
+
+
+def test_timed_generate_equals_generate(tmp_path):
+    from mistral_jax.generate import generate
+    from mistral_jax.transformer import Transformer
+
+    # Random weights, loaded as sample loads the scripted models (same compiled programs).
+    args = tiny_args(n_layers=1, vocab_size=32768, max_seq_len=MAX_SEQ_LEN)
+    folder = write_mistral_folder(tmp_path / "random", args, random_mistral_state(args, seed=3))
+    model = Transformer.from_folder(folder)
+    prompts = [[1, 5, 9, 300, 7000, 31000]]
+    kw = dict(max_tokens=128, eos_id=2)
+    got, stats = cli.timed_generate(prompts, model, **kw)
+    assert got == generate(prompts, model, **kw)[0]
+    assert stats.n_tokens == sum(map(len, got))
+    assert stats.first_token_s >= 0 and stats.total_s >= stats.first_token_s - 1e-6
+
+
+BAD_SAMPLE_ARGS = [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "a", "--prompt", "  "], "--prompt #2 is empty"),
+    (["--prompt", "hi", "--max-tokens", "300"],
+     f"beyond the model's context of {MAX_SEQ_LEN}"),
+    (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens: must be an integer >= 1"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-k", "0"], "top_k must be None or an integer >= 1"),
+    (["--prompt", "hi", "--dtype", "int4"], "--dtype: invalid choice: 'int4'"),
+    (["--prompt", "hi", "--temperature", "warm"], "--temperature: invalid float value"),
+    ([], "give at least one --prompt"),
+    (["--prompt", "hi", "--tools", "{tools_json}"], "--tools and --system need --instruct"),
+    (["--instruct", "--prompt", "hi", "--tools", "{bad_tools_json}"], "not valid JSON"),
+    (["--instruct", "--prompt", "hi", "--tools", "{missing}"], "cannot read it"),
+    (["--prompt", "hi", "--fim-prefix", "a"], "cannot be combined with --prompt"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_SAMPLE_ARGS)
+def test_bad_sample_input_is_one_line_naming_the_parameter(folders, capsys, argv, message):
+    argv = [a.format(**{**{k: str(v) for k, v in folders.items()}, "missing": "/nonexistent"})
+            for a in argv]
+    code, out, err = run_main(sample.main, ["--ckpt", folders["text"], *argv], capsys)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert message in err
+
+
+def test_bad_folders_and_tokenizers_fail_before_loading(folders, capsys, tmp_path):
+    cases = [
+        (["--ckpt", folders["no_tokenizer"], "--prompt", "hi"], "no tokenizer file in"),
+        (["--ckpt", tmp_path / "nowhere", "--prompt", "hi"], "not a directory"),
+        (["--ckpt", folders["v1"], "--fim-prefix", "a", "--fim-suffix", "b"],
+         "FIM needs a v3 or later tokenizer"),
+        (["--ckpt", folders["v1"], "--instruct", "--tools", folders["tools_json"], "--prompt",
+          "hi"], "--tools needs a tokenizer of version v2 or later"),
+    ]
+    for argv, message in cases:
+        code, out, err = run_main(sample.main, argv, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert "loaded" not in err
+    code, out, err = run_main(chat.main, ["--ckpt", folders["text"], "--top-p", "2"], capsys)
+    assert code == 2 and "top_p must be in (0, 1]" in err
+    code, out, err = run_main(demo.main, ["--ckpt", folders["no_tokenizer"]], capsys)
+    assert code == 2 and "no tokenizer file in" in err and "--tokenizer PATH" in err
