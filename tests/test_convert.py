@@ -32,7 +32,7 @@ from helpers import (
 )
 
 import mistral_jax.convert as convert_mod
-from convert.benchmark import convert_in_child, write_synthetic
+from convert.benchmark import convert_in_child, synthetic_args, write_synthetic
 from convert.safetensors_to_orbax import main
 from mistral_jax import CheckpointError, MistralJaxError, ModelArgs, Transformer
 from mistral_jax.convert import MANIFEST, convert, is_converted, read_manifest, restore_params
@@ -411,8 +411,11 @@ def test_converting_a_converted_folder_is_refused(sources, tmp_path, capsys):
 # ----------------------------------------------------------------------------- big, slow
 
 
-BIG = ModelArgs(dim=1024, n_layers=10, head_dim=128, hidden_dim=4096, n_heads=8, n_kv_heads=4,
-                norm_eps=1e-5, vocab_size=8192)  # ~0.69 GB float32 in 93 tensors of <= 34 MB
+# ~0.69 GB float32 in 93 tensors of <= 34 MB, to stay fast in CI; CONVERT_TEST_GB=2 runs the
+# same tests on a checkpoint of that size (synthetic_args: dim 2048, tensors of <= 262 MB).
+BIG = (synthetic_args(float(os.environ["CONVERT_TEST_GB"])) if os.environ.get("CONVERT_TEST_GB")
+       else ModelArgs(dim=1024, n_layers=10, head_dim=128, hidden_dim=4096, n_heads=8,
+                      n_kv_heads=4, norm_eps=1e-5, vocab_size=8192))
 
 
 @pytest.fixture(scope="module")
