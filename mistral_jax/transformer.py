@@ -21,8 +21,9 @@ import numpy as np
 from mistral_jax.args import ModelArgs, load_args
 from mistral_jax.cache import Cache, init_cache
 from mistral_jax.checkpoint import load_params
+from mistral_jax.convert import is_converted, load_converted
 from mistral_jax.errors import UserInputError
-from mistral_jax.lora import load_hooks
+from mistral_jax.lora import finish_params, load_hooks
 from mistral_jax.model import causal_positions, forward, init_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
@@ -61,7 +62,7 @@ class Transformer:
                     lora_path: str | Path | None = None, lora_merge: bool | None = None,
                     lora_scaling: float | None = None, quantize: str | None = None,
                     **arg_overrides: Any) -> Transformer:
-        """Load a Mistral-layout or HF-layout model folder.
+        """Load a Mistral-layout, HF-layout or converted (`mistral-jax-convert`) model folder.
 
         `arg_overrides` replace fields of the folder's args (e.g. `rope_theta=1e4` for
         Mistral 7B v0.1 in the Mistral layout). `max_batch_size` is accepted for
@@ -76,10 +77,16 @@ class Transformer:
         folder = Path(folder)
         dt = resolve_dtype(dtype)
         start = time.perf_counter()
-        args, layout = load_args(folder, **arg_overrides)
-        finish, post = load_hooks(folder, args, dt, lora_path=lora_path, lora_merge=lora_merge,
-                                  lora_scaling=lora_scaling, quantize=quantize)
-        params = post(load_params(folder, args, layout, dt, progress=progress, finish=finish))
+        hooks = dict(lora_path=lora_path, lora_merge=lora_merge, lora_scaling=lora_scaling,
+                     quantize=quantize)
+        if is_converted(folder):  # written by mistral-jax-convert: restore the Orbax checkpoint
+            args, params = load_converted(folder, dt, progress=progress, **arg_overrides)
+            finish, post = load_hooks(folder, args, dt, **hooks)
+            params = post(finish_params(params, finish))
+        else:
+            args, layout = load_args(folder, **arg_overrides)
+            finish, post = load_hooks(folder, args, dt, **hooks)
+            params = post(load_params(folder, args, layout, dt, progress=progress, finish=finish))
         model = cls(args, params, folder=folder)
         model.load_seconds = time.perf_counter() - start
         return model
