@@ -473,7 +473,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
                 for f in sorted(src.glob(pattern)):
                     if f.is_file():
                         shutil.copy2(f, tmp / f.name)
-            _write_json(tmp / ORBAX_DIR / "_METADATA", _orbax_metadata(list(leaves_paths(leaves))))
+            _write_json(tmp / ORBAX_DIR / "_METADATA", _orbax_metadata(list(_leaf_paths(leaves))))
             manifest = _manifest(src_abs, layout, file_info, np_dtype, leaves, len(plan), total)
             _write_json(tmp / MANIFEST, manifest)
             _fsync_path(tmp)
@@ -501,7 +501,7 @@ def _leaves(abstract, axes, dtype: np.dtype) -> dict[str, dict]:
     return out
 
 
-def leaves_paths(leaves: dict[str, dict]) -> Iterator[ParamPath]:
+def _leaf_paths(leaves: dict[str, dict]) -> Iterator[ParamPath]:
     for v in leaves.values():
         yield tuple(v["path"])
 
