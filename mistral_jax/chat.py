@@ -107,6 +107,11 @@ def _main(argv: Sequence[str] | None) -> int:
     model = cli.load_model(ns, folder)
 
     interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     cli.log(f"chat with {folder} ({HELP})")
     messages: list[dict[str, Any]] = []
     first_turn = True

@@ -130,12 +130,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> dict[st
     for name, table in (("text", text_table), ("tools", tool_table)):
         state = scripted_state(args, table)
         out[name] = write_mistral_folder(root / name, args, state)
-        shutil.copy(V3, out[name] / V3.name)
+        shutil.copy(V3, out[name] / "tokenizer.model.v3")  # named as in Mistral's folders
     out["hf"] = write_hf_folder(root / "hf", args, scripted_state(args, text_table))
     shutil.copy(V3, out["hf"] / "tokenizer.model")  # HF layout: an unversioned file
     out["no_tokenizer"] = write_mistral_folder(root / "no_tokenizer", args, state)
     out["v1"] = write_mistral_folder(root / "v1", args, state)
-    shutil.copy(V1, out["v1"] / V1.name)
+    shutil.copy(V1, out["v1"] / "tokenizer.model.v1")
     (root / "tools.json").write_text(json.dumps(TOOLS))
     out["tools_json"] = root / "tools.json"
     (root / "bad_tools.json").write_text('[{"type": "function"')
@@ -218,6 +218,17 @@ def test_fim_prints_the_middle(folders, tok, capsys):
 def test_hf_layout_folder_gives_the_same_completion(folders, tok, capsys):
     prompt = "The cat"
     code, out, err = run_main(sample.main, ["--ckpt", folders["hf"], "--prompt", prompt], capsys)
+    assert code == 0, err
+    assert out == expected(tok, PLAIN[prompt]) + "\n"
+
+
+def test_converted_orbax_folder_gives_the_same_completion(folders, tok, capsys, tmp_path):
+    from mistral_jax.convert import convert
+
+    convert(folders["text"], tmp_path / "converted", dtype="bfloat16")
+    prompt = "My favourite colour is"
+    code, out, err = run_main(sample.main, ["--ckpt", tmp_path / "converted", "--prompt", prompt],
+                              capsys)
     assert code == 0, err
     assert out == expected(tok, PLAIN[prompt]) + "\n"
 
