@@ -1,24 +1,69 @@
 """Sparse mixture of experts (Mixtral): a bias-free gate, top-k experts per token,
 their SwiGLU outputs mixed by a float32 softmax over the selected gate logits.
 
-Ties between equal gate logits go to the lower expert index (`jax.lax.top_k`).
-Expert weights are stacked per layer as [E, ...] so the expert axis can be sharded.
+    weights, experts = route(gate_logits, k)            # [N, k] f32, [N, k] int32
+    out = moe(x, weights, experts, w1, w2, w3)          # x [N, D] -> [N, D]
+
+Expert weights are stacked per layer, w1/w3 [E, D, F] and w2 [E, F, D], so the
+expert axis can be sharded. Three interchangeable paths compute the same function:
+
+- `moe_gather` (few tokens, decode): each (token, slot) reads its expert's weights
+  with `lax.dynamic_index_in_dim` and runs one SwiGLU; N*k experts are read.
+- `moe_grouped` (many tokens, prefill): the N*k (token, expert) assignments are
+  sorted by expert, each expert's group is padded to a multiple of a row block, and
+  a `lax.scan` over the blocks runs each block through its one expert: about N*k
+  rows of compute (plus padding) instead of N*E.
+- `moe_dense`: every expert on every token, mixed by the routing weights. The
+  readable reference, used in tests.
+
+The choice is static, by N*k against E (`moe_strategy`), so every path is pure and
+jit-able. `moe_ragged` (`jax.lax.ragged_dot`) is available on request: on CPU, and
+on GPU by default, JAX lowers ragged_dot to a masked dense product over all experts.
+
+Ties between equal gate logits go to the lower expert index (`jax.lax.top_k` keeps
+the first of equal values), so routing is deterministic.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mistral_jax.args import ModelArgs
+from mistral_jax.errors import UserInputError
 from mistral_jax.layers import Dtype, Linear, scaled_normal
+
+STRATEGIES = ("auto", "gather", "grouped", "dense", "ragged")
+# Rows of a block whose SwiGLU compute takes about as long as reading (and, in plain
+# XLA, copying) one expert's weights: ~256 on GPUs/TPUs (compute / bandwidth balance),
+# ~32 measured on a 2-core CPU (benchmarks/moe_bytes.py). The grouped path's block
+# size minimises blocks x (weight read + block compute) under this balance.
+BALANCE_ROWS = {"cpu": 32}
+DEFAULT_BALANCE_ROWS = 256
+MIN_BLOCK, MAX_BLOCK = 16, 512
 
 
 def route(gate_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """gate_logits [N, E] -> (weights [N, k] float32, experts [N, k] int32)."""
+    """gate_logits [N, E] -> (weights [N, k] float32, experts [N, k] int32).
+
+    Top-k of the logits in float32, ties to the lower expert index; the weights are
+    a softmax over the k selected logits (= softmax over all, top-k, renormalised).
+    """
     top, idx = jax.lax.top_k(gate_logits.astype(jnp.float32), k)
-    return jax.nn.softmax(top, axis=-1), idx
+    return jax.nn.softmax(top, axis=-1), idx.astype(jnp.int32)
+
+
+def expert_ffn(x: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
+    """One expert's SwiGLU: x [M, D], w1/w3 [D, F], w2 [F, D] -> [M, D] in x's dtype."""
+    w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
+    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def _expert(w: jax.Array, e: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
 
 
 def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
@@ -29,17 +74,149 @@ def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) 
     n_experts = w1.shape[0]
     combine = jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32)
                       * weights[..., None], axis=1)  # [N, E]
-    hidden = jax.nn.silu(jnp.einsum("nd,edf->nef", x, w1)) * jnp.einsum("nd,edf->nef", x, w3)
-    out = jnp.einsum("nef,efd->ned", hidden, w2)
-    return jnp.einsum("ned,ne->nd", out, combine.astype(x.dtype))
+    w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
+    xe = jnp.broadcast_to(x, (n_experts, *x.shape))  # expert as the batch dim of each matmul
+    hidden = jax.nn.silu(jnp.einsum("end,edf->enf", xe, w1)) * jnp.einsum("end,edf->enf", xe, w3)
+    out = jnp.einsum("enf,efd->end", hidden, w2)
+    return jnp.einsum("end,ne->nd", out, combine.astype(x.dtype))
+
+
+def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
+    """Decode path: each (token, slot) reads only its selected expert's weights.
+
+    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
+    Unrolled over the N*k assignments, so meant for N*k <= E (see `moe_strategy`).
+    """
+    n, k = experts.shape
+    mix = weights.astype(x.dtype)
+    rows = []
+    for i in range(n):
+        row = None
+        for j in range(k):
+            e = experts[i, j]
+            y = expert_ffn(x[i:i + 1], _expert(w1, e), _expert(w2, e), _expert(w3, e))
+            y = y * mix[i, j]
+            row = y if row is None else row + y
+        rows.append(row)
+    return jnp.concatenate(rows, axis=0)
+
+
+def grouped_block_size(n_tokens: int, k: int, n_experts: int,
+                       balance_rows: int | None = None) -> int:
+    """Rows per block of `moe_grouped`: a power of two in [MIN_BLOCK, MAX_BLOCK].
+
+    The scan runs cdiv(N*k, b) + E - 1 blocks (enough for any routing), each reading
+    one expert's weights and computing b rows; b = sqrt(N*k * balance_rows / E)
+    minimises that total. `balance_rows` defaults to the default backend's entry of
+    BALANCE_ROWS.
+    """
+    if balance_rows is None:
+        balance_rows = BALANCE_ROWS.get(jax.default_backend(), DEFAULT_BALANCE_ROWS)
+    best = math.sqrt(n_tokens * k * balance_rows / n_experts)
+    block = 1 << max(0, round(math.log2(max(best, 1.0))))
+    return int(min(MAX_BLOCK, max(MIN_BLOCK, block)))
+
+
+def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+                block_size: int | None = None) -> jax.Array:
+    """Prefill path: assignments sorted by expert, run block by block through their expert.
+
+    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
+    Each expert's group of rows is padded to a multiple of `block_size`, so every block
+    belongs to one expert; `lax.scan` runs cdiv(N*k, block) + E - 1 blocks, an upper
+    bound on the blocks any routing needs (blocks past the last group hold zeros).
+    """
+    n, k = experts.shape
+    d = x.shape[1]
+    n_experts = w1.shape[0]
+    m = n * k
+    block = block_size or grouped_block_size(n, k, n_experts)
+    n_blocks = -(-m // block) + n_experts - 1
+    flat = experts.reshape(m)
+    order = jnp.argsort(flat, stable=True)  # assignment ids grouped by expert
+    sizes = jnp.bincount(flat, length=n_experts)  # [E] rows per expert
+    padded = -(-sizes // block) * block
+    padded_end = jnp.cumsum(padded)
+    start = jnp.cumsum(sizes) - sizes
+    sorted_expert = flat[order]
+    rank = jnp.arange(m) - start[sorted_expert]  # position inside its expert's group
+    dest_sorted = padded_end[sorted_expert] - padded[sorted_expert] + rank
+    dest = jnp.zeros(m, jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))  # [N*k]
+    token = jnp.arange(m) // k
+    xs = jnp.zeros((n_blocks * block, d), x.dtype).at[dest].set(x[token], unique_indices=True)
+    block_expert = jnp.searchsorted(padded_end, jnp.arange(n_blocks) * block, side="right")
+    block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
+
+    def run_block(carry, blk):
+        xb, e = blk
+        return carry, expert_ffn(xb, _expert(w1, e), _expert(w2, e), _expert(w3, e))
+
+    _, ys = jax.lax.scan(run_block, None, (xs.reshape(n_blocks, block, d), block_expert))
+    y = ys.reshape(n_blocks * block, d)[dest].reshape(n, k, d)
+    mix = weights.astype(x.dtype)
+    out = y[:, 0] * mix[:, :1]
+    for j in range(1, k):  # slot order, as the gather path sums
+        out = out + y[:, j] * mix[:, j:j + 1]
+    return out
+
+
+def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
+    """Grouped path through `jax.lax.ragged_dot` (native grouped matmul on TPU).
+
+    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
+    """
+    n, k = experts.shape
+    n_experts = w1.shape[0]
+    flat = experts.reshape(n * k)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    xs = x[order // k]
+    w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
+    hidden = (jax.nn.silu(jax.lax.ragged_dot(xs, w1, sizes))
+              * jax.lax.ragged_dot(xs, w3, sizes))
+    ys = jax.lax.ragged_dot(hidden, w2, sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(n, k, -1)
+    mix = weights.astype(x.dtype)
+    out = y[:, 0] * mix[:, :1]
+    for j in range(1, k):
+        out = out + y[:, j] * mix[:, j:j + 1]
+    return out
+
+
+def moe_strategy(n_tokens: int, k: int, n_experts: int) -> str:
+    """The static path for N tokens: 'gather' while N*k <= E, else 'grouped'.
+
+    The gather path reads N*k experts' weights; the grouped path reads at least the
+    E-ish experts its blocks cover, so gathering wins while N*k <= E.
+    """
+    return "gather" if n_tokens * k <= n_experts else "grouped"
+
+
+def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+        strategy: str = "auto") -> jax.Array:
+    """Mix the selected experts' SwiGLU outputs. x [N, D], weights/experts [N, k] -> [N, D].
+
+    `strategy` is one of STRATEGIES; 'auto' picks by `moe_strategy` (static in N).
+    """
+    if strategy not in STRATEGIES:
+        raise UserInputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        strategy = moe_strategy(x.shape[0], experts.shape[1], w1.shape[0])
+    fn = {"gather": moe_gather, "grouped": moe_grouped, "dense": moe_dense,
+          "ragged": moe_ragged}[strategy]
+    return fn(x, weights, experts, w1, w2, w3)
 
 
 class MoeFeedForward(nn.Module):
+    """Mixtral's sparse feed-forward: gate [D, E], experts w1/w3 [E, D, F], w2 [E, F, D]."""
+
     args: ModelArgs
     dtype: Dtype = jnp.float32
+    strategy: str = "auto"  # see `moe`; tests pin 'dense' as the reference
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
         a = self.args
         d, f, e = a.dim, a.hidden_dim, a.moe.num_experts
         gate = Linear((d, e), ("embed", None), "nd,de->ne", dtype=self.dtype, name="gate")
@@ -54,8 +231,7 @@ class MoeFeedForward(nn.Module):
         weights, experts = route(gate(flat), a.moe.num_experts_per_tok)
         w1, w2, w3 = (self._plain_weight(n, w, x.dtype) for n, w in (("w1", w1), ("w2", w2),
                                                                     ("w3", w3)))
-        out = moe_dense(flat, weights, experts, w1.astype(x.dtype), w2.astype(x.dtype),
-                        w3.astype(x.dtype))
+        out = moe(flat, weights, experts, w1, w2, w3, strategy=self.strategy)
         return out.reshape(b, t, d)
 
     def _plain_weight(self, name: str, w: jax.Array, dtype) -> jax.Array:

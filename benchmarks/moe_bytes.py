@@ -1,0 +1,105 @@
+"""Bytes a Mixtral MoE layer reads per decode step: sparse (gather) path versus all experts.
+
+    python benchmarks/moe_bytes.py                  # Mixtral-8x7B layer, batch 1, bf16 and f32
+    python benchmarks/moe_bytes.py --shape 8x22b --prefill-tokens 0
+
+Numbers come from XLA's own cost analysis ("bytes accessed") of the compiled layer on
+this machine's backend, with abstract inputs (nothing is allocated). Optionally it
+also times a prefill (many tokens) of a smaller layer: grouped path versus dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax.moe import grouped_block_size, moe_dense, moe_gather, moe_grouped
+
+SHAPES = {  # dim, hidden_dim, num_experts, num_experts_per_tok
+    "8x7b": (4096, 14336, 8, 2),
+    "8x22b": (6144, 16384, 8, 2),
+}
+
+
+def layer_inputs(n: int, d: int, f: int, e: int, k: int, dtype) -> tuple:
+    """Abstract x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D]."""
+    s = jax.ShapeDtypeStruct
+    return (s((n, d), dtype), s((n, k), jnp.float32), s((n, k), jnp.int32),
+            s((e, d, f), dtype), s((e, f, d), dtype), s((e, d, f), dtype))
+
+
+def bytes_accessed(fn, inputs) -> float:
+    """XLA's "bytes accessed" of `fn` compiled for the default backend."""
+    cost = jax.jit(fn).lower(*inputs).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
+        cost = cost[0]
+    return float(cost["bytes accessed"])
+
+
+def decode_bytes(d: int, f: int, e: int, k: int, dtype, batch: int = 1) -> dict[str, float]:
+    inputs = layer_inputs(batch, d, f, e, k, dtype)
+    weights = 3 * e * d * f * jnp.dtype(dtype).itemsize
+    return {"weights": weights, "selected": weights * min(batch * k, e) / e,
+            "dense": bytes_accessed(moe_dense, inputs),
+            "gather": bytes_accessed(moe_gather, inputs)}
+
+
+def time_prefill(n: int, d: int, f: int, e: int, k: int, repeats: int) -> dict[str, float]:
+    """Median seconds of the dense and grouped paths on N tokens with random routing."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    logits = rng.standard_normal((n, e))
+    experts = jnp.asarray(np.argsort(-logits, axis=1)[:, :k], jnp.int32)
+    weights = jnp.full((n, k), 1.0 / k, jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / d**0.5, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e, f, d)) / f**0.5, jnp.float32)
+    out = {}
+    for name, fn in (("dense", moe_dense), ("grouped", moe_grouped)):
+        jitted = jax.jit(fn)
+        jitted(x, weights, experts, w1, w2, w3).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jitted(x, weights, experts, w1, w2, w3).block_until_ready()
+            times.append(time.perf_counter() - start)
+        out[name] = float(np.median(times))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="8x7b")
+    p.add_argument("--batch", type=int, default=1, help="decode batch (tokens per step)")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="time a prefill of this many tokens on a dim-1024 layer (0: skip)")
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    d, f, e, k = SHAPES[a.shape]
+    print(f"backend {jax.default_backend()}, jax {jax.__version__}; Mixtral-{a.shape} MoE layer "
+          f"dim={d} hidden={f} experts={e} top-{k}, decode batch {a.batch}")
+    for dtype in (jnp.bfloat16, jnp.float32):
+        r = decode_bytes(d, f, e, k, dtype, a.batch)
+        print(f"  {jnp.dtype(dtype).name:8s} expert weights {r['weights'] / 1e9:6.2f} GB, "
+              f"selected {r['selected'] / 1e9:5.2f} GB ({r['selected'] / r['weights']:.3f}) | "
+              f"bytes accessed: dense {r['dense'] / 1e9:6.2f} GB, gather {r['gather'] / 1e9:6.2f} GB, "
+              f"gather/dense {r['gather'] / r['dense']:.3f}, gather/selected "
+              f"{r['gather'] / r['selected']:.2f}")
+    r16 = decode_bytes(d, f, 2 * e, k, jnp.float32, a.batch)
+    r8 = decode_bytes(d, f, e, k, jnp.float32, a.batch)
+    print(f"  float32, {2 * e} experts instead of {e}: dense {r16['dense'] / r8['dense']:.3f}x, "
+          f"gather {r16['gather'] / r8['gather']:.3f}x the bytes")
+    if a.prefill_tokens:
+        pd, pf = 1024, 3584
+        t = time_prefill(a.prefill_tokens, pd, pf, e, k, a.repeats)
+        block = grouped_block_size(a.prefill_tokens, k, e)
+        print(f"prefill {a.prefill_tokens} tokens, dim={pd} hidden={pf} experts={e} top-{k}, float32, "
+              f"median of {a.repeats}: dense {t['dense'] * 1e3:.1f} ms, grouped (block {block}) "
+              f"{t['grouped'] * 1e3:.1f} ms, grouped/dense {t['grouped'] / t['dense']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Sparse mixture of experts (Mixtral): routing and its ties, the gather / grouped /
+ragged paths against the dense reference, parity with transformers' MixtralForCausalLM
+(PyTorch, float32) in both folder layouts, decode through the cache, the bytes a decode
+step reads, and clear errors for bad MoE configs and checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (
+    random_mistral_state,
+    rel_err,
+    tiny_moe_args,
+    torch_logits,
+    torch_reference,
+    write_hf_folder,
+    write_mistral_folder,
+)
+
+from mistral_jax import CheckpointError, ConfigError, MoeArgs, Transformer, UserInputError
+from mistral_jax.model import init_params
+from mistral_jax.moe import (
+    MAX_BLOCK,
+    MIN_BLOCK,
+    MoeFeedForward,
+    grouped_block_size,
+    moe,
+    moe_dense,
+    moe_gather,
+    moe_grouped,
+    moe_ragged,
+    moe_strategy,
+    route,
+)
+
+# Random tiny Mixtral configs, all with GQA (4 query heads over 2 KV heads).
+CONFIGS = {
+    "e4_top2": dict(moe=MoeArgs(4, 2)),
+    "e8_top2_win8": dict(moe=MoeArgs(8, 2), sliding_window=8, n_layers=3),
+    "e4_top1": dict(moe=MoeArgs(4, 1), rope_theta=1e4),
+    "e8_top1": dict(moe=MoeArgs(8, 1)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def mixtral(request, tmp_path_factory):
+    """One random Mixtral in both layouts, plus transformers' model of the HF folder."""
+    args = tiny_moe_args(**CONFIGS[request.param])
+    state = random_mistral_state(args, seed=len(request.param))
+    root = tmp_path_factory.mktemp(request.param)
+    mistral = write_mistral_folder(root / "mistral", args, state)
+    hf = write_hf_folder(root / "hf", args, state, shards=2)
+    return args, state, mistral, hf, torch_reference(hf)
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("layout", ["mistral", "hf"])
+def test_prefill_logits_match_transformers_float32(mixtral, layout):
+    args, _, mistral, hf, ref = mixtral
+    model = Transformer.from_folder(mistral if layout == "mistral" else hf, dtype="float32")
+    assert model.args.moe == args.moe
+    tokens = np.random.default_rng(1).integers(0, args.vocab_size, (2, 24))
+    assert moe_strategy(tokens.size, args.moe.num_experts_per_tok, args.moe.num_experts) == "grouped"
+    assert rel_err(model.logits(tokens), torch_logits(ref, tokens)) <= 1e-5
+
+
+def test_decode_steps_match_full_forward_and_transformers(mixtral):
+    """Prefill 6 tokens (grouped path), then decode 10 one at a time (gather path)."""
+    args, _, mistral, _, ref = mixtral
+    if args.moe not in (MoeArgs(8, 2), MoeArgs(4, 1)):
+        pytest.skip("two configs (top-1 and top-2, 4 and 8 experts, a window) keep CI fast")
+    model = Transformer.from_folder(mistral, dtype="float32")
+    tokens = np.random.default_rng(2).integers(0, args.vocab_size, (2, 16))
+    assert moe_strategy(2, args.moe.num_experts_per_tok, args.moe.num_experts) == "gather"
+    pos = np.broadcast_to(np.arange(16), tokens.shape)
+    cache = model.init_cache(2, 32)
+    out, cache = model.forward(tokens[:, :6], pos[:, :6], cache)
+    steps = [np.asarray(out)]
+    for i in range(6, 16):
+        out, cache = model.forward(tokens[:, i:i + 1], pos[:, i:i + 1], cache)
+        steps.append(np.asarray(out))
+    decoded = np.concatenate(steps, axis=1)
+    assert rel_err(decoded, model.logits(tokens)) <= 1e-5
+    assert rel_err(decoded, torch_logits(ref, tokens)) <= 1e-5
+
+
+def test_transformers_merges_the_per_expert_tensors_it_loads(mixtral):
+    """transformers 5 turns block_sparse_moe.experts.E.w{1,2,3} into fused gate_up/down
+    tensors; check it loaded exactly the checkpoint's weights, so parity means something."""
+    args, state, _, _, ref = mixtral
+    for i, layer in enumerate(ref.model.layers):
+        experts = layer.mlp.experts
+        gate_up, down = experts.gate_up_proj.detach().numpy(), experts.down_proj.detach().numpy()
+        np.testing.assert_array_equal(layer.mlp.gate.weight.detach().numpy(),
+                                      state[f"layers.{i}.feed_forward.gate.weight"])
+        for e in range(args.moe.num_experts):
+            p = f"layers.{i}.feed_forward.experts.{e}."
+            want = np.concatenate([state[p + "w1.weight"], state[p + "w3.weight"]])
+            np.testing.assert_array_equal(gate_up[e], want)
+            np.testing.assert_array_equal(down[e], state[p + "w2.weight"])
+
+
+def test_both_layouts_load_the_same_stacked_expert_params(mixtral):
+    args, _, mistral, hf, _ = mixtral
+    a = Transformer.from_folder(mistral, dtype="float32").params
+    b = Transformer.from_folder(hf, dtype="float32").params
+    ffn = a["layers_0"]["feed_forward"]
+    e, d, f = args.moe.num_experts, args.dim, args.hidden_dim
+    assert ffn["w1"].shape == ffn["w3"].shape == (e, d, f) and ffn["w2"].shape == (e, f, d)
+    assert ffn["gate"]["kernel"].shape == (d, e)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_greedy_generation_equals_teacher_forced_argmax():
+    from mistral_jax.generate import generate
+
+    args = tiny_moe_args(vocab_size=128)
+    model = Transformer(args, init_params(args, 3))
+    prompts = [[5, 17, 99, 3, 42]]  # batch 1: the decode loop takes the gather path
+    tokens, _ = generate(prompts, model, max_tokens=6, temperature=0.0)
+    for prompt, out in zip(prompts, tokens):
+        assert len(out) == 6
+        logits = np.asarray(model.logits(np.array(prompt + out[:-1])))
+        np.testing.assert_array_equal(logits[len(prompt) - 1:].argmax(-1), out)
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def test_route_ties_go_to_the_lower_expert_index():
+    weights, experts = route(jnp.zeros((1, 8)), 2)
+    np.testing.assert_array_equal(experts, [[0, 1]])
+    np.testing.assert_allclose(weights, [[0.5, 0.5]])
+    # A tie across the k-th place: the lower indices of the tied group are selected, in order.
+    _, experts = route(jnp.array([[1.0, 3.0, 0.5, 3.0, 3.0]], jnp.bfloat16), 2)
+    np.testing.assert_array_equal(experts, [[1, 3]])
+    _, experts = route(jnp.array([[2.0, 1.0, 1.0, 1.0]]), 3)
+    np.testing.assert_array_equal(experts, [[0, 1, 2]])
+
+
+def test_tied_routing_gives_the_same_output_on_every_path():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((4, 16, 24)) / 4, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((4, 24, 16)) / 5, jnp.float32)
+    weights, experts = route(jnp.zeros((3, 4)), 2)
+    want = moe_dense(x, weights, experts, w1, w2, w3)
+    for fn in (moe_gather, moe_grouped, moe_ragged):
+        assert rel_err(jax.jit(fn)(x, weights, experts, w1, w2, w3), want) <= 1e-6
+
+
+def test_route_equals_transformers_softmax_then_topk_then_renormalise():
+    import torch
+
+    logits = np.random.default_rng(4).standard_normal((64, 8)).astype(np.float32)
+    weights, experts = route(jnp.asarray(logits), 2)
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1)
+    top, idx = torch.topk(probs, 2, dim=-1)
+    np.testing.assert_array_equal(np.asarray(experts), idx.numpy())
+    np.testing.assert_allclose(np.asarray(weights), (top / top.sum(-1, keepdim=True)).numpy(),
+                               rtol=1e-6)
+    assert weights.dtype == jnp.float32 and experts.dtype == jnp.int32
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _layer(n, e, d=16, f=24, dtype=jnp.float32, seed=0, skew=False):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    logits = rng.standard_normal((n, e))
+    if skew:  # every token prefers expert 1: one large group, empty experts
+        logits[:, 1] += 10.0
+    w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / np.sqrt(d), dtype) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), dtype)
+    return x, jnp.asarray(logits, jnp.float32), w1, w2, w3
+
+
+@pytest.mark.parametrize("n,e,k,block,skew", [
+    (1, 8, 2, None, False),   # one decode token
+    (4, 8, 2, None, False),   # N*k == E
+    (37, 8, 2, 4, False),     # several blocks per expert, a partial last block
+    (37, 4, 1, 2, False),
+    (19, 8, 2, 4, True),      # one expert takes every token; the others are empty
+    (64, 8, 2, None, False),  # the automatic block size
+])
+def test_sparse_paths_equal_the_dense_reference(n, e, k, block, skew):
+    x, logits, w1, w2, w3 = _layer(n, e, skew=skew)
+    weights, experts = route(logits, k)
+    want = moe_dense(x, weights, experts, w1, w2, w3)
+    grouped = functools.partial(moe_grouped, block_size=block)
+    # The gather path unrolls its N*k assignments: meant for (and compiled here at) small N.
+    for fn in ((moe_gather,) if n * k <= 16 else ()) + (grouped, moe_ragged):
+        got = jax.jit(fn)(x, weights, experts, w1, w2, w3)
+        assert rel_err(got, want) <= 1e-6
+
+
+def test_sparse_paths_in_bfloat16_stay_close_to_float32():
+    x, logits, w1, w2, w3 = _layer(24, 8, dtype=jnp.bfloat16)
+    weights, experts = route(logits, 2)
+    f32 = [a.astype(jnp.float32) for a in (x, w1, w2, w3)]
+    want = moe_dense(f32[0], weights, experts, *f32[1:])
+    for fn, n in ((moe_dense, 24), (moe_grouped, 24), (moe_gather, 2)):  # gather: decode-sized
+        got = jax.jit(fn)(x[:n], weights[:n], experts[:n], w1, w2, w3)
+        assert got.dtype == jnp.bfloat16
+        assert rel_err(got, want[:n]) <= 2e-2
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (2, 9)])
+def test_moe_layer_every_strategy_equals_dense(shape):
+    args = tiny_moe_args(moe=MoeArgs(8, 2))
+    x = jax.random.normal(jax.random.PRNGKey(1), (*shape, args.dim))
+    params = MoeFeedForward(args).init(jax.random.PRNGKey(0), x)
+    want = jax.jit(MoeFeedForward(args, strategy="dense").apply)(params, x)
+    few = shape[0] * shape[1] * 2 <= 8  # the gather path is for decode-sized steps
+    for strategy in ("auto", "grouped", "ragged") + (("gather",) if few else ()):
+        got = jax.jit(MoeFeedForward(args, strategy=strategy).apply)(params, x)
+        assert got.shape == x.shape
+        assert rel_err(got, want) <= 1e-6
+    with pytest.raises(UserInputError, match="strategy must be one of"):
+        MoeFeedForward(args, strategy="sparse").apply(params, x)
+
+
+def test_path_choice_is_static_in_the_token_count():
+    assert moe_strategy(1, 2, 8) == "gather" and moe_strategy(4, 2, 8) == "gather"
+    assert moe_strategy(5, 2, 8) == "grouped" and moe_strategy(512, 2, 8) == "grouped"
+    x, logits, w1, w2, w3 = _layer(1, 8)
+    weights, experts = route(logits, 2)
+    decode = str(jax.make_jaxpr(moe)(x, weights, experts, w1, w2, w3))
+    x, logits, w1, w2, w3 = _layer(40, 8)
+    weights, experts = route(logits, 2)
+    prefill = str(jax.make_jaxpr(moe)(x, weights, experts, w1, w2, w3))
+    assert "scan" not in decode and "sort" not in decode  # per-token expert reads only
+    assert "scan" in prefill and "sort" in prefill  # tokens grouped by expert
+
+
+def test_grouped_block_size_is_a_bounded_power_of_two_growing_with_tokens():
+    sizes = [grouped_block_size(n, 2, 8) for n in (1, 16, 256, 4096, 1 << 20)]
+    assert all(MIN_BLOCK <= s <= MAX_BLOCK and s & (s - 1) == 0 for s in sizes)
+    assert sizes == sorted(sizes) and sizes[0] == MIN_BLOCK and sizes[-1] == MAX_BLOCK
+    assert grouped_block_size(512, 2, 8, balance_rows=32) == 64
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def _bytes_accessed(fn, n, d, f, e, k):
+    s = jax.ShapeDtypeStruct
+    inputs = (s((n, d), jnp.float32), s((n, k), jnp.float32), s((n, k), jnp.int32),
+              s((e, d, f), jnp.float32), s((e, f, d), jnp.float32), s((e, d, f), jnp.float32))
+    cost = jax.jit(fn).lower(*inputs).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"])
+
+
+def test_decode_step_reads_only_the_selected_experts():
+    """XLA's cost analysis of one decode token on a Mixtral-proportioned layer (D:F = 1:3.5).
+
+    Dense reads all E experts; the gather path's bytes do not grow with E, halve from
+    top-2 to top-1, and stay within 3 * k/E of dense: the selected experts are read once,
+    and plain XLA copies each selected slice before its matmul (written, read again).
+    """
+    d, f = 256, 896
+    dense8, dense16 = (_bytes_accessed(moe_dense, 1, d, f, e, 2) for e in (8, 16))
+    gather8, gather16 = (_bytes_accessed(moe_gather, 1, d, f, e, 2) for e in (8, 16))
+    top1 = _bytes_accessed(moe_gather, 1, d, f, 8, 1)
+    weights8 = 3 * 8 * d * f * 4
+    assert dense8 >= weights8 and dense16 / dense8 > 1.9
+    assert abs(gather16 / gather8 - 1) < 0.01
+    assert abs(top1 / gather8 - 0.5) < 0.02
+    assert gather8 >= weights8 * 2 / 8  # it does read the two selected experts
+    assert gather8 / dense8 <= 3 * 2 / 8 + 0.02
+    assert gather16 / dense16 <= 3 * 2 / 16 + 0.02
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def moe_folder(tmp_path):
+    args = tiny_moe_args(vocab_size=64)
+    return write_mistral_folder(tmp_path / "m", args, random_mistral_state(args)), args
+
+
+def _edit_json(path, change):
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["moe"].pop("num_experts_per_tok"),
+     "moe block is missing required field 'num_experts_per_tok'"),
+    (lambda c: c["moe"].pop("num_experts"), "moe block is missing required field 'num_experts'"),
+    (lambda c: c.update(moe={}), "moe block is missing required field 'num_experts'"),
+    (lambda c: c["moe"].update(num_experts_per_tok=5),
+     r"moe.num_experts_per_tok must be in \[1, num_experts=4\], got 5"),
+    (lambda c: c["moe"].update(num_experts_per_tok=0), "moe.num_experts_per_tok must be in"),
+])
+def test_bad_params_json_moe_block_is_named(moe_folder, change, message):
+    folder, _ = moe_folder
+    _edit_json(folder / "params.json", change)
+    with pytest.raises(ConfigError, match=r"params.json: " + message):
+        Transformer.from_folder(folder)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.pop("num_experts_per_tok"), "required field 'num_experts_per_tok' is missing"),
+    (lambda c: c.update(num_experts_per_tok=9), r"num_experts_per_tok must be in \[1, num_experts=4\]"),
+])
+def test_bad_hf_config_moe_fields_are_named(tmp_path, change, message):
+    args = tiny_moe_args(vocab_size=64)
+    folder = write_hf_folder(tmp_path / "h", args, random_mistral_state(args))
+    _edit_json(folder / "config.json", change)
+    with pytest.raises(ConfigError, match=r"config.json: .*" + message):
+        Transformer.from_folder(folder)
+
+
+def test_missing_expert_tensor_is_named_in_checkpoint_terms(tmp_path):
+    args = tiny_moe_args(vocab_size=64)
+    state = random_mistral_state(args)
+    del state["layers.1.feed_forward.experts.3.w2.weight"]
+    mistral = write_mistral_folder(tmp_path / "m", args, state)
+    with pytest.raises(CheckpointError, match=r"1 weights missing .*: "
+                       r"layers\.1\.feed_forward\.experts\.3\.w2\.weight \(layers_1/"):
+        Transformer.from_folder(mistral)
+    hf = write_hf_folder(tmp_path / "h", args, state)
+    with pytest.raises(CheckpointError,
+                       match=r"model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.weight"):
+        Transformer.from_folder(hf)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s.pop("layers.0.feed_forward.gate.weight"), r"layers\.0\.feed_forward\.gate\.weight"),
+    (lambda s: s.update({"layers.0.feed_forward.experts.4.w1.weight": np.zeros((128, 64), np.float32)}),
+     r"unexpected tensor 'layers\.0\.feed_forward\.experts\.4\.w1\.weight'"),
+    (lambda s: s.update({"layers.1.feed_forward.experts.2.w3.weight": np.zeros((64, 64), np.float32)}),
+     r"'layers\.1\.feed_forward\.experts\.2\.w3\.weight' has shape \[64, 64\], expected \[128, 64\]"),
+    (lambda s: s.update({"layers.0.feed_forward.w1.weight": np.zeros((128, 64), np.float32)}),
+     r"unexpected tensor 'layers\.0\.feed_forward\.w1\.weight'"),
+])
+def test_bad_expert_checkpoint_is_named(tmp_path, change, message):
+    args = tiny_moe_args(vocab_size=64)
+    state = random_mistral_state(args)
+    change(state)
+    with pytest.raises(CheckpointError, match=message):
+        Transformer.from_folder(write_mistral_folder(tmp_path / "m", args, state))
