@@ -1,0 +1,698 @@
+"""Benchmark: prefill, decode and end-to-end generation speed against hardware limits.
+
+    python -m mistral_jax.bench --preset mistral-7b --batch 1 8 64 --prompt-len 512 --gen-len 128
+    python -m mistral_jax.bench --preset tiny --batch 1 4 --prompt-len 32 --gen-len 8 --vs-transformers
+
+A preset (or `--ckpt FOLDER`) gives the model; random weights are made on the device by
+a jitted `init_params`, so 7B-size presets never touch the host. For each batch size B,
+prompt length P and generation length G it reports:
+
+- compile: seconds to lower + compile the prefill program and the decode-step program
+  (JAX's persistent compilation cache, on by default, makes a second start skip most of it);
+- prefill: `forward` over P tokens into a fresh cache plus the greedy first token, fetched
+  to the host (time to first token), as tokens/s, TFLOP/s and MFU against a stated peak
+  (bf16/fp16 on known GPUs) or, elsewhere, a matmul measured in this run;
+- decode: the jitted one-token step (cache donated, greedy sampling fused in, no host
+  round trip between steps) in ms/step and tokens/s, and the bandwidth floor: bytes read
+  per step (weights, except the embedding table of which only B rows are read; for MoE
+  only the experts B tokens are expected to pick; the whole KV cache buffer) divided by a
+  device-copy bandwidth measured in the same run;
+- generate: wall time of `generate.generate_from_params` (prefill + `lax.while_loop`
+  decode) for the same prompts, in generated tokens/s;
+- peak memory: the device allocator's peak where it reports one (GPU), else XLA's
+  estimate for the larger compiled program (arguments + outputs + temporaries);
+- with `--vs-transformers`: transformers' MistralForCausalLM / MixtralForCausalLM built
+  from the same weights and dtype on the same device, its prefill and greedy `generate`
+  on the same prompts, the ratios, and the logits' relative error between the two.
+
+It prints a table, then the whole result as one JSON line (also written to `--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax.args import ModelArgs, MoeArgs
+from mistral_jax.cache import cache_sizes, init_cache
+from mistral_jax.errors import MistralJaxError, UserInputError
+from mistral_jax.layers import ATTENTION_CHOICES, ATTENTION_ENV
+from mistral_jax.model import causal_positions, forward, init_params
+
+_SHAPES_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
+                  n_kv_heads=8, norm_eps=1e-5, rope_theta=1e6)
+
+PRESETS: dict[str, ModelArgs] = {
+    # CPU-sized shapes for CI and quick checks.
+    "tiny": ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                      norm_eps=1e-5, vocab_size=512),
+    "tiny-moe": ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4,
+                          n_kv_heads=2, norm_eps=1e-5, vocab_size=512, moe=MoeArgs(4, 2)),
+    "small": ModelArgs(dim=512, n_layers=8, head_dim=64, hidden_dim=1536, n_heads=8,
+                       n_kv_heads=2, norm_eps=1e-5, vocab_size=32768),  # 58M params
+    # Published shapes (params.json of the released checkpoints).
+    "mistral-7b": ModelArgs(**_SHAPES_7B, vocab_size=32768),  # Mistral-7B-v0.3
+    "mixtral-8x7b": ModelArgs(**_SHAPES_7B, vocab_size=32000, moe=MoeArgs(8, 2)),
+    "codestral-22b": ModelArgs(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384,
+                               n_heads=48, n_kv_heads=8, norm_eps=1e-5, vocab_size=32768,
+                               rope_theta=1e6),
+}
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s.
+STATED_PEAK_FLOPS = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100 nvl", 835e12),
+                     ("h100", 989.4e12), ("a100", 312e12))
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/mistral_jax/jax_compilation_cache (or under $XDG_CACHE_HOME)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mistral_jax" / "jax_compilation_cache"
+
+
+def enable_compilation_cache(cache_dir: str | Path | None = None,
+                             min_compile_secs: float = 1.0) -> Path:
+    """Turn on JAX's persistent compilation cache (entry points call this, not the library).
+
+    Programs whose compilation took at least `min_compile_secs` are written to
+    `cache_dir` (default `default_cache_dir()`) and read back by later processes.
+    """
+    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    return path
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(n_bytes: int, repeats: int = 10) -> float:
+    """Device copy bandwidth in bytes/s: read + write of a float32 buffer of `n_bytes`."""
+    n = max(n_bytes // 4, 1)
+    # In place (donated): no fresh output buffer whose first touch would be timed too.
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    x = jax.block_until_ready(copy(jnp.ones((n,), jnp.float32)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = jax.block_until_ready(copy(x))
+        times.append(time.perf_counter() - start)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def measure_matmul_flops(dtype: Any, n: int, repeats: int = 10) -> float:
+    """FLOP/s of one [n, n] @ [n, n] matmul in `dtype` on the default device."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    return 2 * n**3 / _median_seconds(lambda: matmul(a, b), repeats)
+
+
+def stated_peak_flops(device_kind: str, dtype: Any) -> float | None:
+    """The datasheet dense half-precision peak of a known GPU, else None."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return None
+    kind = device_kind.lower()
+    for name, flops in STATED_PEAK_FLOPS:
+        if name in kind:
+            return flops
+    return None
+
+
+# ----------------------------------------------------------------------------- model arithmetic
+
+
+def _leaves_with_names(params) -> list[tuple[str, Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [("/".join(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
+
+
+def _nbytes(leaf) -> int:
+    return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+
+
+def expected_expert_fraction(moe: MoeArgs | None, batch: int) -> float:
+    """Expected share of a layer's experts that `batch` tokens pick, routing uniformly."""
+    if moe is None:
+        return 1.0
+    return 1.0 - (1.0 - moe.num_experts_per_tok / moe.num_experts) ** batch
+
+
+def decode_bytes(args: ModelArgs, params, batch: int, cache_len: int, cache_dtype: Any) -> dict:
+    """Bytes a one-token decode step of `batch` rows must read, at the least.
+
+    weights: every param except the embedding table (only `batch` rows of it), with
+    stacked MoE expert weights scaled by `expected_expert_fraction`; kv: the whole
+    cache buffer (k, v and positions) of every layer, as attention reads it.
+    """
+    weights = 0.0
+    frac = expected_expert_fraction(args.moe, batch)
+    for name, leaf in _leaves_with_names(params):
+        if name == "embedding":
+            weights += batch * leaf.shape[-1] * jnp.dtype(leaf.dtype).itemsize
+        elif args.moe is not None and "feed_forward/w" in name and len(leaf.shape) == 3:
+            weights += frac * _nbytes(leaf)
+        else:
+            weights += _nbytes(leaf)
+    kv = 0
+    item = jnp.dtype(cache_dtype).itemsize
+    for size in cache_sizes(args, cache_len):
+        kv += 2 * batch * size * args.n_kv_heads * args.head_dim * item + batch * size * 4
+    return {"weights": weights, "kv": float(kv), "total": weights + kv}
+
+
+def prefill_flops(args: ModelArgs, batch: int, prompt_len: int) -> float:
+    """Useful FLOPs of a causal prefill: 2 per active weight per token, plus attention.
+
+    Attention counts q.k and p.v over the (query, key) pairs the causal/windowed mask
+    keeps; the embedding lookup is no matmul; MoE counts the top-k experts per token.
+    """
+    a = args
+    active = a.moe.num_experts_per_tok if a.moe else 1
+    per_layer = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)
+    per_layer += 3 * a.dim * a.hidden_dim * active + (a.dim * a.moe.num_experts if a.moe else 0)
+    matmul = 2 * (a.n_layers * per_layer + a.dim * a.vocab_size) * batch * prompt_len
+    attention = 0
+    for window in a.layer_windows:
+        w = prompt_len if window is None else min(window, prompt_len)
+        # query q sees min(q + 1, w) keys
+        pairs = w * (w + 1) // 2 + (prompt_len - w) * w
+        attention += 4 * a.n_heads * a.head_dim * pairs * batch
+    return float(matmul + attention)
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def prefill_step(params, tokens: jax.Array, *, args: ModelArgs, cache_len: int,
+                 cache_dtype: Any):
+    """tokens [B, P] -> (greedy next token [B] int32, filled cache) from a fresh cache."""
+    cache = init_cache(args, tokens.shape[0], cache_len, cache_dtype)
+    logits, cache = forward(params, tokens, causal_positions(tokens), cache, args=args)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+def decode_step(params, token: jax.Array, position: jax.Array, cache, *, args: ModelArgs):
+    """token, position [B] -> (greedy next token [B], position + 1, cache): one step on device."""
+    logits, cache = forward(params, token[:, None], position[:, None], cache, args=args)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), position + 1, cache
+
+
+def _memory_estimate(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # not every backend/version implements it
+        return None
+
+
+def _device_peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return int(peak) if peak else None
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def hf_config_dict(args: ModelArgs, dtype_name: str) -> dict:
+    """transformers' config.json for `args` (Mistral or Mixtral)."""
+    cfg = {
+        "architectures": ["MixtralForCausalLM" if args.moe else "MistralForCausalLM"],
+        "model_type": "mixtral" if args.moe else "mistral",
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps, "vocab_size": args.vocab_size,
+        "rope_theta": args.rope_theta, "sliding_window": args.sliding_window,
+        "max_position_embeddings": args.max_seq_len or 32768, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": dtype_name, "bos_token_id": 1, "eos_token_id": 2,
+    }
+    if args.moe:
+        cfg["num_local_experts"] = args.moe.num_experts
+        cfg["num_experts_per_tok"] = args.moe.num_experts_per_tok
+        cfg["router_jitter_noise"] = 0.0
+    return cfg
+
+
+def hf_state_dict(params, args: ModelArgs, names: set[str]) -> dict:
+    """Our params as a transformers state dict (torch tensors on the params' device).
+
+    The inverse of checkpoint.py's HF mapping: kernels [in..., out...] -> weights
+    [out, in]; q/k rows permuted from Mistral's interleaved rotary layout to HF's
+    rotate-half one. `names` are the keys the target model expects: Mixtral experts go
+    to the fused `experts.gate_up_proj` / `experts.down_proj` of transformers 5 or to
+    per-expert `block_sparse_moe.experts.{e}.w{1,2,3}` of older versions.
+    """
+    import torch
+
+    def tt(x) -> torch.Tensor:  # zero-copy view of the JAX buffer
+        return torch.from_dlpack(x)
+
+    def rotate_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+        out, d = w.shape
+        return w.reshape(n_heads, out // n_heads // 2, 2, d).transpose(1, 2).reshape(out, d)
+
+    a = args
+    sd = {"model.embed_tokens.weight": tt(params["embedding"]),
+          "model.norm.weight": tt(params["norm"]["weight"]),
+          "lm_head.weight": tt(params["output"]["kernel"]).T}
+    for i in range(a.n_layers):
+        layer, p = params[f"layers_{i}"], f"model.layers.{i}."
+        att = layer["attention"]
+        sd[p + "self_attn.q_proj.weight"] = rotate_half_rows(
+            tt(att["wq"]["kernel"]).reshape(a.dim, -1).T, a.n_heads)
+        sd[p + "self_attn.k_proj.weight"] = rotate_half_rows(
+            tt(att["wk"]["kernel"]).reshape(a.dim, -1).T, a.n_kv_heads)
+        sd[p + "self_attn.v_proj.weight"] = tt(att["wv"]["kernel"]).reshape(a.dim, -1).T
+        sd[p + "self_attn.o_proj.weight"] = tt(att["wo"]["kernel"]).reshape(-1, a.dim).T
+        sd[p + "input_layernorm.weight"] = tt(layer["attention_norm"]["weight"])
+        sd[p + "post_attention_layernorm.weight"] = tt(layer["ffn_norm"]["weight"])
+        ff = layer["feed_forward"]
+        if a.moe is None:
+            sd[p + "mlp.gate_proj.weight"] = tt(ff["w1"]["kernel"]).T
+            sd[p + "mlp.up_proj.weight"] = tt(ff["w3"]["kernel"]).T
+            sd[p + "mlp.down_proj.weight"] = tt(ff["w2"]["kernel"]).T
+            continue
+        w1, w2, w3 = tt(ff["w1"]), tt(ff["w2"]), tt(ff["w3"])  # [E, D, F], [E, F, D]
+        if p + "mlp.experts.gate_up_proj" in names:
+            sd[p + "mlp.gate.weight"] = tt(ff["gate"]["kernel"]).T
+            sd[p + "mlp.experts.gate_up_proj"] = torch.cat(
+                [w1.transpose(1, 2), w3.transpose(1, 2)], dim=1)
+            sd[p + "mlp.experts.down_proj"] = w2.transpose(1, 2)
+        else:
+            sd[p + "block_sparse_moe.gate.weight"] = tt(ff["gate"]["kernel"]).T
+            for e in range(a.moe.num_experts):
+                q = p + f"block_sparse_moe.experts.{e}."
+                sd[q + "w1.weight"], sd[q + "w3.weight"] = w1[e].T, w3[e].T
+                sd[q + "w2.weight"] = w2[e].T
+    return sd
+
+
+def build_transformers_model(params, args: ModelArgs, device: str):
+    """transformers' model (eval mode, default sdpa attention) holding copies of `params`."""
+    import torch
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    dtype = params["embedding"].dtype
+    torch_dtype = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16,
+                   jnp.dtype(jnp.float16): torch.float16}[jnp.dtype(dtype)]
+    cfg = hf_config_dict(args, str(torch_dtype).removeprefix("torch."))
+    config_cls = transformers.MixtralConfig if args.moe else transformers.MistralConfig
+    model_cls = transformers.MixtralForCausalLM if args.moe else transformers.MistralForCausalLM
+    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    names = set(model.state_dict())
+    state = {k: v.to(device).contiguous().clone() for k, v in
+             hf_state_dict(params, args, names).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def bench_transformers(model, tokens: np.ndarray, gen_len: int, repeats: int) -> dict:
+    """transformers' prefill (time to first token) and greedy `generate` on tokens [B, P]."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def prefill():
+        out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1).cpu()
+
+    def generate():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=gen_len,
+                              min_new_tokens=gen_len, do_sample=False)
+
+    def timed(fn):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - start, out
+
+    with torch.inference_mode():
+        prefill(), generate()  # warm-up
+        ttft = statistics.median(timed(prefill)[0] for _ in range(repeats))
+        runs = [timed(generate) for _ in range(repeats)]
+    seconds = statistics.median(t for t, _ in runs)
+    new_tokens = runs[-1][1][:, tokens.shape[1]:].cpu().numpy()
+    return {"hf_ttft_ms": ttft * 1e3, "hf_generate_s": seconds,
+            "hf_generate_tok_s": tokens.shape[0] * gen_len / seconds, "hf_tokens": new_tokens}
+
+
+def hf_logits_rel_err(model, params, args: ModelArgs, tokens: np.ndarray) -> float:
+    """max |ours - transformers| / max |transformers| of the logits of tokens [1, T]."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        ref = model(torch.as_tensor(tokens, dtype=torch.long, device=device)).logits
+    ref = ref.float().cpu().numpy()
+    fwd = jax.jit(functools.partial(forward, args=args))
+    batch = jnp.asarray(tokens, jnp.int32)
+    ours = np.asarray(fwd(params, batch, causal_positions(batch), None)[0])
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What this run measured about the device."""
+
+    copy_bandwidth: float  # bytes/s, read + write
+    matmul_flops: float  # FLOP/s measured in the run dtype
+    peak_flops: float  # what MFU is taken against
+    peak_source: str
+
+
+def bench_config(params, args: ModelArgs, hw: Hardware, *, batch: int, prompt_len: int,
+                 gen_len: int, repeats: int, seed: int, hf_model=None) -> dict:
+    """All figures for one (batch, prompt_len, gen_len); see the module docstring."""
+    from mistral_jax.generate import generate_from_params
+
+    dtype = params["embedding"].dtype
+    cache_len = prompt_len + gen_len
+    rng = np.random.default_rng(seed)
+    tokens_np = rng.integers(0, args.vocab_size, (batch, prompt_len), dtype=np.int32)
+    tokens = jnp.asarray(tokens_np)
+    row: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+
+    start = time.perf_counter()
+    prefill = jax.jit(functools.partial(prefill_step, args=args, cache_len=cache_len,
+                                        cache_dtype=dtype)).lower(params, tokens).compile()
+    row["compile_prefill_s"] = time.perf_counter() - start
+    vec = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    abstract_cache = jax.eval_shape(lambda: init_cache(args, batch, cache_len, dtype))
+    start = time.perf_counter()
+    step = jax.jit(functools.partial(decode_step, args=args), donate_argnums=(3,)).lower(
+        params, vec, vec, abstract_cache).compile()
+    row["compile_decode_s"] = time.perf_counter() - start
+
+    n_steps = gen_len - 1
+    ttfts, steps = [], []
+    for r in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        token, cache = prefill(params, tokens)
+        np.asarray(token)  # the first token reaches the host
+        ttft = time.perf_counter() - start
+        position = jnp.full((batch,), prompt_len, jnp.int32)
+        start = time.perf_counter()
+        for _ in range(n_steps):  # dispatched asynchronously: no host round trip per token
+            token, position, cache = step(params, token, position, cache)
+        jax.block_until_ready(token)
+        if r:
+            ttfts.append(ttft)
+            steps.append((time.perf_counter() - start) / n_steps)
+        del cache
+
+    ttft, step_s = statistics.median(ttfts), statistics.median(steps)
+    flops = prefill_flops(args, batch, prompt_len)
+    moved = decode_bytes(args, params, batch, cache_len, dtype)
+    row.update(
+        ttft_ms=ttft * 1e3,
+        prefill_tok_s=batch * prompt_len / ttft,
+        prefill_tflops=flops / ttft / 1e12,
+        prefill_mfu_pct=100 * flops / ttft / hw.peak_flops,
+        decode_ms_step=step_s * 1e3,
+        decode_tok_s=batch / step_s,
+        decode_bytes_per_step=moved["total"],
+        decode_kv_bytes_per_step=moved["kv"],
+        bandwidth_floor_ms=moved["total"] / hw.copy_bandwidth * 1e3,
+        pct_of_bandwidth_floor=100 * moved["total"] / hw.copy_bandwidth / step_s,
+    )
+
+    prompts = tokens_np.tolist()
+    gen = functools.partial(generate_from_params, params, args, prompts, max_tokens=gen_len,
+                            dtype=dtype)
+    start = time.perf_counter()
+    ours_tokens, _ = gen()
+    first = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gen()
+        runs.append(time.perf_counter() - start)
+    gen_s = statistics.median(runs)
+    row.update(generate_s=gen_s, generate_tok_s=batch * gen_len / gen_s,
+               compile_generate_s=max(first - gen_s, 0.0))
+
+    peak = _device_peak_memory()
+    if peak is not None:
+        row.update(peak_memory_bytes=peak, memory_source="device peak_bytes_in_use")
+    else:
+        estimates = [m for m in (_memory_estimate(prefill), _memory_estimate(step)) if m]
+        row.update(peak_memory_bytes=max(estimates) if estimates else None,
+                   memory_source="XLA memory_analysis of the larger program")
+
+    if hf_model is not None:
+        hf = bench_transformers(hf_model, tokens_np, gen_len, repeats)
+        hf_tokens = hf.pop("hf_tokens")
+        row.update(hf)
+        row["vs_hf_generate"] = row["generate_tok_s"] / row["hf_generate_tok_s"]
+        row["vs_hf_ttft"] = row["hf_ttft_ms"] / row["ttft_ms"]
+        row["hf_greedy_rows_equal"] = float(np.mean(
+            [list(h) == o for h, o in zip(hf_tokens.tolist(), ours_tokens)]))
+    return row
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+COLUMNS = (  # (header, key, format)
+    ("B", "batch", "{:d}"), ("P", "prompt_len", "{:d}"), ("G", "gen_len", "{:d}"),
+    ("TTFT ms", "ttft_ms", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
+    ("TFLOP/s", "prefill_tflops", "{:.3f}"), ("MFU %", "prefill_mfu_pct", "{:.1f}"),
+    ("decode ms/step", "decode_ms_step", "{:.3f}"), ("decode tok/s", "decode_tok_s", "{:.1f}"),
+    ("% BW floor", "pct_of_bandwidth_floor", "{:.1f}"),
+    ("generate tok/s", "generate_tok_s", "{:.1f}"),
+    ("compile s (prefill+step)", "compile_s", "{:.2f}"),
+    ("peak mem GB", "peak_memory_gb", "{:.3f}"),
+    ("HF generate tok/s", "hf_generate_tok_s", "{:.1f}"), ("vs HF", "vs_hf_generate", "{:.2f}x"),
+)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A markdown table of the result rows."""
+    cols = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)
+            or c[1] in ("compile_s", "peak_memory_gb")]
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |",
+             "|" + "|".join("---:" for _ in cols) + "|"]
+    for r in rows:
+        r = dict(r, compile_s=r["compile_prefill_s"] + r["compile_decode_s"],
+                 peak_memory_gb=None if r.get("peak_memory_bytes") is None
+                 else r["peak_memory_bytes"] / 1e9)
+        cells = ["-" if r.get(k) is None else fmt.format(r[k]) for _, k, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mistral_jax.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="model shape with random weights (ignored with --ckpt)")
+    p.add_argument("--ckpt", type=Path, help="a model folder (Mistral or HF layout) to load instead")
+    p.add_argument("--dtype", default="auto",
+                   help="bfloat16 | float16 | float32; auto: bfloat16 on GPU, float32 elsewhere")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, nargs="+", default=[64])
+    p.add_argument("--gen-len", type=int, nargs="+", default=[32])
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per figure (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                   help=f"prefill attention kernel (sets {ATTENTION_ENV}, see layers.py)")
+    p.add_argument("--vs-transformers", action="store_true",
+                   help="also time transformers' PyTorch model on the same weights")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="buffer for the copy-bandwidth probe (default 1024 on GPU, 256 elsewhere)")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help="matmul size for the measured peak (default 8192 on GPU, 1024 elsewhere)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak to take MFU against (default: datasheet for known GPUs, else measured)")
+    p.add_argument("--compile-cache-dir", type=Path, default=None,
+                   help=f"persistent compilation cache (default {default_cache_dir()})")
+    p.add_argument("--cache-min-compile-secs", type=float, default=1.0,
+                   help="cache only programs that took at least this long to compile")
+    p.add_argument("--no-compile-cache", action="store_true")
+    p.add_argument("--json", type=Path, help="also write the JSON result here")
+    return p.parse_args(argv)
+
+
+def _validate(ns: argparse.Namespace) -> None:
+    for name in ("batch", "prompt_len"):
+        if any(v < 1 for v in getattr(ns, name)):
+            raise UserInputError(f"--{name.replace('_', '-')} values must be >= 1")
+    if any(v < 2 for v in ns.gen_len):
+        raise UserInputError("--gen-len values must be >= 2 (one prefill token + decode steps)")
+    if ns.repeats < 1:
+        raise UserInputError("--repeats must be >= 1")
+    if ns.ckpt is not None and not ns.ckpt.is_dir():
+        raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
+
+
+def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
+    if ns.ckpt is not None:
+        from mistral_jax.transformer import Transformer
+
+        model = Transformer.from_folder(ns.ckpt, dtype=dtype)
+        return model.args, model.params, str(ns.ckpt)
+    args = PRESETS[ns.preset]
+    return args, init_params(args, ns.seed, dtype), ns.preset
+
+
+def run(ns: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed CLI arguments; returns {'meta', 'results'}."""
+    from mistral_jax.transformer import resolve_dtype
+
+    _validate(ns)
+    cache_dir = None
+    if not ns.no_compile_cache:
+        cache_dir = enable_compilation_cache(ns.compile_cache_dir, ns.cache_min_compile_secs)
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = resolve_dtype(("bfloat16" if on_gpu else "float32") if ns.dtype == "auto" else ns.dtype)
+    args, params, model_name = _load_model(ns, dtype)
+    if args.max_seq_len is not None and max(ns.prompt_len) + max(ns.gen_len) > args.max_seq_len:
+        raise UserInputError(f"prompt + generation length exceeds max_seq_len={args.max_seq_len}")
+    device = jax.devices()[0]
+
+    copy_bytes = (ns.copy_mib or (1024 if on_gpu else 256)) << 20
+    matmul_n = ns.matmul_n or (8192 if on_gpu else 1024)
+    copy_bw = measure_copy_bandwidth(copy_bytes)
+    matmul = measure_matmul_flops(dtype, matmul_n)
+    stated = stated_peak_flops(device.device_kind, dtype)
+    if ns.peak_tflops:
+        peak, source = ns.peak_tflops * 1e12, "--peak-tflops"
+    elif stated:
+        peak, source = stated, f"datasheet dense bf16/fp16 for {device.device_kind}"
+    else:
+        peak, source = matmul, f"measured {matmul_n}^3 {jnp.dtype(dtype).name} matmul"
+    hw = Hardware(copy_bw, matmul, peak, source)
+
+    hf_model = None
+    meta: dict[str, Any] = {}
+    if ns.vs_transformers:
+        import torch
+        import transformers
+
+        hf_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        hf_model = build_transformers_model(params, args, hf_device)
+        n = min(min(ns.prompt_len), 64)
+        probe = np.random.default_rng(ns.seed).integers(0, args.vocab_size, (1, n))
+        meta.update(torch=torch.__version__, transformers=transformers.__version__,
+                    hf_device=hf_device,
+                    hf_logits_rel_err=hf_logits_rel_err(hf_model, params, args, probe))
+
+    results = []
+    for batch in sorted(ns.batch):
+        for prompt_len in ns.prompt_len:
+            for gen_len in ns.gen_len:
+                results.append(bench_config(
+                    params, args, hw, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+                    repeats=ns.repeats, seed=ns.seed, hf_model=hf_model))
+
+    weight_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(params))
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m mistral_jax.bench " + " ".join(ns.argv),
+        "model": model_name, "args": dataclasses.asdict(args),
+        "dtype": jnp.dtype(dtype).name,
+        "n_params": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)),
+        "weight_bytes": weight_bytes,
+        "device": device.device_kind, "platform": device.platform,
+        "n_devices": jax.device_count(), "host": platform.node(), "cpu_count": os.cpu_count(),
+        "jax": jax.__version__, "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "attention": os.environ.get(ATTENTION_ENV, "auto"),
+        "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
+        "matmul_tflops_measured": matmul / 1e12, "peak_tflops": peak / 1e12,
+        "peak_source": source,
+        "compile_cache_dir": str(cache_dir) if cache_dir else None,
+        **meta,
+    }
+    return {"meta": meta, "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: prints the table and one JSON line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parse_args(argv)
+    ns.argv = argv
+    if ns.vs_transformers:  # let torch share the GPU: JAX would otherwise take 75% of it
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    previous = os.environ.get(ATTENTION_ENV)
+    os.environ[ATTENTION_ENV] = ns.attention
+    try:
+        out = run(ns)
+    except MistralJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is None:
+            os.environ.pop(ATTENTION_ENV, None)
+        else:
+            os.environ[ATTENTION_ENV] = previous
+    m = out["meta"]
+    print(f"# {m['model']} {m['dtype']} ({m['n_params'] / 1e9:.3f}B params, "
+          f"{m['weight_bytes'] / 1e9:.3f} GB) on {m['device']} x{m['n_devices']}, jax {m['jax']}")
+    print(f"# copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s; MFU against "
+          f"{m['peak_tflops']:.3f} TFLOP/s ({m['peak_source']})")
+    if "hf_logits_rel_err" in m:
+        print(f"# transformers {m['transformers']} on {m['hf_device']}: logits rel err "
+              f"{m['hf_logits_rel_err']:.2e}")
+    print(format_table(out["results"]))
+    text = json.dumps(out, default=float)
+    print(text)
+    if ns.json is not None:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ns.json.with_suffix(ns.json.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(ns.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The benchmark entry point and the fast attention paths it relies on.
+
+The fused prefill path (cuDNN on GPUs) is exercised on the CPU through XLA's
+implementation of `jax.nn.dot_product_attention`, forced with MISTRAL_JAX_ATTENTION.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mistral_jax import bench
+from mistral_jax.cache import init_cache
+from mistral_jax.layers import (
+    ATTENTION_ENV,
+    attend,
+    attention_implementation,
+    attention_mask,
+    fused_causal_attend,
+    plain_causal,
+)
+from mistral_jax.model import abstract_params, causal_positions, forward, init_params
+from tests.helpers import rel_err, tiny_args, tiny_moe_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _qkv(b=2, t=12, h=4, k=2, hd=16, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(kq, (b, t, h, hd)), jax.random.normal(kk, (b, t, k, hd)),
+            jax.random.normal(kv, (b, t, k, hd)))
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 12, 50])
+def test_fused_causal_attend_equals_reference_attend(window):
+    q, k, v = _qkv()
+    positions = causal_positions(q[..., 0, 0]) + 7  # any start: only differences matter
+    ref = attend(q, k, v, attention_mask(positions, positions, window))
+    out = fused_causal_attend(q, k, v, window, "xla")
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+
+
+def test_fused_causal_attend_equals_reference_on_right_padded_rows():
+    q, k, v = _qkv()
+    positions = causal_positions(q[..., 0, 0]).at[0, 9:].set(-1)  # row 0: 9 tokens + padding
+    ref = attend(q, k, v, attention_mask(positions, positions, 4))
+    out = fused_causal_attend(q, k, v, 4, "xla")
+    valid = np.asarray(positions >= 0)
+    assert float(np.max(np.abs(np.asarray(out - ref)[valid]))) <= 1e-5
+
+
+def test_plain_causal_detects_masks_the_fused_kernel_cannot_express():
+    pos = causal_positions(jnp.zeros((2, 6), jnp.int32))
+    empty = jnp.full((2, 8), -1, jnp.int32)
+    assert bool(plain_causal(pos, None))
+    assert bool(plain_causal(pos, empty))
+    assert bool(plain_causal(pos + 5, None))  # a prompt continuing at an offset
+    assert bool(plain_causal(pos.at[1, 4:].set(-1), empty))  # right padding
+    assert not bool(plain_causal(pos, empty.at[0, 3].set(2)))  # a key already cached
+    left = pos.at[0].set(jnp.array([-1, -1, 0, 1, 2, 3]))
+    assert not bool(plain_causal(left, None))  # left padding: index order != positions
+    assert not bool(plain_causal(pos.at[1, 3].set(9), None))  # a gap
+    assert not bool(plain_causal(pos.at[1, 2].set(-1), None))  # a hole before real tokens
+
+
+def test_attention_implementation_is_chosen_statically(monkeypatch):
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    assert attention_implementation(jnp.bfloat16, 128, 128) is None  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_implementation(jnp.bfloat16, 128, 128) == "cudnn"
+    assert attention_implementation(jnp.float16, 2, 64) == "cudnn"
+    assert attention_implementation(jnp.bfloat16, 1, 128) is None  # decode stays on XLA
+    assert attention_implementation(jnp.float32, 128, 128) is None  # cuDNN takes half only
+    assert attention_implementation(jnp.bfloat16, 128, 12) is None  # head_dim % 8
+    monkeypatch.setenv(ATTENTION_ENV, "reference")
+    assert attention_implementation(jnp.bfloat16, 128, 128) is None
+    monkeypatch.setenv(ATTENTION_ENV, "xla")
+    assert attention_implementation(jnp.float32, 128, 128) == "xla"
+    assert attention_implementation(jnp.float32, 1, 128) is None
+    monkeypatch.setenv(ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match=ATTENTION_ENV):
+        attention_implementation(jnp.float32, 128, 128)
+
+
+def _logits(monkeypatch, choice, args, params, tokens, positions, cache):
+    monkeypatch.setenv(ATTENTION_ENV, choice)
+    # a fresh jit per choice: the environment is read when tracing
+    fn = jax.jit(lambda p, t, q, c: forward(p, t, q, c, args=args))
+    return fn(params, tokens, positions, cache)
+
+
+@pytest.mark.parametrize("case", ["no_cache", "empty_cache_window_wraps", "left_padded",
+                                  "cached_prefix"])
+def test_forward_with_fused_prefill_equals_reference(monkeypatch, case):
+    args = tiny_args(vocab_size=256, sliding_window=5, n_layers=1)
+    params = init_params(args, 0)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, args.vocab_size)
+    positions = causal_positions(tokens)
+    cache = None if case == "no_cache" else init_cache(args, 2, 8, jnp.float32)
+    if case == "left_padded":  # must fall back to the reference inside the jitted step
+        positions = positions.at[0].set(jnp.arange(12) - 3).at[0, :3].set(-1)
+    if case == "cached_prefix":
+        _, cache = _logits(monkeypatch, "reference", args, params, tokens[:, :4],
+                           positions[:, :4], cache)
+        tokens, positions = tokens[:, 4:], positions[:, 4:]
+    ref, ref_cache = _logits(monkeypatch, "reference", args, params, tokens, positions, cache)
+    out, out_cache = _logits(monkeypatch, "xla", args, params, tokens, positions, cache)
+    valid = np.asarray(positions >= 0)
+    assert rel_err(np.asarray(out)[valid], np.asarray(ref)[valid]) <= 1e-5
+    if cache is not None:
+        for a, b in zip(jax.tree_util.tree_leaves(out_cache), jax.tree_util.tree_leaves(ref_cache)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_decode_attending_in_place_equals_full_forward_across_window_wrap():
+    args = tiny_args(vocab_size=256, sliding_window=(3, None))
+    params = init_params(args, 2)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 10), 0, args.vocab_size)
+    fwd = jax.jit(functools.partial(forward, args=args))
+    full, _ = fwd(params, tokens, causal_positions(tokens), None)
+    cache = init_cache(args, 2, 10, jnp.float32)  # window layers hold 3 slots: they wrap
+    steps = []
+    for i in range(10):
+        logits, cache = fwd(params, tokens[:, i:i + 1], jnp.full((2, 1), i, jnp.int32), cache)
+        steps.append(logits[:, 0])
+    assert rel_err(jnp.stack(steps, axis=1), full) <= 1e-5
+    # the benchmark's fused greedy step reproduces the argmax of the full forward
+    step = jax.jit(functools.partial(bench.decode_step, args=args), donate_argnums=(3,))
+    cache = init_cache(args, 2, 10, jnp.float32)
+    for i in range(5):
+        _, cache = fwd(params, tokens[:, i:i + 1], jnp.full((2, 1), i, jnp.int32), cache)
+    token, position, cache = step(params, tokens[:, 5], jnp.full((2,), 5, jnp.int32), cache)
+    np.testing.assert_array_equal(np.asarray(token), np.asarray(jnp.argmax(full[:, 5], -1)))
+    assert np.asarray(position).tolist() == [6, 6]
+
+
+def test_prefill_flops_and_decode_bytes_follow_the_shapes():
+    args = tiny_args(vocab_size=256)
+    params = abstract_params(args)
+    b, p = 3, 10
+    leaves = jax.tree_util.tree_leaves(params)
+    n_matmul = sum(x.size for x in leaves if x.ndim >= 2) - params["embedding"].size
+    attention = args.n_layers * 4 * args.n_heads * args.head_dim * (p * (p + 1) // 2)
+    assert bench.prefill_flops(args, b, p) == 2 * n_matmul * b * p + b * attention
+    moved = bench.decode_bytes(args, params, b, 16, jnp.float32)
+    weights = sum(x.size for x in leaves) * 4 - params["embedding"].size * 4 + b * args.dim * 4
+    assert moved["weights"] == weights
+    assert moved["kv"] == args.n_layers * (2 * b * 16 * args.n_kv_heads * args.head_dim * 4
+                                           + b * 16 * 4)
+    moe = tiny_moe_args()
+    assert bench.expected_expert_fraction(moe.moe, 1) == pytest.approx(0.5)
+    assert bench.expected_expert_fraction(moe.moe, 64) == pytest.approx(1.0)
+    few = bench.decode_bytes(moe, abstract_params(moe), 1, 16, jnp.float32)["weights"]
+    many = bench.decode_bytes(moe, abstract_params(moe), 64, 16, jnp.float32)["weights"]
+    assert few < many
+
+
+@pytest.mark.parametrize("args", [tiny_args(vocab_size=256, sliding_window=6), tiny_moe_args()],
+                         ids=["mistral", "mixtral"])
+def test_transformers_model_built_from_our_params_gives_the_same_logits(args):
+    params = init_params(args, 4)
+    model = bench.build_transformers_model(params, args, "cpu")
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, (1, 12))
+    assert bench.hf_logits_rel_err(model, params, args, tokens) <= 1e-5
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_cli_reports_every_figure_for_each_batch_size(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--preset", "tiny", "--batch", "1", "2", "--prompt-len", "8",
+                     "--gen-len", "3", "--repeats", "1", "--vs-transformers",
+                     "--no-compile-cache", "--copy-mib", "8", "--matmul-n", "128",
+                     "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| B | P | G |" in printed
+    result = json.loads(out.read_text())
+    assert json.loads(printed.strip().splitlines()[-1]) == result
+    meta = result["meta"]
+    for key in ("copy_bandwidth_gbps", "matmul_tflops_measured", "peak_tflops", "weight_bytes"):
+        assert _finite_positive(meta[key]), key
+    assert meta["jax"] == jax.__version__ and meta["device"] and meta["date"]
+    assert meta["command"].startswith("python -m mistral_jax.bench --preset tiny")
+    assert meta["hf_logits_rel_err"] <= 1e-5
+    assert [r["batch"] for r in result["results"]] == [1, 2]
+    for row in result["results"]:
+        for key in ("compile_prefill_s", "compile_decode_s", "ttft_ms", "prefill_tok_s",
+                    "prefill_tflops", "prefill_mfu_pct", "decode_ms_step", "decode_tok_s",
+                    "decode_bytes_per_step", "bandwidth_floor_ms", "pct_of_bandwidth_floor",
+                    "generate_s", "generate_tok_s", "peak_memory_bytes", "hf_ttft_ms",
+                    "hf_generate_tok_s", "vs_hf_generate", "vs_hf_ttft"):
+            assert _finite_positive(row[key]), key
+        assert row["compile_generate_s"] >= 0
+        assert 0 <= row["hf_greedy_rows_equal"] <= 1
+
+
+def test_bench_rejects_bad_lengths_before_any_work(capsys):
+    assert bench.main(["--preset", "tiny", "--gen-len", "1", "--no-compile-cache"]) == 2
+    assert "--gen-len" in capsys.readouterr().err
+    assert bench.main(["--ckpt", "/nonexistent/folder", "--no-compile-cache"]) == 2
+    assert "/nonexistent/folder" in capsys.readouterr().err
+
+
+def test_bench_module_runs_and_fills_the_persistent_compilation_cache(tmp_path):
+    cache_dir = tmp_path / "jax_cache"
+    cmd = [sys.executable, "-m", "mistral_jax.bench", "--preset", "tiny-moe", "--batch", "1",
+           "--prompt-len", "4", "--gen-len", "2", "--repeats", "1", "--copy-mib", "8",
+           "--matmul-n", "64", "--compile-cache-dir", str(cache_dir),
+           "--cache-min-compile-secs", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["meta"]["compile_cache_dir"] == str(cache_dir)
+    assert result["meta"]["args"]["moe"] == {"num_experts": 4, "num_experts_per_tok": 2}
+    assert _finite_positive(result["results"][0]["decode_ms_step"])
+    assert any(cache_dir.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_cudnn_prefill_matches_reference_on_gpu(monkeypatch):
+    args = tiny_args(vocab_size=256, sliding_window=48)
+    params = init_params(args, 0, jnp.bfloat16)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 0, args.vocab_size)
+    positions = causal_positions(tokens)
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    assert attention_implementation(jnp.bfloat16, 128, args.head_dim) == "cudnn"
+    hlo = jax.jit(lambda p, t, q: forward(p, t, q, None, args=args)).lower(
+        params, tokens, positions).as_text()
+    assert "cudnn" in hlo.lower()
+    out, _ = _logits(monkeypatch, "auto", args, params, tokens, positions, None)
+    ref, _ = _logits(monkeypatch, "reference", args, params, tokens, positions, None)
+    assert rel_err(out, ref) <= 3e-2
