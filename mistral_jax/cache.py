@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.args import ModelArgs
+from mistral_jax.sharding import constrain_cache_layer
 
 
 class LayerCache(TypedDict):
@@ -38,11 +39,12 @@ def init_cache(args: ModelArgs, batch_size: int, max_seq_len: int, dtype=jnp.bfl
     cache = []
     for size in cache_sizes(args, max_seq_len):
         shape = (batch_size, size, args.n_kv_heads, args.head_dim)
-        cache.append(LayerCache(
+        # Under a mesh (sharding.use_mesh): batch along data, KV heads along tensor.
+        cache.append(constrain_cache_layer(LayerCache(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
             pos=jnp.full((batch_size, size), -1, jnp.int32),
-        ))
+        )))
     return cache
 
 

@@ -31,6 +31,7 @@ from mistral_jax.errors import UserInputError
 from mistral_jax.model import forward as model_forward
 from mistral_jax.model import init_cache as model_init_cache
 from mistral_jax.sampling import Strategy, make_strategy
+from mistral_jax.sharding import gather, mesh_of, use_mesh
 
 MIN_BUCKET = 16
 
@@ -274,20 +275,23 @@ def _start(
     eos = jnp.int32(-1 if eos_id is None else eos_id)
 
     static = dict(args=args, forward=forward, strategy=strategy)
-    state = prefill_jit(
-        params,
-        tokens,
-        positions,
-        done,
-        jax.random.key(seed),
-        eos,
-        init_cache=init_cache,
-        cache_len=cache_len,
-        dtype=jnp.dtype(dtype),
-        chunk_size=chunk,
-        n_buf=bucket(max_tokens),
-        **static,
-    )
+    # Params sharded over a mesh: trace under it, so the KV cache and the MoE layers are
+    # split like the weights (sharding.py); a no-op on one device.
+    with use_mesh(mesh_of(params)):
+        state = prefill_jit(
+            params,
+            tokens,
+            positions,
+            done,
+            jax.random.key(seed),
+            eos,
+            init_cache=init_cache,
+            cache_len=cache_len,
+            dtype=jnp.dtype(dtype),
+            chunk_size=chunk,
+            n_buf=bucket(max_tokens),
+            **static,
+        )
     return state, eos, static
 
 
@@ -326,8 +330,9 @@ def generate_from_params(
         forward=forward,
         init_cache=init_cache,
     )
-    state = decode_jit(params, state, eos, jnp.int32(max_tokens), **static)
-    tokens, logprobs = jax.device_get((state.tokens, state.logprobs))
+    with use_mesh(mesh_of(params)):
+        state = decode_jit(params, state, eos, jnp.int32(max_tokens), **static)
+    tokens, logprobs = gather(state.tokens), gather(state.logprobs)  # all processes, multi-host
     tokens, logprobs = tokens[: len(prompts), :max_tokens], logprobs[: len(prompts), :max_tokens]
     stop = (tokens == -1) | (tokens == (-1 if eos_id is None else eos_id))  # [B, N]
     lengths = np.where(stop.any(axis=1), stop.argmax(axis=1), max_tokens)
@@ -406,7 +411,8 @@ def generate_stream(
     def tokens(state: SamplingState) -> Iterator[int]:
         for i in range(max_tokens):
             if i > 0:
-                state = decode_step_jit(model.params, state, eos, **static)
+                with use_mesh(mesh_of(model.params)):
+                    state = decode_step_jit(model.params, state, eos, **static)
             token = int(state.tokens[0, i])
             if eos_id is not None and token == eos_id:
                 return

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.args import ModelArgs, load_args
+from mistral_jax import sharding
+from mistral_jax.args import ModelArgs, args_from_params_json, load_args
 from mistral_jax.cache import Cache, init_cache
 from mistral_jax.checkpoint import load_params
 from mistral_jax.convert import is_converted, load_converted
@@ -50,10 +51,12 @@ def jit_forward(params, tokens, positions, cache, *, args):
 class Transformer:
     """A model: its `args`, its `params` pytree, and convenience methods around `forward`."""
 
-    def __init__(self, args: ModelArgs, params: Any, *, folder: Path | None = None):
+    def __init__(self, args: ModelArgs, params: Any, *, folder: Path | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
         self.args = args
         self.params = params
         self.folder = folder
+        self.mesh = mesh  # the params are sharded over it (sharding.py); None: one device
         self.load_seconds: float | None = None
 
     @classmethod
@@ -61,7 +64,7 @@ class Transformer:
                     max_batch_size: int | None = None, progress: bool = False,
                     lora_path: str | Path | None = None, lora_merge: bool | None = None,
                     lora_scaling: float | None = None, quantize: str | None = None,
-                    **arg_overrides: Any) -> Transformer:
+                    mesh: Any = None, **arg_overrides: Any) -> Transformer:
         """Load a Mistral-layout, HF-layout or converted (`mistral-jax-convert`) model folder.
 
         `arg_overrides` replace fields of the folder's args (e.g. `rope_theta=1e4` for
@@ -72,39 +75,63 @@ class Transformer:
         has a lora block, as in mistral-inference); `lora_scaling` overrides its scaling.
         `quantize`: 'int8', 'fp8' or 'fp8-tensor' quantizes the weights as they load
         (quant.py); compressed-tensors int8/fp8 checkpoints load quantized without it.
+        `mesh`: a `jax.sharding.Mesh` with axes data/tensor/expert, a spec such as
+        'tensor=4,expert=2', or 'auto' (every device along tensor); each weight is then
+        placed straight onto its shards (sharding.py). None: the default device.
         """
         del max_batch_size
         folder = Path(folder)
         dt = resolve_dtype(dtype)
         start = time.perf_counter()
+        mesh = sharding.resolve_mesh(mesh)
         hooks = dict(lora_path=lora_path, lora_merge=lora_merge, lora_scaling=lora_scaling,
                      quantize=quantize)
         if is_converted(folder):  # written by mistral-jax-convert: restore the Orbax checkpoint
-            args, params = load_converted(folder, dt, progress=progress, **arg_overrides)
+            shardings = None if mesh is None else sharding.param_shardings(
+                args_from_params_json(folder / "params.json", **arg_overrides), mesh)
+            args, params = load_converted(folder, dt, shardings=shardings, progress=progress,
+                                          **arg_overrides)
             finish, post = load_hooks(folder, args, dt, **hooks)
             params = post(finish_params(params, finish))
         else:
             args, layout = load_args(folder, **arg_overrides)
             finish, post = load_hooks(folder, args, dt, **hooks)
-            params = post(load_params(folder, args, layout, dt, progress=progress, finish=finish))
-        model = cls(args, params, folder=folder)
+            place = None if mesh is None else sharding.place_fn(args, mesh)
+            params = post(load_params(folder, args, layout, dt, place=place, progress=progress,
+                                      finish=finish))
+        if mesh is not None:  # leaves the load hooks added or changed
+            params = sharding.place_params(params, args, mesh)
+        model = cls(args, params, folder=folder, mesh=mesh)
         model.load_seconds = time.perf_counter() - start
         return model
 
     @classmethod
-    def random(cls, args: ModelArgs, *, seed: int = 0, dtype: Any = "float32") -> Transformer:
-        """A model with random weights (tests, benchmarks)."""
-        return cls(args, init_params(args, seed, resolve_dtype(dtype)))
+    def random(cls, args: ModelArgs, *, seed: int = 0, dtype: Any = "float32",
+               mesh: Any = None) -> Transformer:
+        """A model with random weights (tests, benchmarks), computed into its shards on `mesh`."""
+        mesh = sharding.resolve_mesh(mesh)
+        if mesh is None:
+            return cls(args, init_params(args, seed, resolve_dtype(dtype)))
+        params = sharding.init_params_sharded(args, mesh, seed, resolve_dtype(dtype))
+        return cls(args, params, mesh=mesh)
 
     @property
     def dtype(self) -> jnp.dtype:
         return self.params["embedding"].dtype
 
     def init_cache(self, batch_size: int, max_seq_len: int) -> Cache:
+        if self.mesh is not None:  # batch along data, KV heads along tensor
+            return sharding.init_cache_sharded(self.args, self.mesh, batch_size, max_seq_len,
+                                               self.dtype)
         return init_cache(self.args, batch_size, max_seq_len, self.dtype)
 
     def forward(self, tokens, positions, cache: Cache | None = None):
         """Jitted `model.forward`: tokens, positions [B, T] -> (logits [B, T, V], cache)."""
+        if self.mesh is not None:  # rows along data; traced under the mesh (sharding.py)
+            tokens, positions = sharding.shard_batch(
+                self.mesh, np.asarray(tokens, np.int32), np.asarray(positions, np.int32))
+            with sharding.use_mesh(self.mesh):
+                return jit_forward(self.params, tokens, positions, cache, args=self.args)
         return jit_forward(self.params, jnp.asarray(tokens, jnp.int32),
                            jnp.asarray(positions, jnp.int32), cache, args=self.args)
 
@@ -117,4 +144,6 @@ class Transformer:
             raise UserInputError(f"token ids must be in [0, vocab_size={self.args.vocab_size})")
         batch = jnp.asarray(np.atleast_2d(arr), jnp.int32)
         logits, _ = self.forward(batch, causal_positions(batch), None)
+        if not logits.is_fully_addressable:  # multi-host: every process gets all the logits
+            logits = jnp.asarray(sharding.gather(logits))
         return logits[0] if arr.ndim == 1 else logits
