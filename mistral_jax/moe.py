@@ -17,8 +17,13 @@ expert axis can be sharded. Three interchangeable paths compute the same functio
   readable reference, used in tests.
 
 The choice is static, by N*k against E (`moe_strategy`), so every path is pure and
-jit-able. `moe_ragged` (`jax.lax.ragged_dot`) is available on request: on CPU, and
-on GPU by default, JAX lowers ragged_dot to a masked dense product over all experts.
+jit-able. `moe_ragged` (`jax.lax.ragged_dot`) is available on request (strategy
+'ragged'): on TPU a native grouped matmul; on CPU JAX lowers it to a masked product
+over all experts, and on an H100 it measured no faster than dense (GPU_NOTES.md).
+
+Plain XLA copies each dynamically selected expert slice before its matmul, so the
+gather path reads k/E of the expert weights but moves about 3x that many bytes
+(benchmarks/moe_bytes.py); reading experts in place needs a kernel (e.g. Pallas).
 
 Ties between equal gate logits go to the lower expert index (`jax.lax.top_k` keeps
 the first of equal values), so routing is deterministic.
@@ -26,6 +31,7 @@ the first of equal values), so routing is deterministic.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -35,6 +41,7 @@ import jax.numpy as jnp
 from mistral_jax.args import ModelArgs
 from mistral_jax.errors import UserInputError
 from mistral_jax.layers import Dtype, Linear, scaled_normal
+from mistral_jax.sharding import expert_parallel
 
 STRATEGIES = ("auto", "gather", "grouped", "dense", "ragged")
 # Rows of a block whose SwiGLU compute takes about as long as reading (and, in plain
@@ -231,7 +238,9 @@ class MoeFeedForward(nn.Module):
         weights, experts = route(gate(flat), a.moe.num_experts_per_tok)
         w1, w2, w3 = (self._plain_weight(n, w, x.dtype) for n, w in (("w1", w1), ("w2", w2),
                                                                     ("w3", w3)))
-        out = moe(flat, weights, experts, w1, w2, w3, strategy=self.strategy)
+        # Split over the mesh's expert axis when there is one (sharding.py), else plain `moe`.
+        out = expert_parallel(functools.partial(moe, strategy=self.strategy), flat, weights,
+                              experts, w1, w2, w3)
         return out.reshape(b, t, d)
 
     def _plain_weight(self, name: str, w: jax.Array, dtype) -> jax.Array:
