@@ -551,3 +551,99 @@ def quality(forward_ref: Callable, forward_q: Callable, prompts: np.ndarray,
         outs.append(seq[:, t:])
     result["greedy_agreement"] = float(np.mean(outs[0] == outs[1]))
     return result
+
+
+def random_quantized_params(args: ModelArgs, mode: str | QuantMode, seed: int = 0,
+                            dtype=jnp.bfloat16):
+    """Random params, quantized leaf by leaf on the default device (benchmarks).
+
+    Each weight is drawn in `dtype` (normal, std 1/sqrt(fan_in); norms ones, embedding
+    std 1) and quantized at once, so at most one full-precision weight exists at a time:
+    the Mixtral 8x7B preset never needs its ~93 GB of bfloat16.
+    """
+    from mistral_jax.model import abstract_params
+
+    mode = resolve_mode(mode)
+    key = jax.random.PRNGKey(seed)
+    out = {}
+    for i, (path, leaf) in enumerate(flatten(abstract_params(args, dtype)).items()):
+        if path[-1] == "weight":  # RMSNorm
+            w = jnp.ones(leaf.shape, leaf.dtype)
+        else:
+            fan_in = 1 if path == ("embedding",) else int(np.prod(
+                [leaf.shape[d] for d in split_dims(path, len(leaf.shape))[1]]))
+            w = _random_normal(jax.random.fold_in(key, i), 1.0 / np.sqrt(fan_in), leaf.shape,
+                               leaf.dtype)
+        out.update(quantize_leaf(path, w, mode))
+    return unflatten(out)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _random_normal(key, std, shape: tuple[int, ...], dtype):
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+
+PROMPTS = (
+    "Return the number of items in a container.",
+    "def read_config(path):\n    \"\"\"Read a JSON configuration file and return a dict.",
+    "The quick brown fox jumps over the lazy dog, and the dog does not seem to mind.",
+    "Raise ValueError if the argument is negative; otherwise return its square root.",
+    "class Cache:\n    \"\"\"A least-recently-used cache with a fixed number of slots.",
+    "Open the file in binary mode, read it in chunks of 4096 bytes and compute its hash.",
+    "Return a new list with the elements of the iterable sorted in ascending order.",
+    "import os\nimport sys\n\ndef main(argv):\n    \"\"\"Parse the command line arguments and",
+)
+
+
+def main(argv=None) -> int:
+    """`python -m mistral_jax.quant`: quality of int8 / fp8 against bfloat16, one JSON line each."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m mistral_jax.quant", description=main.__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", type=Path, help="a model folder (prompts: fixed texts, tokenized)")
+    src.add_argument("--preset", default="tiny",
+                     help="random weights of a mistral_jax.bench preset (prompts: random tokens)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    ns = p.parse_args(argv)
+
+    from mistral_jax.transformer import Transformer, jit_forward
+
+    if ns.ckpt is not None:
+        from mistral_jax.tokenizer import load_tokenizer
+
+        model = Transformer.from_folder(ns.ckpt, dtype="bfloat16")
+        args, params, name = model.args, model.params, str(ns.ckpt)
+        tok = load_tokenizer(ns.ckpt)
+        ids = [tok.encode(t) for t in PROMPTS[: ns.prompts]]
+        prompts = np.array([i[: min(ns.prompt_len, min(map(len, ids)))] for i in ids], np.int32)
+    else:
+        from mistral_jax.bench import PRESETS
+
+        args, name = PRESETS[ns.preset], ns.preset
+        params = Transformer.random(args, seed=ns.seed, dtype="bfloat16").params
+        prompts = np.random.default_rng(ns.seed).integers(
+            0, args.vocab_size, (ns.prompts, ns.prompt_len)).astype(np.int32)
+
+    def fwd(tree):
+        return lambda t, pos: jit_forward(tree, jnp.asarray(t), jnp.asarray(pos), None,
+                                          args=args)[0]
+
+    for mode in ns.modes:
+        qparams = quantize_params(params, mode)
+        report = quality(fwd(params), fwd(qparams), prompts, ns.new_tokens)
+        print(json.dumps({"model": name, "mode": mode, "reference": "bfloat16",
+                          "device": jax.devices()[0].device_kind,
+                          "prompts": list(prompts.shape), "new_tokens": ns.new_tokens,
+                          "weight_bytes": param_bytes(qparams),
+                          "bf16_weight_bytes": param_bytes(params), **report}), flush=True)
+        del qparams
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,14 +40,15 @@ from mistral_jax.quant import (
     param_bytes,
     param_logical_axes,
     qeinsum,
-    quality,
     quantize_array,
     quantize_params,
     quantized_abstract_params,
+    random_quantized_params,
 )
-from mistral_jax.transformer import jit_forward
+from mistral_jax.quant import main as quant_main
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+TOKENS = np.random.default_rng(7).integers(0, 512, (2, 16))
 
 
 def test_quantization_error_stays_within_the_format_bound():
@@ -111,24 +112,23 @@ MAX_REL_ERR = {"int8": 0.04, "fp8": 0.12, "fp8-tensor": 0.12}
 MOE_RMS_REL_ERR = {"int8": 0.05, "fp8": 0.15, "fp8-tensor": 0.15}
 
 
-def _fwd(args, params):
-    return lambda t, p: jit_forward(params, jnp.asarray(t), jnp.asarray(p), None, args=args)[0]
-
-
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_quantized_logits_stay_close_to_bfloat16(kind):
-    args = tiny_args(vocab_size=512) if kind == "dense" else tiny_moe_args()
-    bf16 = Transformer.random(args, seed=0, dtype="bfloat16").params
-    prompts = np.random.default_rng(0).integers(0, args.vocab_size, (8, 16))
-    for mode in MODES:
-        report = quality(_fwd(args, bf16), _fwd(args, quantize_params(bf16, mode)), prompts,
-                         new_tokens=8)
-        print(f"{kind} {mode} vs bfloat16: {report}")
-        if kind == "dense":
-            assert report["rel_err"] <= MAX_REL_ERR[mode]
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_quantized_logits_stay_close_to_bfloat16(preset, capsys):
+    """Through the report command (`python -m mistral_jax.quant`): 8 random prompts of 16
+    tokens, 8 greedy tokens, on the random tiny presets of mistral_jax.bench."""
+    modes = list(MODES) if preset == "tiny" else ["int8", "fp8"]
+    assert quant_main(["--preset", preset, "--modes", *modes, "--new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    print(out)  # the quality report (shown with pytest -s or -rP)
+    reports = [json.loads(line) for line in out.splitlines()]
+    assert [r["mode"] for r in reports] == modes
+    for r in reports:
+        assert r["weight_bytes"] < r["bf16_weight_bytes"]
+        if preset == "tiny":
+            assert r["rel_err"] <= MAX_REL_ERR[r["mode"]]
         else:
-            assert report["rms_rel_err"] <= MOE_RMS_REL_ERR[mode]
-        assert report["top1_agreement"] >= 0.85
+            assert r["rms_rel_err"] <= MOE_RMS_REL_ERR[r["mode"]]
+        assert r["top1_agreement"] >= 0.85
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
@@ -166,6 +166,18 @@ def test_quantized_abstract_params_and_logical_axes_describe_the_quantized_tree(
     assert tuple(axes[layer + ("wo", "scale")]) == ("embed",)
     if args.moe:
         assert tuple(axes[("layers_0", "feed_forward", "w2_scale")]) == ("expert", "embed")
+
+
+def test_random_quantized_params_have_the_quantized_structure_and_scale():
+    args = tiny_moe_args()
+    params = random_quantized_params(args, "fp8", seed=1)
+    abstract = flatten(quantized_abstract_params(args, "fp8", jnp.bfloat16))
+    flat = flatten(params)
+    assert {p: (v.shape, v.dtype) for p, v in flat.items()} == {
+        p: (v.shape, v.dtype) for p, v in abstract.items()}
+    w = dequantize(flat[("layers_1", "feed_forward", "w2")], flat[("layers_1", "feed_forward",
+                                                                     "w2_scale")], (1,))
+    assert abs(float(jnp.std(w)) * np.sqrt(args.hidden_dim) - 1) < 0.1  # std 1/sqrt(fan_in)
 
 
 def test_quantized_mixtral_8x7b_weights_fit_one_80gb_gpu():
@@ -230,9 +242,6 @@ def write_compressed_tensors(folder, args, state, *, weights="float", strategy="
     config["quantization_config"] = cfg or ct_config(weights, strategy, activations)
     (folder / "config.json").write_text(json.dumps(config))
     return folder, dequantized
-
-
-TOKENS = np.random.default_rng(7).integers(0, 512, (2, 16))
 
 
 @pytest.mark.parametrize("kind,weights,strategy", [("dense", "float", "channel"),
