@@ -322,6 +322,8 @@ def test_bad_folders_and_tokenizers_fail_before_loading(folders, capsys, tmp_pat
          "FIM needs a v3 or later tokenizer"),
         (["--ckpt", folders["v1"], "--instruct", "--tools", folders["tools_json"], "--prompt",
           "hi"], "--tools needs a tokenizer of version v2 or later"),
+        (["--ckpt", folders["text"], "--tokenizer", DATA / "tekken_240718.json", "--prompt", "hi"],
+         "has 131072 tokens but the model in"),
     ]
     for argv, message in cases:
         code, out, err = run_main(sample.main, argv, capsys)
