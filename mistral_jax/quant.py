@@ -24,9 +24,11 @@ never exists at once; compressed-tensors checkpoints (llm-compressor, e.g.
 FP8-dynamic) are read as they are stored (`read_compressed_tensors`,
 `checkpoint_abstract`), never dequantized.
 
-Speed: `qeinsum` is the one place the matmul happens. On CPU it is
-einsum(x, kernel.astype(x.dtype)) * scale; a fused dequantizing GPU kernel (e.g. Pallas)
-belongs there. None is wired in yet: no speed claim is made for quantized decode.
+Speed: `qeinsum` is the one place the matmul happens. By default it is
+einsum(x, kernel.astype(x.dtype)) * scale, left to XLA. `qmatmul_pallas` is a fused
+dequantizing Pallas kernel for decode-sized matmuls, selected with
+MISTRAL_JAX_QMATMUL=pallas; it is checked for correctness in the Pallas interpreter on
+CPU but has not been run or timed on a GPU, so no speed claim is made for either path.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -198,15 +202,108 @@ def quantize_activations(x: jax.Array, contracted: tuple[int, ...], dtype, input
     return xq.astype(dtype).astype(x.dtype), s
 
 
+# 'xla' (default): einsum(x, kernel.astype(x.dtype)) * scale, left to XLA. 'pallas': the
+# Pallas kernel `qmatmul_pallas` for few-row matmuls (decode) on GPU; 'pallas-interpret':
+# the same kernel run by the Pallas interpreter (any backend; tests). Read at trace time.
+QMATMUL_ENV = "MISTRAL_JAX_QMATMUL"
+QMATMUL_CHOICES = ("xla", "pallas", "pallas-interpret")
+PALLAS_MAX_ROWS = 64  # above this many rows (prefill) the matmul is compute-bound: XLA
+
+
+def qmatmul_implementation() -> str:
+    choice = os.environ.get(QMATMUL_ENV, "xla").lower()
+    if choice not in QMATMUL_CHOICES:
+        raise ValueError(f"{QMATMUL_ENV}={choice!r}: expected one of {QMATMUL_CHOICES}")
+    return choice
+
+
+def _qmatmul_kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, steps: int):
+    import jax.experimental.pallas as pl
+
+    rows, block_n = o_ref.shape[1], o_ref.shape[2]
+    base = pl.program_id(1) * steps * block_k
+
+    def body(i, acc):
+        k = pl.ds(base + i * block_k, block_k)
+        x = x_ref[:, k]
+        return acc + jnp.dot(x, q_ref[k, :].astype(x.dtype), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, block_n), jnp.float32))
+    o_ref[0] = acc * s_ref[...].astype(jnp.float32)[None, :]
+
+
+def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, block_n: int | None = None,
+                   block_k: int | None = None, split_k: int | None = None,
+                   interpret: bool = False) -> jax.Array:
+    """(x @ q.astype(x.dtype)) * scale in one pass over q. x [M, K], q int8/fp8 [K, N],
+    scale [N] -> [M, N] in x.dtype.
+
+    Each program reads a [K / split_k, block_n] slab of q once, converting it in
+    registers, and accumulates in float32; split_k partial sums are added afterwards.
+    Rows are padded to 16 (the smallest dot Triton emits). The default blocks aim at
+    >= 256 programs for a decode step; they are not tuned on hardware: measure first.
+    """
+    import jax.experimental.pallas as pl
+
+    m, k = x.shape
+    n = q.shape[1]
+    block_n = block_n or next(b for b in (32, 16, 8, 4, 2, 1) if n % b == 0)
+    block_k = block_k or next(b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if k % b == 0)
+    if split_k is None:
+        split_k = 1
+        while (n // block_n) * split_k < 256 and (k // block_k) % (2 * split_k) == 0 \
+                and split_k < 16:
+            split_k *= 2
+    if n % block_n or k % (block_k * split_k):
+        raise ValueError(f"qmatmul_pallas: K={k}, N={n} do not divide into blocks "
+                         f"{block_k}x{split_k}, {block_n}")
+    rows = max(16, -(-m // 16) * 16)
+    xp = jnp.pad(x, ((0, rows - m), (0, 0)))
+    out = pl.pallas_call(
+        functools.partial(_qmatmul_kernel, block_k=block_k, steps=k // (block_k * split_k)),
+        grid=(n // block_n, split_k),
+        in_specs=[pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
+                  pl.BlockSpec((k, block_n), lambda j, s: (0, j)),
+                  pl.BlockSpec((block_n,), lambda j, s: (j,))],
+        out_specs=pl.BlockSpec((1, rows, block_n), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((split_k, rows, n), jnp.float32),
+        interpret=interpret,
+    )(xp, q, scale)
+    return out.sum(0)[:m].astype(x.dtype)
+
+
+def _pallas_qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
+                    interpret: bool) -> jax.Array | None:
+    """qeinsum as a 2-D `qmatmul_pallas` when `eqn` is `batch+in, in+out -> batch+out`
+    (every Linear) and the rows are few; None otherwise."""
+    xs, ks, out = _parse(eqn)
+    n_in = len([c for c in ks if c not in out])
+    if xs[len(xs) - n_in:] != ks[:n_in] or out != xs[:len(xs) - n_in] + ks[n_in:]:
+        return None
+    k = math.prod(kernel.shape[:n_in])
+    rows = math.prod(x.shape[:x.ndim - n_in])
+    if rows > PALLAS_MAX_ROWS:
+        return None
+    y = qmatmul_pallas(x.reshape(rows, k), kernel.reshape(k, -1), scale.reshape(-1),
+                       interpret=interpret)
+    return y.reshape(*x.shape[:x.ndim - n_in], *kernel.shape[n_in:])
+
+
 def qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
             input_scale: jax.Array | None = None) -> jax.Array:
     """einsum(eqn, x, dequantized kernel) without materializing the dequantized kernel.
 
     kernel int8/fp8 [in..., out...] (or [lead..., in..., out...]), scale f32 over the kernel
-    dims that reach the output. Accumulates in float32 and returns x.dtype. This is the
-    slot for a fused dequantizing GPU kernel (none is wired in: see the module docstring).
+    dims that reach the output. Accumulates in float32 and returns x.dtype. With
+    MISTRAL_JAX_QMATMUL=pallas (GPU) few-row weight-only matmuls go through the fused
+    `qmatmul_pallas` kernel instead of XLA (off by default: not yet measured on a GPU).
     """
     xs, ks, out = _parse(eqn)
+    impl = qmatmul_implementation()
+    if input_scale is None and impl != "xla":
+        y = _pallas_qeinsum(eqn, x, kernel, scale, interpret=impl == "pallas-interpret")
+        if y is not None:
+            return y
     if input_scale is None:
         y = jnp.einsum(eqn, x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
     else:  # activations quantized too (compressed-tensors W8A8)

@@ -34,6 +34,7 @@ from mistral_jax import (
 from mistral_jax.model import abstract_params
 from mistral_jax.quant import (
     MODES,
+    QMATMUL_ENV,
     dequantize,
     drop_activation_quantization,
     flatten,
@@ -86,6 +87,25 @@ def test_quantized_matmul_equals_matmul_with_the_dequantized_kernel(eqn, shape, 
         q, s = quantize_array(w, MODES[mode], in_dims)
         want = jnp.einsum(eqn, x, dequantize(q, s, in_dims))
         assert rel_err(qeinsum(eqn, x, q, s), want) <= 1e-6
+
+
+@pytest.mark.parametrize("eqn,x_shape,w_shape,n_in", [
+    ("btd,dhk->bthk", (1, 3, 64), (64, 4, 16), 1),
+    ("bthk,hkd->btd", (2, 1, 4, 16), (4, 16, 96), 2),
+    ("btf,fd->btd", (1, 1, 128), (128, 48), 1)])
+def test_fused_pallas_quantized_matmul_equals_the_xla_path(monkeypatch, eqn, x_shape, w_shape,
+                                                           n_in):
+    """The Pallas kernel (run by the interpreter here) computes what the default path does."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    for mode in ("int8", "fp8"):
+        q, s = quantize_array(w, MODES[mode], tuple(range(n_in)))
+        monkeypatch.setenv(QMATMUL_ENV, "xla")
+        want = qeinsum(eqn, x, q, s)
+        monkeypatch.setenv(QMATMUL_ENV, "pallas-interpret")
+        got = qeinsum(eqn, x, q, s)
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-6
 
 
 def test_activation_quantization_matches_a_numpy_reference():
@@ -148,6 +168,19 @@ def test_quantize_at_load_equals_quantizing_the_loaded_model(folder):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
     with pytest.raises(UserInputError, match="quantize must be one of"):
         Transformer.from_folder(path, quantize="int4")
+
+
+def test_quantize_at_load_of_a_converted_folder(folder, tmp_path):
+    from mistral_jax.convert import convert
+
+    args, path = folder
+    converted = tmp_path / "converted"
+    convert(path, converted, dtype="bfloat16")
+    loaded = Transformer.from_folder(converted, dtype="bfloat16", quantize="int8")
+    want = quantize_params(Transformer.from_folder(path, dtype="bfloat16").params, "int8")
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(want)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                                     loaded.params, want))
 
 
 def test_quantized_abstract_params_and_logical_axes_describe_the_quantized_tree(folder):
