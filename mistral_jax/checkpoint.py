@@ -243,7 +243,8 @@ def checkpoint_name(path: ParamPath, expert: int | None, layout: str) -> str:
         prefix = f"model.layers.{m[1]}." if hf else f"layers.{m[1]}."
         if expert is not None:
             experts = "block_sparse_moe.experts" if hf else "feed_forward.experts"
-            return f"{prefix}{experts}.{expert}.{path[-1]}.weight"
+            w, _, leaf = path[-1].partition("_")  # w1, or w1_scale (compressed-tensors)
+            return f"{prefix}{experts}.{expert}.{w}.weight{'_' + leaf if leaf else ''}"
         names = {module: name for name, module in (_HF if hf else _MISTRAL).items()}
         if len(path) >= 3 and path[-1] in ("kernel", "weight") and path[-2] in names:
             return f"{prefix}{names[path[-2]]}.weight"
