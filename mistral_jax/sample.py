@@ -5,8 +5,9 @@
     python -m mistral_jax.sample --ckpt DIR --instruct --tools tools.json --prompt "Weather in Paris?"
     python -m mistral_jax.sample --ckpt DIR --fim-prefix "def add(a, b):" --fim-suffix "print(add(1, 2))"
 
-Each answer goes to stdout (several prompts: each followed by a `=====` line); a tool-call
-answer is printed as a JSON list of {"name", "arguments"}. Load time, compile time,
+Each answer goes to stdout (several prompts: each followed by a `=====` line): for a plain
+prompt the text that continues it, for --instruct the assistant's answer, for FIM the
+middle; a tool-call answer is printed as a JSON list of {"name", "arguments"}. Load time, compile time,
 tokens/s and time to first token go to stderr.
 """
 
@@ -109,6 +110,12 @@ def tool_calls_json(calls: Sequence[ToolCall]) -> str:
     return json.dumps(out, ensure_ascii=False)
 
 
+def continuation(prompt: Sequence[int], ids: Sequence[int], tok: Tokenizer) -> str:
+    """The text `ids` add after `prompt`, leading space included (a lone decode drops it)."""
+    before, after = tok.decode(prompt), tok.decode([*prompt, *ids])
+    return after[len(before):] if after.startswith(before) else tok.decode(ids)
+
+
 def answer_text(ids: Sequence[int], tok: Tokenizer, parse_tools: bool) -> str:
     """What to print for generated ids: their text, or the parsed tool calls as JSON."""
     if not parse_tools:
@@ -140,8 +147,12 @@ def _main(argv: Sequence[str] | None) -> int:
     model = cli.load_model(ns, folder)
     outputs, stats = cli.timed_generate(prompts, model, eos_id=tok.eos_id,
                                         **cli.sampling_kwargs(ns))
-    for ids in outputs:
-        print(answer_text(ids, tok, parse_tools=tools is not None), flush=True)
+    plain = not ns.instruct and ns.fim_prefix is None and ns.fim_suffix is None
+    for prompt, ids in zip(prompts, outputs):
+        if plain:
+            print(continuation(prompt, ids, tok), flush=True)
+        else:
+            print(answer_text(ids, tok, parse_tools=tools is not None), flush=True)
         if len(outputs) > 1:
             print(SEPARATOR, flush=True)
     cli.log(f"compiled in {stats.compile_s:.2f} s")

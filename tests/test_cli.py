@@ -148,6 +148,14 @@ def expected(tok: Tokenizer, text: str) -> str:
     return tok.decode(tok.encode(text, bos=False))
 
 
+def expected_continuation(tok: Tokenizer, prompt: str) -> str:
+    """How sample prints a plain completion: the text after the prompt, leading space kept."""
+    ids = tok.encode(prompt, bos=True)
+    full = tok.decode(ids + tok.encode(PLAIN[prompt], bos=False))
+    assert full.startswith(tok.decode(ids))
+    return full[len(tok.decode(ids)):]
+
+
 def run_module(module: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run([sys.executable, "-m", module, *argv], input=stdin, text=True,
@@ -164,7 +172,7 @@ def test_sample_batch_prints_each_completion_and_timings(folders, tok):
     assert res.returncode == 0, res.stderr
     want = []
     for p in prompts:
-        want += [expected(tok, PLAIN[p]), sample.SEPARATOR]
+        want += [expected_continuation(tok, p), sample.SEPARATOR]
     assert res.stdout.splitlines() == want
     for part in ("loading text", "loaded ", "compiled in ", "tokens/s", "time to first token"):
         assert part in res.stderr
@@ -219,7 +227,7 @@ def test_hf_layout_folder_gives_the_same_completion(folders, tok, capsys):
     prompt = "The cat"
     code, out, err = run_main(sample.main, ["--ckpt", folders["hf"], "--prompt", prompt], capsys)
     assert code == 0, err
-    assert out == expected(tok, PLAIN[prompt]) + "\n"
+    assert out == expected_continuation(tok, prompt) + "\n"
 
 
 def test_converted_orbax_folder_gives_the_same_completion(folders, tok, capsys, tmp_path):
@@ -230,7 +238,7 @@ def test_converted_orbax_folder_gives_the_same_completion(folders, tok, capsys, 
     code, out, err = run_main(sample.main, ["--ckpt", tmp_path / "converted", "--prompt", prompt],
                               capsys)
     assert code == 0, err
-    assert out == expected(tok, PLAIN[prompt]) + "\n"
+    assert out == expected_continuation(tok, prompt) + "\n"
 
 
 def test_instruct_sample_follows_the_chat_template(folders, tok, capsys):
@@ -257,7 +265,7 @@ def test_no_ckpt_runs_the_built_in_demo_model(folders, tok, capsys, monkeypatch,
     monkeypatch.setattr(cli, "demo_model_folder", lambda: folders["text"])
     code, out, err = run_main(sample.main, ["--prompt", "The cat"], capsys)
     assert code == 0, err
-    assert out == expected(tok, PLAIN["The cat"]) + "\n"
+    assert out == expected_continuation(tok, "The cat") + "\n"
     assert "built-in demo model" in err
 
 
