@@ -28,6 +28,7 @@ import numpy as np
 from mistral_jax.args import ModelArgs, load_args
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
 from mistral_jax.sampling import make_strategy
+from mistral_jax.sharding import gather, initialize_distributed, parse_mesh_spec, use_mesh
 from mistral_jax.tokenizer import Tokenizer, load_tokenizer
 from mistral_jax.transformer import DTYPES, Transformer
 
@@ -59,7 +60,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--ckpt, --tokenizer, --dtype, --lora, --quantize: which model to load and how (see `load_model`)."""
+    """--ckpt, --tokenizer, --dtype, --lora, --quantize, --mesh (+ multi-host flags): which
+    model to load and how (see `load_model`)."""
     parser.add_argument(
         "--ckpt", metavar="DIR", type=Path, default=None,
         help="model folder: Mistral layout (params.json + consolidated.safetensors), "
@@ -79,6 +81,19 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--quantize", default=None, choices=["int8", "fp8", "fp8-tensor"],
         help="quantize the attention and feed-forward weights as they load (weight-only; "
         "compressed-tensors fp8/int8 checkpoints are loaded quantized without this flag)")
+    parser.add_argument(
+        "--mesh", metavar="SPEC", default=None,
+        help="shard the model over several devices: 'data=1,tensor=4,expert=2' (sizes "
+        "multiply to the device count, absent axes are 1) or 'auto' (every device along "
+        "tensor); default: one device")
+    parser.add_argument(
+        "--coordinator", metavar="HOST:PORT", default=None,
+        help="multi-host: address of process 0 (else $JAX_COORDINATOR_ADDRESS); run the "
+        "same command on every host")
+    parser.add_argument("--num-processes", metavar="N", type=int_at_least(1), default=None,
+                        help="multi-host: number of processes (else $JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", metavar="I", type=int_at_least(0), default=None,
+                        help="multi-host: this process, 0..N-1 (else $JAX_PROCESS_ID)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens: int | None,
@@ -137,7 +152,14 @@ def resolve_ckpt(ns: argparse.Namespace) -> Path:
 
 
 def prepare(ns: argparse.Namespace) -> tuple[Path, ModelArgs, Tokenizer]:
-    """Folder, args and tokenizer of the requested model, without reading any weight."""
+    """Folder, args and tokenizer of the requested model, without reading any weight.
+
+    Joins a multi-host run first (before anything touches a device) when asked to.
+    """
+    initialize_distributed(getattr(ns, "coordinator", None), getattr(ns, "num_processes", None),
+                           getattr(ns, "process_id", None))
+    if getattr(ns, "mesh", None) not in (None, "auto"):
+        parse_mesh_spec(ns.mesh)
     folder = resolve_ckpt(ns)
     args, _ = load_args(folder)
     tok_path = ns.tokenizer if ns.tokenizer is not None else folder
@@ -171,7 +193,8 @@ def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: Model
 def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
     """Read the weights of `folder` as the flags ask (progress bar, then the load time)."""
     kwargs: dict[str, Any] = dict(dtype=ns.dtype, progress=True)
-    # Flags that change loading go here, each one line: kwargs["mesh"] = ns.mesh, ...
+    # Flags that change loading go here, each one line.
+    kwargs["mesh"] = getattr(ns, "mesh", None)
     kwargs["lora_path"] = getattr(ns, "lora", None)
     kwargs["quantize"] = getattr(ns, "quantize", None)
     model = Transformer.from_folder(folder, **kwargs)
@@ -254,8 +277,9 @@ def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_
         jax.block_until_ready(state.tokens)
         first = time.perf_counter() - start
         compile_first = compile_timer.seconds
-        state = decode_jit(model.params, state, eos, jnp.int32(max_tokens), **static)
-        tokens = np.asarray(jax.device_get(state.tokens))[: len(prompts), :max_tokens]
+        with use_mesh(getattr(model, "mesh", None)):  # as generate does (sharding.py)
+            state = decode_jit(model.params, state, eos, jnp.int32(max_tokens), **static)
+        tokens = gather(state.tokens)[: len(prompts), :max_tokens]
         total = time.perf_counter() - start
     stop = (tokens == -1) | (tokens == (-1 if eos_id is None else eos_id))  # [B, N]
     lengths = np.where(stop.any(axis=1), stop.argmax(axis=1), max_tokens)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DENSE_MESHES = ("tensor=2", "tensor=4", "tensor=8")
 MOE_MESHES = ("expert=2", "expert=4", "expert=8", "tensor=4,expert=2", "data=2,tensor=2,expert=2")
+CLI_MESH = "data=2,tensor=4"  # the built-in demo model has 4 heads
 MULTIHOST_MESHES = ("tensor=4,expert=2",)  # as the README runs 8x22B on 2 hosts: tensor=8,expert=2
 MAX_TOKENS = 5
 
@@ -97,7 +98,23 @@ def meshes(out: Path) -> None:
                               "mesh": dict(model.mesh.shape)}
             results[name] = {"reference": reference, "runs": runs,
                              "cpu_s": time.process_time() - start}
+    results["cli"] = {str(spec): sample_cli(spec) for spec in (None, CLI_MESH)}
     out.write_text(json.dumps(results))
+
+
+def sample_cli(mesh: str | None) -> dict:
+    """`python -m mistral_jax.sample` on the built-in demo model, greedy, with `--mesh`."""
+    import contextlib
+    import io
+
+    from mistral_jax import sample
+
+    argv = ["--prompt", "def add(a, b):", "--max-tokens", "8", "--temperature", "0",
+            "--dtype", "float32"] + ([] if mesh is None else ["--mesh", mesh])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = sample.main(argv)
+    return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()[-2000:]}
 
 
 def multihost(out: Path, folder: Path, coordinator: str, num_processes: int,

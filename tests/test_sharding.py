@@ -248,3 +248,24 @@ def test_kv_cache_is_split_like_its_heads(eight_devices):
     assert runs["tensor=8"]["cache_k_spec"] == [None, None, None, None]  # 2 KV heads
     mixed = eight_devices["moe"]["runs"]["data=2,tensor=2,expert=2"]["cache_k_spec"]
     assert mixed == ["data", None, "tensor", None]
+
+
+@pytest.mark.slow
+def test_sample_cli_with_mesh_flag_prints_the_single_device_text(eight_devices):
+    from sharding_worker import CLI_MESH
+
+    one, meshed = eight_devices["cli"]["None"], eight_devices["cli"][CLI_MESH]
+    assert one["status"] == 0 and meshed["status"] == 0, (one["stderr"], meshed["stderr"])
+    assert meshed["stdout"].strip() and meshed["stdout"] == one["stdout"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("tensor=2", "needs 2 devices but 1 are available"),
+    ("model=2", "unknown axis 'model'"),
+])
+def test_sample_cli_rejects_a_bad_mesh_in_one_line(flag, message, capsys):
+    from mistral_jax import sample
+
+    assert sample.main(["--prompt", "x", "--max-tokens", "2", "--mesh", flag]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the demo-model notice
+    assert last.startswith("error: ") and message in last
