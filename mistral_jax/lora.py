@@ -225,6 +225,7 @@ def load_lora(path: str | Path, args: ModelArgs, *, dtype: Any = jnp.float32,
 
 
 def is_lora_leaf(path: ParamPath) -> bool:
+    """Whether a param path is an unmerged adapter leaf (`lora_a`, `w1_lora_b`, ...)."""
     return any(path[-1] == leaf or path[-1].endswith("_" + leaf) for leaf in LORA_LEAVES)
 
 

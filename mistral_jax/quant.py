@@ -95,6 +95,7 @@ def qmax(dtype) -> float:
 
 
 def is_quantized(x) -> bool:
+    """Whether an array (or ShapeDtypeStruct) is stored int8 or float8_e4m3fn."""
     return jnp.dtype(x.dtype) in QUANTIZED_DTYPES
 
 
@@ -117,6 +118,7 @@ def split_dims(path: ParamPath, ndim: int) -> tuple[tuple[int, ...], tuple[int, 
 
 
 def is_linear_weight(path: ParamPath, ndim: int) -> bool:
+    """Whether the param at `path` is a Linear kernel or a stacked [E, in, out] expert weight."""
     return path[-1] == "kernel" or (ndim == 3 and path[-1] in ("w1", "w2", "w3"))
 
 
@@ -211,6 +213,7 @@ PALLAS_MAX_ROWS = 64  # above this many rows (prefill) the matmul is compute-bou
 
 
 def qmatmul_implementation() -> str:
+    """MISTRAL_JAX_QMATMUL, checked: 'xla' (default), 'pallas' or 'pallas-interpret'."""
     choice = os.environ.get(QMATMUL_ENV, "xla").lower()
     if choice not in QMATMUL_CHOICES:
         raise ValueError(f"{QMATMUL_ENV}={choice!r}: expected one of {QMATMUL_CHOICES}")
@@ -321,6 +324,7 @@ def qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
 
 
 def flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
+    """Nested dicts -> {path tuple: leaf}."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -331,6 +335,7 @@ def flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
 
 
 def unflatten(flat: dict[ParamPath, Any]) -> dict:
+    """{path tuple: leaf} -> nested dicts (the inverse of `flatten`)."""
     tree: dict = {}
     for path, v in flat.items():
         node = tree
