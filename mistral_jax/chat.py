@@ -64,11 +64,14 @@ def answer_budget(prompt: list[int], ns: argparse.Namespace, args: ModelArgs) ->
 
 
 def answer(model: Transformer, tok: Tokenizer, prompt: list[int], max_tokens: int,
-           ns: argparse.Namespace, first_turn: bool) -> str:
-    """Stream one answer to stdout; returns its text (cut short by Ctrl-C)."""
+           ns: argparse.Namespace, turn: int) -> str:
+    """Stream the answer of turn 0, 1, ... to stdout; returns its text (cut short by Ctrl-C).
+
+    Turn n samples with seed `--seed + n`, so asking again after /reset gives a new draw.
+    """
     stream = StreamDecoder(tok)
     ids: list[int] = []
-    sampling = {**cli.sampling_kwargs(ns), "max_tokens": max_tokens}
+    sampling = {**cli.sampling_kwargs(ns), "max_tokens": max_tokens, "seed": ns.seed + turn}
     with cli.CompileTimer() as compile_timer:
         start = time.perf_counter()
         first = None
@@ -86,7 +89,7 @@ def answer(model: Transformer, tok: Tokenizer, prompt: list[int], max_tokens: in
         sys.stdout.write(stream.flush() + "\n")
         sys.stdout.flush()
         total = time.perf_counter() - start - compile_timer.seconds
-    if first_turn or compile_timer.seconds > 0:
+    if turn == 0 or compile_timer.seconds > 0:
         cli.log(f"compiled in {compile_timer.seconds:.2f} s")
     stats = cli.GenStats(n_tokens=len(ids), first_token_s=first or 0.0, total_s=total,
                          compile_s=compile_timer.seconds)
@@ -114,7 +117,7 @@ def _main(argv: Sequence[str] | None) -> int:
             pass
     cli.log(f"chat with {folder} ({HELP})")
     messages: list[dict[str, Any]] = []
-    first_turn = True
+    n_answers = 0
     while True:
         try:
             text = read_message(interactive)
@@ -140,8 +143,8 @@ def _main(argv: Sequence[str] | None) -> int:
         except MistralJaxError as e:  # this turn only: the chat goes on
             cli.log(f"error: {' '.join(str(e).split())} (/reset starts a new conversation)")
             continue
-        reply = answer(model, tok, prompt, max_tokens, ns, first_turn)
-        first_turn = False
+        reply = answer(model, tok, prompt, max_tokens, ns, n_answers)
+        n_answers += 1
         messages = turn
         if reply:  # mistral-common rejects an empty assistant message
             messages.append({"role": "assistant", "content": reply})
