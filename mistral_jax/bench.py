@@ -7,20 +7,23 @@ A preset (or `--ckpt FOLDER`) gives the model; random weights are made on the de
 a jitted `init_params`, so 7B-size presets never touch the host. For each batch size B,
 prompt length P and generation length G it reports:
 
-- compile: seconds to lower + compile the prefill program and the decode-step program
-  (JAX's persistent compilation cache, on by default, makes a second start skip most of it);
+- compile: seconds to lower + compile the prefill program, the decode loop and the
+  single decode step (JAX's persistent compilation cache, on by default, makes a second
+  start skip most of it); generate's own compile time is reported too;
 - prefill: `forward` over P tokens into a fresh cache plus the greedy first token, fetched
   to the host (time to first token), as tokens/s, TFLOP/s and MFU against a stated peak
-  (bf16/fp16 on known GPUs) or, elsewhere, a matmul measured in this run;
-- decode: the jitted one-token step (cache donated, greedy sampling fused in, no host
-  round trip between steps) in ms/step and tokens/s, and the bandwidth floor: bytes read
-  per step (weights, except the embedding table of which only B rows are read; for MoE
-  only the experts B tokens are expected to pick; the whole KV cache buffer) divided by a
-  device-copy bandwidth measured in the same run;
+  (bf16/fp16 on known GPUs) or, elsewhere, a matmul measured in this run. FLOPs count the
+  logits of all P tokens, since `forward` computes them;
+- decode: G - 1 one-token steps (cache donated, greedy sampling fused in) inside one
+  jitted `fori_loop`, as generate's loop runs them, in ms/step and tokens/s; the same
+  step dispatched once per token from Python (what a streaming loop pays) in ms/step;
+  and the bandwidth floor: bytes read per step (weights, except the embedding table of
+  which only B rows are read; for MoE only the experts B tokens are expected to pick;
+  the whole KV cache buffer) divided by a device-copy bandwidth measured in the same run;
 - generate: wall time of `generate.generate_from_params` (prefill + `lax.while_loop`
-  decode) for the same prompts, in generated tokens/s;
-- peak memory: the device allocator's peak where it reports one (GPU), else XLA's
-  estimate for the larger compiled program (arguments + outputs + temporaries);
+  decode, host work included) for the same prompts, in generated tokens/s;
+- peak memory: the device allocator's peak so far where it reports one (GPU), else
+  XLA's estimate for the largest compiled program (arguments + outputs + temporaries);
 - with `--vs-transformers`: transformers' MistralForCausalLM / MixtralForCausalLM built
   from the same weights and dtype on the same device, its prefill and greedy `generate`
   on the same prompts, the ratios, and the logits' relative error between the two.
@@ -225,6 +228,16 @@ def decode_step(params, token: jax.Array, position: jax.Array, cache, *, args: M
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), position + 1, cache
 
 
+def decode_loop(params, token: jax.Array, position: jax.Array, cache, *, args: ModelArgs,
+                n_steps: int):
+    """`decode_step` n_steps times inside one program (as generate's loop): no dispatch per step."""
+
+    def body(_, carry):
+        return decode_step(params, *carry, args=args)
+
+    return jax.lax.fori_loop(0, n_steps, body, (token, position, cache))
+
+
 def _memory_estimate(compiled) -> int | None:
     try:
         m = compiled.memory_analysis()
@@ -321,7 +334,11 @@ def build_transformers_model(params, args: ModelArgs, device: str):
     """transformers' model (eval mode, default sdpa attention) holding copies of `params`."""
     import torch
     import transformers
-    from transformers.initialization import no_init_weights
+
+    try:  # skips the random init of weights that are overwritten anyway
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     dtype = params["embedding"].dtype
     torch_dtype = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16,
@@ -428,29 +445,41 @@ def bench_config(params, args: ModelArgs, hw: Hardware, *, batch: int, prompt_le
     row["compile_prefill_s"] = time.perf_counter() - start
     vec = jax.ShapeDtypeStruct((batch,), jnp.int32)
     abstract_cache = jax.eval_shape(lambda: init_cache(args, batch, cache_len, dtype))
+    n_steps = gen_len - 1
+    start = time.perf_counter()
+    loop = jax.jit(functools.partial(decode_loop, args=args, n_steps=n_steps),
+                   donate_argnums=(3,)).lower(params, vec, vec, abstract_cache).compile()
+    row["compile_decode_s"] = time.perf_counter() - start
     start = time.perf_counter()
     step = jax.jit(functools.partial(decode_step, args=args), donate_argnums=(3,)).lower(
         params, vec, vec, abstract_cache).compile()
-    row["compile_decode_s"] = time.perf_counter() - start
+    row["compile_step_s"] = time.perf_counter() - start
 
-    n_steps = gen_len - 1
-    ttfts, steps = [], []
+    start_position = jnp.full((batch,), prompt_len, jnp.int32)
+    ttfts, loops, steps = [], [], []
     for r in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
         token, cache = prefill(params, tokens)
         np.asarray(token)  # the first token reaches the host
         ttft = time.perf_counter() - start
-        position = jnp.full((batch,), prompt_len, jnp.int32)
+        start = time.perf_counter()
+        token, _, cache = jax.block_until_ready(loop(params, token, start_position, cache))
+        loop_s = (time.perf_counter() - start) / n_steps
+        del cache
+        token, cache = jax.block_until_ready(prefill(params, tokens))
+        position = start_position
         start = time.perf_counter()
         for _ in range(n_steps):  # dispatched asynchronously: no host round trip per token
             token, position, cache = step(params, token, position, cache)
         jax.block_until_ready(token)
+        step_s = (time.perf_counter() - start) / n_steps
+        del cache
         if r:
             ttfts.append(ttft)
-            steps.append((time.perf_counter() - start) / n_steps)
-        del cache
+            loops.append(loop_s)
+            steps.append(step_s)
 
-    ttft, step_s = statistics.median(ttfts), statistics.median(steps)
+    ttft, loop_s = statistics.median(ttfts), statistics.median(loops)
     flops = prefill_flops(args, batch, prompt_len)
     moved = decode_bytes(args, params, batch, cache_len, dtype)
     row.update(
@@ -458,12 +487,13 @@ def bench_config(params, args: ModelArgs, hw: Hardware, *, batch: int, prompt_le
         prefill_tok_s=batch * prompt_len / ttft,
         prefill_tflops=flops / ttft / 1e12,
         prefill_mfu_pct=100 * flops / ttft / hw.peak_flops,
-        decode_ms_step=step_s * 1e3,
-        decode_tok_s=batch / step_s,
+        decode_ms_step=loop_s * 1e3,
+        decode_tok_s=batch / loop_s,
+        step_dispatch_ms=statistics.median(steps) * 1e3,
         decode_bytes_per_step=moved["total"],
         decode_kv_bytes_per_step=moved["kv"],
         bandwidth_floor_ms=moved["total"] / hw.copy_bandwidth * 1e3,
-        pct_of_bandwidth_floor=100 * moved["total"] / hw.copy_bandwidth / step_s,
+        pct_of_bandwidth_floor=100 * moved["total"] / hw.copy_bandwidth / loop_s,
     )
 
     prompts = tokens_np.tolist()
@@ -485,7 +515,7 @@ def bench_config(params, args: ModelArgs, hw: Hardware, *, batch: int, prompt_le
     if peak is not None:
         row.update(peak_memory_bytes=peak, memory_source="device peak_bytes_in_use")
     else:
-        estimates = [m for m in (_memory_estimate(prefill), _memory_estimate(step)) if m]
+        estimates = [m for m in map(_memory_estimate, (prefill, loop, step)) if m]
         row.update(peak_memory_bytes=max(estimates) if estimates else None,
                    memory_source="XLA memory_analysis of the larger program")
 
@@ -509,8 +539,9 @@ COLUMNS = (  # (header, key, format)
     ("TFLOP/s", "prefill_tflops", "{:.3f}"), ("MFU %", "prefill_mfu_pct", "{:.1f}"),
     ("decode ms/step", "decode_ms_step", "{:.3f}"), ("decode tok/s", "decode_tok_s", "{:.1f}"),
     ("% BW floor", "pct_of_bandwidth_floor", "{:.1f}"),
+    ("ms/step, one dispatch each", "step_dispatch_ms", "{:.3f}"),
     ("generate tok/s", "generate_tok_s", "{:.1f}"),
-    ("compile s (prefill+step)", "compile_s", "{:.2f}"),
+    ("compile s (prefill+decode)", "compile_s", "{:.2f}"),
     ("peak mem GB", "peak_memory_gb", "{:.3f}"),
     ("HF generate tok/s", "hf_generate_tok_s", "{:.1f}"), ("vs HF", "vs_hf_generate", "{:.2f}x"),
 )
@@ -547,6 +578,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"prefill attention kernel (sets {ATTENTION_ENV}, see layers.py)")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time transformers' PyTorch model on the same weights")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch CPU threads for --vs-transformers (default: torch's own)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="buffer for the copy-bandwidth probe (default 1024 on GPU, 256 elsewhere)")
     p.add_argument("--matmul-n", type=int, default=None,
@@ -570,6 +603,8 @@ def _validate(ns: argparse.Namespace) -> None:
         raise UserInputError("--gen-len values must be >= 2 (one prefill token + decode steps)")
     if ns.repeats < 1:
         raise UserInputError("--repeats must be >= 1")
+    if ns.torch_threads is not None and ns.torch_threads < 1:
+        raise UserInputError("--torch-threads must be >= 1")
     if ns.ckpt is not None and not ns.ckpt.is_dir():
         raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
 
@@ -619,11 +654,13 @@ def run(ns: argparse.Namespace) -> dict:
         import transformers
 
         hf_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        if ns.torch_threads:
+            torch.set_num_threads(ns.torch_threads)
         hf_model = build_transformers_model(params, args, hf_device)
         n = min(min(ns.prompt_len), 64)
         probe = np.random.default_rng(ns.seed).integers(0, args.vocab_size, (1, n))
         meta.update(torch=torch.__version__, transformers=transformers.__version__,
-                    hf_device=hf_device,
+                    hf_device=hf_device, torch_threads=torch.get_num_threads(),
                     hf_logits_rel_err=hf_logits_rel_err(hf_model, params, args, probe))
 
     results = []

@@ -196,7 +196,8 @@ def test_bench_cli_reports_every_figure_for_each_batch_size(tmp_path, capsys):
     assert meta["hf_logits_rel_err"] <= 1e-5
     assert [r["batch"] for r in result["results"]] == [1, 2]
     for row in result["results"]:
-        for key in ("compile_prefill_s", "compile_decode_s", "ttft_ms", "prefill_tok_s",
+        for key in ("compile_prefill_s", "compile_decode_s", "compile_step_s", "ttft_ms",
+                    "prefill_tok_s", "step_dispatch_ms",
                     "prefill_tflops", "prefill_mfu_pct", "decode_ms_step", "decode_tok_s",
                     "decode_bytes_per_step", "bandwidth_floor_ms", "pct_of_bandwidth_floor",
                     "generate_s", "generate_tok_s", "peak_memory_bytes", "hf_ttft_ms",
