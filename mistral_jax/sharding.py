@@ -44,6 +44,7 @@ import functools
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -532,3 +533,68 @@ def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(rows, rows, rows, w_in, w_out, w_in),
                          out_specs=rows, check_vma=False)(x, weights, experts, w1, w2, w3)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def bytes_per_device_plan(args: ModelArgs, mesh: Mesh | Mapping[str, int],
+                          dtype: Any = jnp.bfloat16) -> dict[str, int]:
+    """What each device holds under the rules, computed from shapes (nothing allocated).
+
+    Returns {'params': bytes of weights per device, 'params_total': bytes of all weights,
+    'kv_per_token': KV cache bytes per cached token of one sequence, per device}.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    sizes = mesh_sizes(mesh)
+    per_device = total = 0
+    for p, (shape, axes) in _declared(args).items():
+        spec = _spec(shape, axes, mesh, "/".join(p), RULES)
+        n = math.prod(shape) * itemsize
+        total += n
+        per_device += n // math.prod(sizes[a] for a in spec if a is not None)
+    kv_spec = logical_to_spec((1, 1, args.n_kv_heads, args.head_dim), CACHE_AXES["k"], mesh,
+                              what="cache")
+    kv_heads = args.n_kv_heads // (sizes["tensor"] if "tensor" in kv_spec else 1)
+    kv = 2 * args.n_layers * kv_heads * args.head_dim * itemsize
+    return {"params": per_device, "params_total": total, "kv_per_token": kv}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mistral_jax.sharding FOLDER --mesh SPEC`: per-device memory of a mesh.
+
+    Reads only the folder's params.json / config.json (no weights, no devices needed),
+    so a mesh can be checked before downloading or loading a model.
+    """
+    import argparse
+
+    from mistral_jax.args import load_args
+    from mistral_jax.errors import MistralJaxError
+
+    p = argparse.ArgumentParser(prog="python -m mistral_jax.sharding",
+                                description=main.__doc__.splitlines()[0])
+    p.add_argument("folder", help="model folder with params.json or config.json")
+    p.add_argument("--mesh", required=True, help="e.g. 'tensor=8' or 'tensor=8,expert=2'")
+    p.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype")
+    ns = p.parse_args(argv)
+    try:
+        from mistral_jax.transformer import resolve_dtype
+
+        args, _ = load_args(ns.folder)
+        sizes = parse_mesh_spec(ns.mesh)
+        plan = bytes_per_device_plan(args, sizes, resolve_dtype(ns.dtype))
+    except MistralJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gib = 1024 ** 3
+    print(f"mesh {','.join(f'{a}={n}' for a, n in sizes.items())} "
+          f"({math.prod(sizes.values())} devices), {ns.dtype}")
+    print(f"weights: {plan['params_total'] / gib:.2f} GiB in all, "
+          f"{plan['params'] / gib:.2f} GiB per device")
+    print(f"KV cache: {plan['kv_per_token'] / 1024:.1f} KiB per device per cached token "
+          f"of one sequence")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

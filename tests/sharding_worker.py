@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DENSE_MESHES = ("tensor=2", "tensor=4", "tensor=8")
 MOE_MESHES = ("expert=2", "expert=4", "expert=8", "tensor=4,expert=2", "data=2,tensor=2,expert=2")
+CONVERTED_MESH = "tensor=4,expert=2"  # same shardings as that MOE_MESHES run: no new compile
 CLI_MESH = "data=2,tensor=4"  # the built-in demo model has 4 heads
 MULTIHOST_MESHES = ("tensor=4,expert=2",)  # as the README runs 8x22B on 2 hosts: tensor=8,expert=2
 MAX_TOKENS = 5
@@ -96,6 +97,14 @@ def meshes(out: Path) -> None:
                 runs[spec] = {**run(model, tokens, prompts), **leaf_report(model),
                               "cache_k_spec": [a for a in cache[0]["k"].sharding.spec],
                               "mesh": dict(model.mesh.shape)}
+            if name == "moe":  # a converted (Orbax) folder, restored shard by shard
+                from mistral_jax.convert import convert
+
+                convert(folder, Path(tmp) / "converted", dtype="float32")
+                model = Transformer.from_folder(Path(tmp) / "converted", dtype="float32",
+                                                mesh=CONVERTED_MESH)
+                runs["converted"] = {"logits": np.asarray(model.logits(tokens)).tolist(),
+                                     **leaf_report(model), "mesh": dict(model.mesh.shape)}
             results[name] = {"reference": reference, "runs": runs,
                              "cpu_s": time.process_time() - start}
     results["cli"] = {str(spec): sample_cli(spec) for spec in (None, CLI_MESH)}

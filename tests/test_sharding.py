@@ -269,3 +269,37 @@ def test_sample_cli_rejects_a_bad_mesh_in_one_line(flag, message, capsys):
     assert sample.main(["--prompt", "x", "--max-tokens", "2", "--mesh", flag]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the demo-model notice
     assert last.startswith("error: ") and message in last
+
+
+@pytest.mark.slow
+def test_converted_checkpoint_restores_straight_into_shards(eight_devices):
+    from sharding_worker import CONVERTED_MESH
+
+    runs = eight_devices["moe"]["runs"]
+    restored, loaded = runs["converted"], runs[CONVERTED_MESH]
+    assert restored["mesh"] == loaded["mesh"]
+    assert restored["leaves"] == loaded["leaves"]  # same shard sizes on every device
+    np.testing.assert_array_equal(restored["logits"], loaded["logits"])
+    assert rel_err(restored["logits"], eight_devices["moe"]["reference"]["logits"]) <= 1e-5
+
+
+def test_memory_plan_divides_the_split_weights_and_names_bad_meshes(tmp_path, capsys):
+    from mistral_jax.args import args_to_params_json
+    from mistral_jax.sharding import bytes_per_device_plan, main
+
+    args = tiny_moe_args(n_heads=8, n_kv_heads=2, moe=MoeArgs(8, 2))
+    one = bytes_per_device_plan(args, {"tensor": 1}, np.float32)
+    assert one["params"] == one["params_total"] == args.n_params * 4
+    plan = bytes_per_device_plan(args, {"tensor": 2, "expert": 4}, np.float32)
+    L, D, V = args.n_layers, args.dim, args.vocab_size
+    experts = 3 * L * 8 * D * args.hidden_dim * 4  # over expert=4 x tensor=2
+    split_by_tensor = 2 * V * D * 4 + L * D * args.head_dim * (2 * 8 + 2 * 2) * 4
+    replicated = L * D * 8 * 4 + (2 * L + 1) * D * 4  # gates and norms
+    assert experts + split_by_tensor + replicated == one["params"]
+    assert plan["params"] == experts // 8 + split_by_tensor // 2 + replicated
+    assert plan["kv_per_token"] == one["kv_per_token"] // 2  # 2 KV heads over tensor=2
+    (tmp_path / "params.json").write_text(json.dumps(args_to_params_json(args)))
+    assert main([str(tmp_path), "--mesh", "tensor=2,expert=4", "--dtype", "float32"]) == 0
+    assert f"{plan['params'] / 1024 ** 3:.2f} GiB per device" in capsys.readouterr().out
+    assert main([str(tmp_path), "--mesh", "expert=16"]) == 2
+    assert "moe.num_experts=8" in capsys.readouterr().err
