@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DENSE_MESHES = ("tensor=2", "tensor=4", "tensor=8")
 MOE_MESHES = ("expert=2", "expert=4", "expert=8", "tensor=4,expert=2", "data=2,tensor=2,expert=2")
+DECODE_HLO_MESHES = ("tensor=8", "expert=8", "data=2,tensor=2,expert=2")
 CONVERTED_MESH = "tensor=4,expert=2"  # same shardings as that MOE_MESHES run: no new compile
 CLI_MESH = "data=2,tensor=4"  # the built-in demo model has 4 heads
 MULTIHOST_MESHES = ("tensor=4,expert=2",)  # as the README runs 8x22B on 2 hosts: tensor=8,expert=2
@@ -73,6 +74,24 @@ def leaf_report(model) -> dict:
             "n_devices": len(per_device)}
 
 
+def decode_collectives(model, batch_size: int = 4) -> list[list]:
+    """[op, element count] of each collective in the compiled decode step (one token per row)."""
+    import re
+
+    from mistral_jax.sharding import shard_batch, use_mesh
+    from mistral_jax.transformer import jit_forward
+
+    cache = model.init_cache(batch_size, 16)
+    tokens, positions = shard_batch(model.mesh, np.ones((batch_size, 1), np.int32),
+                                    np.full((batch_size, 1), 3, np.int32))
+    with use_mesh(model.mesh):
+        text = jit_forward.lower(model.params, tokens, positions, cache,
+                                 args=model.args).compile().as_text()
+    ops = "all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute"
+    return [[m[2], int(np.prod([int(d) for d in m[1].split(",") if d]))]
+            for m in re.finditer(rf"= \w+\[([\d,]*)\]\S* ({ops})(?:-start)?\(", text)]
+
+
 def meshes(out: Path) -> None:
     import jax
     from helpers import random_mistral_state, write_mistral_folder
@@ -97,6 +116,8 @@ def meshes(out: Path) -> None:
                 runs[spec] = {**run(model, tokens, prompts), **leaf_report(model),
                               "cache_k_spec": [a for a in cache[0]["k"].sharding.spec],
                               "mesh": dict(model.mesh.shape)}
+                if spec in DECODE_HLO_MESHES:
+                    runs[spec]["decode_collectives"] = decode_collectives(model)
             if name == "moe":  # a converted (Orbax) folder, restored shard by shard
                 from mistral_jax.convert import convert
 

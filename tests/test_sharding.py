@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from helpers import random_mistral_state, rel_err, tiny_args, tiny_moe_args, write_mistral_folder
 from jax.sharding import Mesh, PartitionSpec
-from sharding_worker import DENSE_MESHES, MOE_MESHES, tiny_models
+from sharding_worker import DECODE_HLO_MESHES, DENSE_MESHES, MOE_MESHES, tiny_models
 
 from mistral_jax.args import MoeArgs
 from mistral_jax.errors import ConfigError, UserInputError
@@ -303,3 +303,17 @@ def test_memory_plan_divides_the_split_weights_and_names_bad_meshes(tmp_path, ca
     assert f"{plan['params'] / 1024 ** 3:.2f} GiB per device" in capsys.readouterr().out
     assert main([str(tmp_path), "--mesh", "expert=16"]) == 2
     assert "moe.num_experts=8" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, spec", [c for c in CASES if c[1] in DECODE_HLO_MESHES])
+def test_decode_step_moves_activations_never_weights(eight_devices, model, spec):
+    """Every collective of a compiled decode step is at most [B, D] activations: the
+    weights, experts included, are never gathered (the smallest split weight here is
+    larger than that)."""
+    args = dict(tiny_models())[model]
+    found = eight_devices[model]["runs"][spec]["decode_collectives"]
+    assert any(op == "all-reduce" for op, _ in found)  # the row-parallel sums are there
+    batch_size = 4
+    assert all(n <= batch_size * max(args.dim, 8) for _, n in found), found
+    assert batch_size * args.dim < args.dim * args.hidden_dim // 8
