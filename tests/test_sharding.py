@@ -9,6 +9,7 @@ single-device run of the same weights.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -187,13 +188,24 @@ def test_model_on_a_one_device_mesh_equals_the_unsharded_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-    """Results of `sharding_worker.py meshes` (one subprocess for every mesh and model)."""
-    out = tmp_path_factory.mktemp("meshes") / "out.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(WORKER), "meshes", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """Results of `sharding_worker.py meshes` (one subprocess for every mesh and model).
+
+    Run once per test session even under pytest-xdist: the workers share the session's
+    temp folder, and the first to get the lock runs the subprocess for all of them.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "sharding_eight_devices.json"
+    with open(shared / "sharding_eight_devices.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_file():
+            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                   "JAX_PLATFORMS": "cpu"}
+            partial = out.with_suffix(".partial")
+            proc = subprocess.run([sys.executable, str(WORKER), "meshes", str(partial)],
+                                  env=env, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            partial.rename(out)
     return json.loads(out.read_text())
 
 
