@@ -132,7 +132,7 @@ def meshes(out: Path) -> None:
     out.write_text(json.dumps(results))
 
 
-def sample_cli(mesh: str | None) -> dict:
+def sample_cli(mesh: str | None, *extra: str) -> dict:
     """`python -m mistral_jax.sample` on the built-in demo model, greedy, with `--mesh`."""
     import contextlib
     import io
@@ -140,7 +140,7 @@ def sample_cli(mesh: str | None) -> dict:
     from mistral_jax import sample
 
     argv = ["--prompt", "def add(a, b):", "--max-tokens", "8", "--temperature", "0",
-            "--dtype", "float32"] + ([] if mesh is None else ["--mesh", mesh])
+            "--dtype", "float32", *extra] + ([] if mesh is None else ["--mesh", mesh])
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = sample.main(argv)
@@ -149,9 +149,9 @@ def sample_cli(mesh: str | None) -> dict:
 
 def multihost(out: Path, folder: Path, coordinator: str, num_processes: int,
               process_id: int) -> None:
-    from mistral_jax.sharding import initialize_distributed
-
-    initialize_distributed(coordinator, num_processes, process_id, timeout_s=60)
+    # First the CLI, as the README runs it on each host: its flags join the processes.
+    cli = sample_cli(MULTIHOST_MESHES[0], "--coordinator", coordinator, "--num-processes",
+                     str(num_processes), "--process-id", str(process_id))
     import jax
 
     from mistral_jax.args import load_args
@@ -160,7 +160,7 @@ def multihost(out: Path, folder: Path, coordinator: str, num_processes: int,
     args, _ = load_args(folder)
     tokens, prompts = batch(args.vocab_size)
     results = {"process_count": jax.process_count(), "device_count": jax.device_count(),
-               "local_device_count": jax.local_device_count(), "runs": {}}
+               "local_device_count": jax.local_device_count(), "runs": {}, "cli": cli}
     for spec in MULTIHOST_MESHES:
         model = Transformer.from_folder(folder, dtype="float32", mesh=spec)
         results["runs"][spec] = run(model, tokens, prompts)

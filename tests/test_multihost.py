@@ -2,7 +2,9 @@
 (through `sharding.initialize_distributed`), run one MoE model over the 8-device mesh
 tensor=4,expert=2: heads and hidden dims split inside each process, the experts split
 across the two, so every MoE layer sums over both processes, and the logits and tokens
-are gathered from both. They equal this process's single-device run.
+are gathered from both. They equal this process's single-device run. Each process
+first runs the `sample` CLI with --mesh and the multi-host flags (the README's command),
+which prints what one process prints alone.
 
 CPU collectives across processes use gloo (JAX's default CPU collectives on Linux). The
 run is bounded: both processes are killed after TIMEOUT_S and the test fails with
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import random_mistral_state, rel_err, write_mistral_folder
-from sharding_worker import MULTIHOST_MESHES, batch, run, tiny_models
+from sharding_worker import MULTIHOST_MESHES, batch, run, sample_cli, tiny_models
 
 from mistral_jax.transformer import Transformer
 
@@ -72,3 +74,7 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
         assert np.shape(got["logits"]) == np.shape(reference["logits"])
         assert rel_err(got["logits"], reference["logits"]) <= 1e-5, spec
         assert got["tokens"] == reference["tokens"], spec
+    # `sample --mesh ... --coordinator ... --process-id i` on each process (the demo model)
+    cli, one = result["cli"], sample_cli(None)
+    assert cli["status"] == 0 == one["status"], cli["stderr"]
+    assert cli["stdout"].strip() and cli["stdout"] == one["stdout"]
