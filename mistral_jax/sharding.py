@@ -22,20 +22,36 @@ A size that does not divide its mesh axis raises `ConfigError` naming the parame
 the logical axis and the mesh axis, except for the axes in `REPLICATE_IF_INDIVISIBLE`:
 those are kept whole on every device of that mesh axis instead. That is how a model
 with fewer KV heads than tensor devices (8 KV heads on 16 devices) runs: wk, wv and
-the KV cache are replicated along `tensor` while the query heads stay split, the
-choice vLLM makes too (splitting head_dim instead would add an all-reduce inside
-every attention score). A batch that does not divide `data` is likewise replicated.
+the KV cache are replicated along `tensor` while the query heads stay split. Each
+device then holds every KV head (more cache memory per device than a partial
+replication over tensor / n_kv_heads devices would need, which one tensor axis cannot
+express), but attention stays local; splitting head_dim instead would add an
+all-reduce inside every attention score. A batch that does not divide `data` is
+likewise replicated, and so is a vocabulary that does not divide `tensor`.
 
 Device order: the mesh is filled with `tensor` varying fastest, then `expert`, then
 `data`, over devices sorted by (process, id). A tensor group therefore stays on one
 host whenever `tensor` <= the devices per host, so the per-layer all-reduces of
 tensor parallelism ride NVLink and only the expert/data traffic crosses hosts.
 
+Inside jit, two things need the mesh while tracing, so `Transformer` and `generate`
+trace under `jax.set_mesh(mesh)` (`use_mesh`, found from the params by `mesh_of`):
+`cache.init_cache` pins the cache to batch-on-data / heads-on-tensor (`constrain`),
+and `moe.MoeFeedForward` runs its experts through `expert_parallel`, a `shard_map` in
+which each device uses only its own experts and F-slice (the partitioner alone would
+all-gather the stacked experts for the per-expert gathers of the sparse MoE paths).
+Everything else is left to XLA's propagation from the weights' shardings: a decode
+step then only all-reduces activations (embedding lookup, attention wo, w2 / experts).
+Without a mesh all of this is a no-op and a single-device trace is unchanged.
+
 Multi-host: call `initialize_distributed` (flags or the JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables) before anything touches a
 device, and run the same command on every host; `place_array` builds each global
 array with `jax.make_array_from_callback`, so every process only copies its own
-shards to its devices.
+shards to its devices, and `gather` hands every process the whole of a result.
+
+`python -m mistral_jax.sharding FOLDER --mesh SPEC` prints the weights and KV cache
+per device of a mesh from the folder's params.json alone (`bytes_per_device_plan`).
 """
 
 from __future__ import annotations
