@@ -13,7 +13,7 @@ prompt length P and generation length G it reports:
 - prefill: `forward` over P tokens into a fresh cache plus the greedy first token, fetched
   to the host (time to first token), as tokens/s, TFLOP/s and MFU against a stated peak
   (bf16/fp16 on known GPUs) or, elsewhere, a matmul measured in this run. FLOPs count the
-  logits of all P tokens, since `forward` computes them;
+  output head once per row (`forward(..., logits_index=...)` skips the other positions);
 - decode: G - 1 one-token steps (cache donated, greedy sampling fused in) inside one
   jitted `fori_loop`, as generate's loop runs them, in ms/step and tokens/s; the same
   step dispatched once per token from Python (what a streaming loop pays) in ms/step;
@@ -201,7 +201,8 @@ def prefill_flops(args: ModelArgs, batch: int, prompt_len: int) -> float:
     active = a.moe.num_experts_per_tok if a.moe else 1
     per_layer = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)
     per_layer += 3 * a.dim * a.hidden_dim * active + (a.dim * a.moe.num_experts if a.moe else 0)
-    matmul = 2 * (a.n_layers * per_layer + a.dim * a.vocab_size) * batch * prompt_len
+    # The output head runs on each row's last token only (forward's logits_index).
+    matmul = 2 * (a.n_layers * per_layer * prompt_len + a.dim * a.vocab_size) * batch
     attention = 0
     for window in a.layer_windows:
         w = prompt_len if window is None else min(window, prompt_len)
@@ -218,7 +219,9 @@ def prefill_step(params, tokens: jax.Array, *, args: ModelArgs, cache_len: int,
                  cache_dtype: Any):
     """tokens [B, P] -> (greedy next token [B] int32, filled cache) from a fresh cache."""
     cache = init_cache(args, tokens.shape[0], cache_len, cache_dtype)
-    logits, cache = forward(params, tokens, causal_positions(tokens), cache, args=args)
+    last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32)
+    logits, cache = forward(params, tokens, causal_positions(tokens), cache, args=args,
+                            logits_index=last)  # only the last token goes through the head
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 

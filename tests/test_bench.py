@@ -149,8 +149,10 @@ def test_prefill_flops_and_decode_bytes_follow_the_shapes():
     b, p = 3, 10
     leaves = jax.tree_util.tree_leaves(params)
     n_matmul = sum(x.size for x in leaves if x.ndim >= 2) - params["embedding"].size
+    head = params["output"]["kernel"].size  # the output head runs on the last token only
     attention = args.n_layers * 4 * args.n_heads * args.head_dim * (p * (p + 1) // 2)
-    assert bench.prefill_flops(args, b, p) == 2 * n_matmul * b * p + b * attention
+    expected = 2 * (n_matmul - head) * b * p + 2 * head * b + b * attention
+    assert bench.prefill_flops(args, b, p) == expected
     moved = bench.decode_bytes(args, params, b, 16, jnp.float32)
     weights = sum(x.size for x in leaves) * 4 - params["embedding"].size * 4 + b * args.dim * 4
     assert moved["weights"] == weights
