@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax.args import ModelArgs, load_args
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
 from mistral_jax.sampling import make_strategy
-from mistral_jax.sharding import gather, initialize_distributed, parse_mesh_spec, use_mesh
+from mistral_jax.sharding import initialize_distributed, parse_mesh_spec
 from mistral_jax.tokenizer import Tokenizer, load_tokenizer
 from mistral_jax.transformer import DTYPES, Transformer
 
@@ -264,27 +263,22 @@ def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_
 
     Returns the generated ids per prompt (cut at eos, as `generate` does) and the timings.
     """
-    from mistral_jax.generate import _start, decode_jit
-    from mistral_jax.model import forward, init_cache
+    from mistral_jax.generate import generate
 
-    strategy = make_strategy(temperature, top_p, top_k)
+    marks: dict[str, float] = {}
     with CompileTimer() as compile_timer:
         start = time.perf_counter()
-        state, eos, static = _start(
-            model.params, model.args, prompts, max_tokens=max_tokens, strategy=strategy,
-            seed=seed, eos_id=eos_id, chunk_size=None, dtype=model.dtype, forward=forward,
-            init_cache=init_cache)
-        jax.block_until_ready(state.tokens)
-        first = time.perf_counter() - start
-        compile_first = compile_timer.seconds
-        with use_mesh(getattr(model, "mesh", None)):  # as generate does (sharding.py)
-            state = decode_jit(model.params, state, eos, jnp.int32(max_tokens), **static)
-        tokens = gather(state.tokens)[: len(prompts), :max_tokens]
+
+        def first_token() -> None:
+            marks["first"] = time.perf_counter() - start
+            marks["compile_first"] = compile_timer.seconds
+
+        out, _ = generate(prompts, model, max_tokens=max_tokens, temperature=temperature,
+                          top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id,
+                          on_first_token=first_token)
         total = time.perf_counter() - start
-    stop = (tokens == -1) | (tokens == (-1 if eos_id is None else eos_id))  # [B, N]
-    lengths = np.where(stop.any(axis=1), stop.argmax(axis=1), max_tokens)
-    out = [row[:n].tolist() for row, n in zip(tokens, lengths)]
-    stats = GenStats(n_tokens=int(lengths.sum()), first_token_s=first - compile_first,
+    stats = GenStats(n_tokens=sum(len(o) for o in out),
+                     first_token_s=marks["first"] - marks["compile_first"],
                      total_s=total - compile_timer.seconds, compile_s=compile_timer.seconds)
     return out, stats
 

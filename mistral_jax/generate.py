@@ -310,11 +310,13 @@ def generate_from_params(
     dtype: Any = jnp.float32,
     forward: ForwardFn = model_forward,
     init_cache: InitCacheFn = model_init_cache,
+    on_first_token: Callable[[], None] | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """`generate` with explicit params and args; `dtype` is the KV cache's dtype.
 
     `forward` / `init_cache` (static under jit) default to `mistral_jax.model`'s; any pair
-    with the same contract works, e.g. a toy model in tests.
+    with the same contract works, e.g. a toy model in tests. `on_first_token()` is called
+    once the prefill has produced every row's first token (e.g. to time it).
     """
     strategy = make_strategy(temperature, top_p, top_k)
     state, eos, static = _start(
@@ -330,6 +332,9 @@ def generate_from_params(
         forward=forward,
         init_cache=init_cache,
     )
+    if on_first_token is not None:
+        jax.block_until_ready(state.tokens)
+        on_first_token()
     with use_mesh(mesh_of(params)):
         state = decode_jit(params, state, eos, jnp.int32(max_tokens), **static)
     tokens, logprobs = gather(state.tokens), gather(state.logprobs)  # all processes, multi-host
@@ -352,6 +357,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     chunk_size: int | None = None,
+    on_first_token: Callable[[], None] | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generate up to `max_tokens` ids after each prompt with a `Transformer`.
 
@@ -371,6 +377,7 @@ def generate(
         eos_id=eos_id,
         chunk_size=chunk_size,
         dtype=model.dtype,
+        on_first_token=on_first_token,
     )
 
 

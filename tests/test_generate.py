@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import importlib
 from typing import Any
 
 import jax
@@ -19,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax import generate as gen
 from mistral_jax.errors import UserInputError
 from mistral_jax.generate import bucket, generate, generate_from_params, generate_stream
+
+# The module itself (`mistral_jax.generate` the attribute is the function, as in mistral-inference).
+gen = importlib.import_module("mistral_jax.generate")
 
 # ----------------------------------------------------------------------------- toy model
 
