@@ -157,29 +157,46 @@ def split_windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
 def loss_fn(params, batch: jax.Array, args: ModelArgs, n_unused: int = 0) -> jax.Array:
     """Mean next-token cross-entropy (nats). batch int32 [B, T + 1].
 
-    `n_unused` tokens of the full vocabulary are left out of `args.vocab_size`; their output
-    columns are zero, so each has logit 0 and only adds exp(0) to the softmax normaliser.
+    With `n_unused` > 0 the model is a sub-vocabulary model whose last output column stands for
+    `n_unused` tokens of the full vocabulary that share that column (so share one logit) and
+    never occur in the data: they count n_unused times in the softmax normaliser.
     """
     tokens, targets = batch[:, :-1], batch[:, 1:]
     logits, _ = forward(params, tokens, causal_positions(tokens), None, args=args)
+    if n_unused:
+        shared = logits[..., -1]
+        logits = logits[..., :-1]
     lse = jax.nn.logsumexp(logits, axis=-1)
     if n_unused:
-        lse = jnp.logaddexp(lse, jnp.log(float(n_unused)))
+        lse = jnp.logaddexp(lse, jnp.log(float(n_unused)) + shared)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return (lse - target_logit).mean()
 
 
-def expand_vocab(params, used: np.ndarray, full_init) -> dict:
-    """Sub-vocabulary params -> full-vocabulary params.
+def sub_vocab_params(full, used: np.ndarray) -> dict:
+    """Full-vocabulary params -> the sub-vocabulary model `loss_fn` trains.
 
-    Rows of the embedding for tokens the corpus never uses keep their random init (`full_init`);
-    their output columns are zero, exactly as they were during training.
+    Output columns: the used tokens', then one shared column for all the others (zero at
+    start); embedding rows: the used tokens', then one row that no input ever selects.
+    """
+    emb, out = full["embedding"], full["output"]["kernel"]
+    return {**full,
+            "embedding": jnp.concatenate([emb[used], jnp.zeros_like(emb[:1])]),
+            "output": {"kernel": jnp.concatenate([out[:, used], jnp.zeros_like(out[:, :1])], 1)}}
+
+
+def expand_vocab(params, used: np.ndarray, full_init) -> dict:
+    """Sub-vocabulary params (see `sub_vocab_params`) -> full-vocabulary params.
+
+    Every unused token gets the trained shared output column; its embedding row keeps its
+    random init from `full_init` (no input ever contains it).
     """
     p = jax.tree_util.tree_map(np.asarray, params)
     emb = np.array(full_init["embedding"], np.float32)
-    emb[used] = p["embedding"]
-    out = np.zeros((p["output"]["kernel"].shape[0], emb.shape[0]), np.float32)
-    out[:, used] = p["output"]["kernel"]
+    emb[used] = p["embedding"][:-1]
+    kernel = p["output"]["kernel"]
+    out = np.repeat(kernel[:, -1:], emb.shape[0], axis=1)
+    out[:, used] = kernel[:, :-1]
     return {**p, "embedding": emb, "output": {"kernel": out}}
 
 
@@ -262,12 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     full_args = DEMO_ARGS
     tokenizer = load_tokenizer(tokenizer_path())
     train_stream, val_stream, corpus_sha, stats = corpus(tokenizer)
-    # Train on the sub-vocabulary the corpus uses (exact, see `loss_fn`): ~3x less work in the
-    # output layer, which dominates this model's compute.
+    # Train on the sub-vocabulary the corpus uses, the other tokens sharing one output column
+    # (exact for that model, see `loss_fn`): ~3x less work in the output layer, which
+    # dominates this model's compute.
     used = np.unique(np.concatenate([train_stream, val_stream]))
     lookup = np.full(full_args.vocab_size, -1, np.int32)
     lookup[used] = np.arange(len(used), dtype=np.int32)
-    args = dataclasses.replace(full_args, vocab_size=len(used))
+    args = dataclasses.replace(full_args, vocab_size=len(used) + 1)  # + the shared column
     n_unused = full_args.vocab_size - len(used)
     train = lookup[split_windows(train_stream, opts.seq_len)]
     val = lookup[split_windows(val_stream, opts.seq_len)][:32]
@@ -277,8 +295,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{full_args.n_params / 1e6:.2f}M params", flush=True)
 
     full_init = init_params(full_args, jax.random.PRNGKey(opts.seed), jnp.float32)
-    params = {**full_init, "embedding": full_init["embedding"][used],
-              "output": {"kernel": full_init["output"]["kernel"][:, used]}}
+    params = sub_vocab_params(full_init, used)
     opt, schedule = make_optimizer(opts.lr, opts.warmup, opts.steps, opts.weight_decay)
     opt_state = opt.init(params)
 
