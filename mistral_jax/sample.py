@@ -27,6 +27,9 @@ from mistral_jax.tokenizer import Tokenizer, ToolCall
 
 SEPARATOR = "====================="
 
+# `python -m mistral_jax.sample` alone completes this prompt with the demo model.
+DEFAULT_DEMO_PROMPT = "Return the number of"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(
@@ -80,7 +83,11 @@ def check_flags(ns: argparse.Namespace) -> None:
         if not ((ns.fim_prefix or "").strip() or (ns.fim_suffix or "").strip()):
             raise UserInputError("--fim-prefix and --fim-suffix are both empty: give at least one")
     elif not ns.prompt:
-        raise UserInputError("give at least one --prompt TEXT (or --fim-prefix/--fim-suffix)")
+        if ns.ckpt is not None or ns.instruct:
+            raise UserInputError("give at least one --prompt TEXT (or --fim-prefix/--fim-suffix)")
+        # `python -m mistral_jax.sample` alone: the built-in demo model completes a prompt.
+        ns.prompt = [DEFAULT_DEMO_PROMPT]
+        cli.log(f"no --prompt given: completing {DEFAULT_DEMO_PROMPT!r}")
     for i, text in enumerate(ns.prompt):
         cli.check_text(text, f"--prompt #{i + 1}" if len(ns.prompt) > 1 else "--prompt")
     if (ns.tools is not None or ns.system is not None) and not ns.instruct:

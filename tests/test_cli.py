@@ -267,6 +267,13 @@ def test_no_ckpt_runs_the_built_in_demo_model(folders, tok, capsys, monkeypatch,
     assert code == 0, err
     assert out == expected_continuation(tok, "The cat") + "\n"
     assert "built-in demo model" in err
+    # No argument at all: the demo model completes a default prompt (one the scripted
+    # checkpoint knows, so the exact continuation can be checked).
+    monkeypatch.setattr(sample, "DEFAULT_DEMO_PROMPT", "The cat")
+    code, out, err = run_main(sample.main, [], capsys)
+    assert code == 0, err
+    assert out == expected_continuation(tok, "The cat") + "\n"
+    assert "no --prompt given" in err
 
 
 def test_chat_ctrl_d_exits_cleanly(folders, capsys, monkeypatch):
