@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -179,7 +180,7 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
     """
     from mistral_jax.quant import STORAGE_DTYPES, is_quantized, scale_shapes
 
-    expected = _flatten(abstract)
+    expected = flatten(abstract)
     plan, seen = [], {}
     for path in files:
         for name, (shape, dt) in read_header(path).items():
@@ -311,17 +312,27 @@ def _get_tensor(f, path: Path, name: str) -> np.ndarray:
                      shape=(end - start,)).reshape(shape)
 
 
-def _flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, object]:
+def flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
+    """Nested dicts (params, abstract params, logical axes) -> {path tuple: leaf}."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
+        if isinstance(v, Mapping):
+            out.update(flatten(v, prefix + (k,)))
         else:
             out[prefix + (k,)] = v
     return out
 
 
-def _set(tree: dict, path: ParamPath, value) -> None:
+def unflatten(flat: dict[ParamPath, Any]) -> dict:
+    """{path tuple: leaf} -> nested dicts (the inverse of `flatten`)."""
+    tree: dict = {}
+    for path, v in flat.items():
+        set_leaf(tree, path, v)
+    return tree
+
+
+def set_leaf(tree: dict, path: ParamPath, value) -> None:
+    """tree[path[0]][path[1]]... = value, creating the dicts on the way."""
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
@@ -350,7 +361,7 @@ def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
     abstract, implied = checkpoint_abstract(files, layout, args, np_dtype,
                                             read_compressed_tensors(folder))
     plan = plan_checkpoint(files, layout, args, abstract)
-    expected = _flatten(abstract)
+    expected = flatten(abstract)
     place = place or (lambda path, arr: jax.device_put(arr))
     pending: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
     params: dict = {}
@@ -362,7 +373,7 @@ def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
 
     def emit(path: ParamPath, w: np.ndarray) -> None:
         for leaf_path, leaf in (finish(path, w) if finish else {path: w}).items():
-            _set(params, leaf_path, place(leaf_path, leaf))
+            set_leaf(params, leaf_path, place(leaf_path, leaf))
 
     for p, w in items:
         path = p.target.path

@@ -39,12 +39,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from mistral_jax.args import ModelArgs
-from mistral_jax.checkpoint import tensor_target
+from mistral_jax.checkpoint import flatten, tensor_target, unflatten
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 from mistral_jax.quant import (
     ParamPath,
     dequantize,
-    flatten,
     is_linear_weight,
     is_quantized,
     on_host,
@@ -52,7 +51,6 @@ from mistral_jax.quant import (
     resolve_mode,
     sibling,
     split_dims,
-    unflatten,
 )
 
 DEFAULT_SCALING = 2.0

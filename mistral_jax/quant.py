@@ -49,6 +49,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from mistral_jax.args import ModelArgs
+from mistral_jax.checkpoint import flatten, unflatten
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 
 ParamPath = tuple[str, ...]
@@ -321,28 +322,6 @@ def qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
 
 # ---------------------------------------------------------------------------------------------
 # Whole params trees.
-
-
-def flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
-    """Nested dicts -> {path tuple: leaf}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: dict[ParamPath, Any]) -> dict:
-    """{path tuple: leaf} -> nested dicts (the inverse of `flatten`)."""
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
 
 
 def quantize_leaf(path: ParamPath, w, mode: str | QuantMode) -> dict[ParamPath, Any]:

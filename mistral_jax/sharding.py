@@ -70,6 +70,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax.args import ModelArgs
+from mistral_jax.checkpoint import flatten
 from mistral_jax.errors import ConfigError, UserInputError
 
 MESH_AXES = ("data", "tensor", "expert")
@@ -244,16 +245,6 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _flat(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
     out: dict = {}
     for path, v in flat.items():
@@ -269,7 +260,7 @@ def _declared(args: ModelArgs) -> dict[tuple[str, ...], tuple[tuple[int, ...], t
     """path -> (shape, logical axes) of every declared weight (cached: ~seconds for 56 layers)."""
     from mistral_jax.model import abstract_params, logical_axes
 
-    shapes, axes = _flat(abstract_params(args)), _flat(logical_axes(args))
+    shapes, axes = flatten(abstract_params(args)), flatten(logical_axes(args))
     return {p: (tuple(shapes[p].shape), tuple(axes[p])) for p in shapes}
 
 
@@ -301,13 +292,13 @@ def tree_specs(params, args: ModelArgs, mesh: Mesh | Mapping[str, int],
     quantization scales and unmerged LoRA factors get the axes `quant.param_logical_axes`
     gives them. `params` may hold arrays or ShapeDtypeStructs."""
     declared = _declared(args)
-    flat = _flat(params)
+    flat = flatten(params)
     if set(flat) <= set(declared):
         logical = {p: declared[p][1] for p in flat}
     else:
         from mistral_jax.quant import param_logical_axes
 
-        logical = {p: tuple(a) for p, a in _flat(param_logical_axes(params, args)).items()}
+        logical = {p: tuple(a) for p, a in flatten(param_logical_axes(params, args)).items()}
     return _unflat({p: _spec(tuple(x.shape), logical[p], mesh, "/".join(p), rules)
                     for p, x in flat.items()})
 
@@ -350,7 +341,7 @@ def place_fn(args: ModelArgs, mesh: Mesh) -> Callable[[tuple[str, ...], np.ndarr
     scales, LoRA factors: small) are replicated here and given their own sharding by
     `place_params` afterwards.
     """
-    shardings = _flat(param_shardings(args, mesh))
+    shardings = flatten(param_shardings(args, mesh))
 
     def place(path: tuple[str, ...], host: np.ndarray) -> jax.Array:
         sharding = shardings.get(tuple(path))
@@ -363,8 +354,8 @@ def place_fn(args: ModelArgs, mesh: Mesh) -> Callable[[tuple[str, ...], np.ndarr
 
 def place_params(params, args: ModelArgs, mesh: Mesh):
     """Every leaf of a params tree on its sharding over `mesh` (leaves already there stay)."""
-    flat = _flat(params)
-    specs = _flat(tree_specs(params, args, mesh))
+    flat = flatten(params)
+    specs = flatten(tree_specs(params, args, mesh))
     out = {}
     for path, x in flat.items():
         sharding = NamedSharding(mesh, specs[path])

@@ -103,22 +103,10 @@ def write_mistral_folder(folder: Path, args: ModelArgs, state: dict[str, np.ndar
 
 
 def hf_config(args: ModelArgs) -> dict:
-    cfg = {
-        "architectures": ["MixtralForCausalLM" if args.moe else "MistralForCausalLM"],
-        "model_type": "mixtral" if args.moe else "mistral",
-        "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-        "rms_norm_eps": args.norm_eps, "vocab_size": args.vocab_size,
-        "rope_theta": args.rope_theta, "sliding_window": args.sliding_window,
-        "max_position_embeddings": args.max_seq_len or 4096, "tie_word_embeddings": False,
-        "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
-    }
-    if args.moe:
-        cfg["num_local_experts"] = args.moe.num_experts
-        cfg["num_experts_per_tok"] = args.moe.num_experts_per_tok
-        cfg["router_jitter_noise"] = 0.0
-    return cfg
+    """A MistralForCausalLM / MixtralForCausalLM config.json for args, float32."""
+    from mistral_jax.bench import hf_config_dict
+
+    return hf_config_dict(args, "float32")
 
 
 def write_hf_folder(folder: Path, args: ModelArgs, state: dict[str, np.ndarray], shards: int = 2,

@@ -24,9 +24,9 @@ from safetensors.numpy import save_file
 
 from mistral_jax import CheckpointError, ConfigError, Transformer
 from mistral_jax.args import LoraArgs
-from mistral_jax.checkpoint import tensor_target
+from mistral_jax.checkpoint import flatten, tensor_target
 from mistral_jax.lora import attach_lora, detach_lora, load_lora, merge_lora
-from mistral_jax.quant import flatten, quantize_params, sibling
+from mistral_jax.quant import quantize_params, sibling
 
 RANK = 4
 DENSE_MODULES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
