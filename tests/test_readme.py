@@ -1,0 +1,63 @@
+"""The README stays true: every shell command in it that needs no downloaded weights runs here.
+
+Commands that need a real checkpoint ($CKPT, /path/to/...), a GPU preset, or minutes of work
+(training the demo model, the 2 GB converter benchmark) are left out by the patterns below;
+`pip install` and `pytest` are what `.ci/run` itself runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOT_HERE = re.compile(r"\$CKPT|path/to|/models/|mistral-7b|--gb |train_demo_model|pytest")
+# What an interactive command reads from stdin here.
+STDIN = {"mistral_jax.chat": "What does json.dumps do?\n/quit\n"}
+
+
+def readme_commands() -> list[str]:
+    """Shell commands of the README's ```bash blocks, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+RUNNABLE = [c for c in readme_commands()
+            if c.startswith(("python ", "mistral-jax-")) and not NOT_HERE.search(c)]
+
+
+def test_readme_has_the_install_and_test_commands_first():
+    text = (REPO / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    assert 'pip install -e ".[test]"' in first_block
+    assert "python -m pytest -n 2 -q" in first_block
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "python3 -m pytest -n 2 -q" in ci and 'pip install -q -e ".[test]"' in ci
+    # The commands this file runs include the demo model's and the benchmark's.
+    assert any(c.startswith("python -m mistral_jax.sample") for c in RUNNABLE)
+    assert any(c.startswith("python -m mistral_jax.bench --preset tiny") for c in RUNNABLE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", RUNNABLE)
+def test_readme_command_runs(command, tmp_path):
+    stdin = next((v for k, v in STDIN.items() if k in command), "")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = command.replace("python ", f"{sys.executable} ", 1)
+    proc = subprocess.run(["bash", "-c", command], cwd=REPO, input=stdin, text=True,
+                          capture_output=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"{command}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"
+    assert proc.stdout.strip(), f"{command} printed nothing on stdout"
