@@ -577,6 +577,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-len", type=int, nargs="+", default=[32])
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per figure (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["int8", "fp8", "fp8-tensor"], default=None,
+                   help="weight-only int8/fp8 attention and feed-forward weights (quant.py)")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                    help=f"prefill attention kernel (sets {ATTENTION_ENV}, see layers.py)")
     p.add_argument("--vs-transformers", action="store_true",
@@ -610,15 +612,23 @@ def _validate(ns: argparse.Namespace) -> None:
         raise UserInputError("--torch-threads must be >= 1")
     if ns.ckpt is not None and not ns.ckpt.is_dir():
         raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
+    if ns.quantize and ns.vs_transformers:
+        raise UserInputError("--quantize cannot be combined with --vs-transformers "
+                             "(transformers' model is built from unquantized weights)")
 
 
 def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     if ns.ckpt is not None:
         from mistral_jax.transformer import Transformer
 
-        model = Transformer.from_folder(ns.ckpt, dtype=dtype)
+        model = Transformer.from_folder(ns.ckpt, dtype=dtype, quantize=ns.quantize)
         return model.args, model.params, str(ns.ckpt)
     args = PRESETS[ns.preset]
+    if ns.quantize:
+        from mistral_jax.quant import random_quantized_params
+
+        return (args, random_quantized_params(args, ns.quantize, ns.seed, dtype),
+                f"{ns.preset} {ns.quantize}")
     return args, init_params(args, ns.seed, dtype), ns.preset
 
 

@@ -214,6 +214,26 @@ def test_bench_rejects_bad_lengths_before_any_work(capsys):
     assert "--gen-len" in capsys.readouterr().err
     assert bench.main(["--ckpt", "/nonexistent/folder", "--no-compile-cache"]) == 2
     assert "/nonexistent/folder" in capsys.readouterr().err
+    assert bench.main(["--preset", "tiny", "--quantize", "int8", "--vs-transformers",
+                       "--no-compile-cache"]) == 2
+    assert "--quantize cannot be combined with --vs-transformers" in capsys.readouterr().err
+
+
+def test_bench_quantized_preset_counts_int8_weight_bytes(tmp_path, capsys):
+    runs = {}
+    for mode in (None, "int8"):
+        out = tmp_path / f"{mode}.json"
+        argv = ["--preset", "tiny", "--batch", "1", "--prompt-len", "4", "--gen-len", "2",
+                "--repeats", "1", "--no-compile-cache", "--copy-mib", "8", "--matmul-n", "128",
+                "--json", str(out)] + (["--quantize", mode] if mode else [])
+        assert bench.main(argv) == 0
+        runs[mode] = json.loads(out.read_text())
+    capsys.readouterr()
+    assert runs["int8"]["meta"]["model"] == "tiny int8"
+    full = runs[None]["results"][0]["decode_bytes_per_step"]
+    int8 = runs["int8"]["results"][0]["decode_bytes_per_step"]
+    assert int8 < 0.8 * full  # the float32 attention/FFN kernels became int8 + scales
+    assert _finite_positive(runs["int8"]["results"][0]["decode_tok_s"])
 
 
 def test_bench_module_runs_and_fills_the_persistent_compilation_cache(tmp_path):
