@@ -221,7 +221,8 @@ def prefill_step(params, tokens: jax.Array, *, args: ModelArgs, cache_len: int,
     cache = init_cache(args, tokens.shape[0], cache_len, cache_dtype)
     last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32)
     logits, cache = forward(params, tokens, causal_positions(tokens), cache, args=args,
-                            logits_index=last)  # only the last token goes through the head
+                            logits_index=last,  # only the last token goes through the head
+                            fresh_prefill=True)  # empty cache, positions 0..P-1
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 

@@ -118,20 +118,28 @@ def prefill(
     lengths = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
     last_idx = lengths - 1
 
+    n_chunks = T // chunk_size
+
     def run_chunk(carry, chunk):
         cache, last_logits = carry
         tok, pos, start = chunk  # [B, C], [B, C], []
         idx = last_idx - start
         here = (idx >= 0) & (idx < chunk_size)
-        # Only each row's last prompt token goes through the output head: [B, 1, V].
+        # Only each row's last prompt token goes through the output head: [B, 1, V]. A
+        # single chunk fills a fresh cache from position 0 with right padding only.
         logits, cache = forward(
-            params, tok, pos, cache, args=args, logits_index=jnp.clip(idx, 0, chunk_size - 1)
+            params,
+            tok,
+            pos,
+            cache,
+            args=args,
+            logits_index=jnp.clip(idx, 0, chunk_size - 1),
+            fresh_prefill=n_chunks == 1,
         )
         picked = logits[:, 0]
         last_logits = jnp.where(here[:, None], picked.astype(jnp.float32), last_logits)
         return (cache, last_logits), None
 
-    n_chunks = T // chunk_size
     carry = (cache, jnp.zeros((B, args.vocab_size), jnp.float32))
     if n_chunks == 1:
         carry, _ = run_chunk(carry, (tokens, positions, jnp.int32(0)))

@@ -172,13 +172,21 @@ def fused_causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, window: int | 
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings over the cache and the new tokens.
+
+    `fresh_prefill` (static) promises that the cache holds nothing yet and each row's
+    positions count up from its first token, followed only by padding (-1), as the
+    sampler's prefill guarantees: attention then covers the new tokens alone, with the
+    fused kernel on GPUs, and never builds scores over the cache's empty slots.
+    """
+
     args: ModelArgs
     window: int | None
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 cache: LayerCache | None) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
+                 fresh_prefill: bool = False) -> tuple[jax.Array, LayerCache | None]:
         a = self.args
         d, h, kv, hd = a.dim, a.n_heads, a.n_kv_heads, a.head_dim
         q = Linear((d, h, hd), ("embed", "q_heads", "head_dim"), "btd,dhk->bthk",
@@ -191,8 +199,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         cache_pos = None if cache is None else cache["pos"]
-        if cache is None:
+        if cache is None or fresh_prefill:
             keys, values, k_pos = k, v, positions
+            if cache is not None:
+                cache = update_layer_cache(cache, k, v, positions)
         elif k.shape[1] == 1 and cache["k"].dtype == k.dtype:
             # Decode: write first, then attend over the cache in place, saving a copy of
             # the whole cache per layer. Exact: the slot overwritten held position p - S,
@@ -207,6 +217,8 @@ class Attention(nn.Module):
         impl = attention_implementation(q.dtype, q.shape[1], hd)
         if impl is None:
             out = attend(q, keys, values, attention_mask(positions, k_pos, self.window))
+        elif fresh_prefill:  # plain causal by the caller's promise: no reference branch
+            out = fused_causal_attend(q, k, v, self.window, impl)
         else:  # the fused kernel where its causal mask is exact, the reference elsewhere
             out = jax.lax.cond(
                 plain_causal(positions, cache_pos),
@@ -240,13 +252,14 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 cache: LayerCache | None) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
+                 fresh_prefill: bool = False) -> tuple[jax.Array, LayerCache | None]:
         from mistral_jax.moe import MoeFeedForward  # moe builds on this module
 
         a = self.args
         h, cache = Attention(a, self.window, self.dtype, name="attention")(
-            RMSNorm(a.norm_eps, self.dtype, name="attention_norm")(x), positions, cache)
+            RMSNorm(a.norm_eps, self.dtype, name="attention_norm")(x), positions, cache,
+            fresh_prefill)
         x = x + h
         ffn = (MoeFeedForward(a, self.dtype, name="feed_forward") if a.moe
                else FeedForward(a, self.dtype, name="feed_forward"))

@@ -31,7 +31,8 @@ class MistralModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
-                 logits_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+                 logits_index: jax.Array | None = None,
+                 fresh_prefill: bool = False) -> tuple[jax.Array, Cache | None]:
         """tokens, positions [B, T] int32 (-1: padding) -> logits [B, T, V] float32.
 
         With logits_index [B] int32, only row b's token logits_index[b] goes through the
@@ -46,7 +47,7 @@ class MistralModel(nn.Module):
         new_cache = [] if cache is not None else None
         for i, window in enumerate(a.layer_windows):
             x, layer_cache = TransformerBlock(a, window, self.dtype, name=f"layers_{i}")(
-                x, positions, None if cache is None else cache[i])
+                x, positions, None if cache is None else cache[i], fresh_prefill)
             if cache is not None:
                 new_cache.append(layer_cache)
         if logits_index is not None:
@@ -58,14 +59,19 @@ class MistralModel(nn.Module):
 
 
 def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None, *,
-            args: ModelArgs, logits_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+            args: ModelArgs, logits_index: jax.Array | None = None,
+            fresh_prefill: bool = False) -> tuple[jax.Array, Cache | None]:
     """Pure forward pass. tokens, positions [B, T] int32 -> (logits [B, T, V] f32, cache).
 
     With a cache, attention covers the cached keys plus the new ones and the new
     keys are written (see `cache.py`); with `cache=None` it is a plain causal pass.
     `logits_index` [B] keeps only one position per row: logits [B, 1, V].
+    `fresh_prefill=True` (static) promises an empty cache and positions counting up from
+    each row's first token with right padding only (a sampler's first prefill): attention
+    then skips the empty cache slots and, on GPUs, runs the fused kernel unconditionally.
     """
-    return MistralModel(args).apply({"params": params}, tokens, positions, cache, logits_index)
+    return MistralModel(args).apply({"params": params}, tokens, positions, cache, logits_index,
+                                    fresh_prefill)
 
 
 def causal_positions(tokens: jax.Array) -> jax.Array:

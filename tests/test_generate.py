@@ -46,7 +46,7 @@ def toy_init_cache(args, batch_size, max_seq_len, dtype):
     }
 
 
-def toy_forward(params, tokens, positions, cache, *, args, logits_index=None):
+def toy_forward(params, tokens, positions, cache, *, args, logits_index=None, fresh_prefill=False):
     """logits[b, t] = A[token] + sum over cached (q <= position) of cos(0.37 q + 1) * B[token_q]."""
     del args
     TRACES[toy_forward] += 1  # Python runs only while jax traces
@@ -68,7 +68,8 @@ def toy_forward(params, tokens, positions, cache, *, args, logits_index=None):
     return logits.astype(jnp.float32), {"tok": tok_c, "pos": pos_c}
 
 
-def counting_forward(params, tokens, positions, cache, *, args, logits_index=None):
+def counting_forward(params, tokens, positions, cache, *, args, logits_index=None,
+                     fresh_prefill=False):
     """toy_forward under its own name, so its traces are counted apart from other tests."""
     TRACES[counting_forward] += 1
     return toy_forward(params, tokens, positions, cache, args=args, logits_index=logits_index)

@@ -3,6 +3,7 @@ the rotating KV cache, and clear errors for bad checkpoint folders."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -313,3 +314,28 @@ def test_logits_index_keeps_one_position_per_row():
     picked, _ = forward(model.params, tokens, pos, None, args=args, logits_index=idx)
     assert picked.shape == (3, 1, 200)
     np.testing.assert_allclose(picked[:, 0], full[jnp.arange(3), idx], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["reference", "xla"])
+def test_fresh_prefill_equals_prefill_through_the_cache(attention, monkeypatch):
+    """fresh_prefill skips the empty cache slots (and, with a fused kernel, the reference
+    branch): same logits and the same cache as the general path, windows and padding included."""
+    monkeypatch.setenv("MISTRAL_JAX_ATTENTION", attention)  # read when forward is traced
+    args = tiny_args(sliding_window=(6, None), vocab_size=300)
+    model = Transformer.random(args, seed=31)
+    lens = [13, 4]
+    toks = np.random.default_rng(32).integers(0, 300, (2, 16)).astype(np.int32)
+    pos = np.full((2, 16), -1, np.int32)
+    for r, n in enumerate(lens):
+        pos[r, :n] = np.arange(n)
+    results = []
+    for fresh in (False, True):
+        cache = init_cache(args, 2, 32, jnp.float32)
+        logits, cache = jax.jit(functools.partial(forward, args=args, fresh_prefill=fresh))(
+            model.params, toks, pos, cache)
+        results.append((np.asarray(logits), cache))
+    (general, cache_a), (fresh, cache_b) = results
+    for r, n in enumerate(lens):
+        assert rel_err(fresh[r, :n], general[r, :n]) <= 1e-5
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           cache_a, cache_b)
