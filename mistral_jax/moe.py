@@ -25,6 +25,13 @@ Plain XLA copies each dynamically selected expert slice before its matmul, so th
 gather path reads k/E of the expert weights but moves about 3x that many bytes
 (benchmarks/moe_bytes.py); reading experts in place needs a kernel (e.g. Pallas).
 
+Each stacked weight is a plain array or an `ExpertWeight(kernel, scale, lora_a, lora_b)`:
+an int8/fp8 kernel with its per-output-channel scale [E, out] (quant.py) and/or an
+unmerged LoRA adapter's factors [E, in, r] / [E, r, out] (lora.py). The sparse paths
+select experts first and then read only the selected experts' quantized slices, scale
+rows and factors: (x @ q) * scale + (x @ a) @ b, never the layer's dequantized experts.
+`moe_dense` and `moe_ragged` materialize the dense weights (`dense_weight`).
+
 Ties between equal gate logits go to the lower expert index (`jax.lax.top_k` keeps
 the first of equal values), so routing is deterministic.
 """
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -63,14 +71,77 @@ def route(gate_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jax.nn.softmax(top, axis=-1), idx.astype(jnp.int32)
 
 
-def expert_ffn(x: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
-    """One expert's SwiGLU: x [M, D], w1/w3 [D, F], w2 [F, D] -> [M, D] in x's dtype."""
-    w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
-    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+class ExpertWeight(NamedTuple):
+    """One stacked expert weight with its optional siblings (a pytree; None = absent).
+
+    kernel [E, in, out] (float, or int8/fp8 with `scale`), scale f32 [E, out],
+    lora_a [E, in, r], lora_b [E, r, out] (scaling folded in). Indexed by one expert
+    (`_expert`) every field loses its leading E axis.
+    """
+
+    kernel: jax.Array
+    scale: jax.Array | None = None
+    lora_a: jax.Array | None = None
+    lora_b: jax.Array | None = None
 
 
-def _expert(w: jax.Array, e: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
+Weight = jax.Array | ExpertWeight
+
+
+def _kernel(w: Weight) -> jax.Array:
+    return w.kernel if isinstance(w, ExpertWeight) else w
+
+
+def dense_weight(w: Weight, dtype) -> jax.Array:
+    """A stacked weight as one plain array [E, in, out] in `dtype`: dequantized, plus the
+    LoRA delta. Materializes every expert: for the reference paths only."""
+    if not isinstance(w, ExpertWeight):
+        return w.astype(dtype)
+    from mistral_jax.lora import lora_delta
+    from mistral_jax.quant import dequantize
+
+    k = w.kernel
+    if w.scale is not None:
+        k = dequantize(k, w.scale, (1,), dtype)
+    if w.lora_a is not None:
+        k = (k.astype(jnp.float32) + lora_delta(w.lora_a, w.lora_b, n_lead=1)).astype(dtype)
+    return k.astype(dtype)
+
+
+def expert_matmul(x: jax.Array, w: Weight) -> jax.Array:
+    """x [M, in] @ one expert's weight [in, out] -> [M, out] in x's dtype.
+
+    A quantized kernel is multiplied as stored (cast to x's dtype) and its output scaled
+    per channel; a LoRA adapter adds (x @ a) @ b. Nothing [in, out]-sized is dequantized.
+    """
+    if not isinstance(w, ExpertWeight):
+        return x @ w.astype(x.dtype)
+    if w.scale is not None:
+        from mistral_jax.quant import qeinsum
+
+        y = qeinsum("mi,io->mo", x, w.kernel, w.scale)
+    else:
+        y = x @ w.kernel.astype(x.dtype)
+    if w.lora_a is not None:
+        y = y + (x @ w.lora_a.astype(x.dtype)) @ w.lora_b.astype(x.dtype)
+    return y
+
+
+def expert_ffn(x: jax.Array, w1: Weight, w2: Weight, w3: Weight) -> jax.Array:
+    """One expert's SwiGLU: x [M, D], w1/w3 [D, F], w2 [F, D] -> [M, D] in x's dtype.
+
+    Each weight is a plain array or one expert's `ExpertWeight` (see `expert_matmul`).
+    """
+    return expert_matmul(jax.nn.silu(expert_matmul(x, w1)) * expert_matmul(x, w3), w2)
+
+
+def _expert(w: Weight, e: jax.Array) -> Weight:
+    """Expert `e`'s slice of a stacked weight (every present field of an ExpertWeight)."""
+    def take(a):
+        return None if a is None else jax.lax.dynamic_index_in_dim(a, e, axis=0, keepdims=False)
+    if isinstance(w, ExpertWeight):
+        return ExpertWeight(*(take(a) for a in w))
+    return take(w)
 
 
 def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
@@ -78,10 +149,10 @@ def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) 
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     """
+    w1, w2, w3 = (dense_weight(w, x.dtype) for w in (w1, w2, w3))
     n_experts = w1.shape[0]
     combine = jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32)
                       * weights[..., None], axis=1)  # [N, E]
-    w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
     xe = jnp.broadcast_to(x, (n_experts, *x.shape))  # expert as the batch dim of each matmul
     hidden = jax.nn.silu(jnp.einsum("end,edf->enf", xe, w1)) * jnp.einsum("end,edf->enf", xe, w3)
     out = jnp.einsum("enf,efd->end", hidden, w2)
@@ -89,7 +160,8 @@ def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) 
 
 
 def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
-    """Decode path: each (token, slot) reads only its selected expert's weights.
+    """Decode path: each (token, slot) reads only its selected expert's weights (for an
+    `ExpertWeight`: its quantized kernel slice, scale row and LoRA factors).
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     Unrolled over the N*k assignments, so meant for N*k <= E (see `moe_strategy`).
@@ -129,13 +201,14 @@ def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3
     """Prefill path: assignments sorted by expert, run block by block through their expert.
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
-    Each expert's group of rows is padded to a multiple of `block_size`, so every block
+    Each block indexes its expert's slices inside the scan body (quantized kernel, scale
+    row, LoRA factors for an `ExpertWeight`). Each expert's group of rows is padded to a multiple of `block_size`, so every block
     belongs to one expert; `lax.scan` runs cdiv(N*k, block) + E - 1 blocks, an upper
     bound on the blocks any routing needs (blocks past the last group hold zeros).
     """
     n, k = experts.shape
     d = x.shape[1]
-    n_experts = w1.shape[0]
+    n_experts = _kernel(w1).shape[0]
     m = n * k
     block = block_size or grouped_block_size(n, k, n_experts)
     n_blocks = -(-m // block) + n_experts - 1
@@ -173,12 +246,12 @@ def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3)
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     """
     n, k = experts.shape
+    w1, w2, w3 = (dense_weight(w, x.dtype) for w in (w1, w2, w3))
     n_experts = w1.shape[0]
     flat = experts.reshape(n * k)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
     xs = x[order // k]
-    w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
     hidden = (jax.nn.silu(jax.lax.ragged_dot(xs, w1, sizes))
               * jax.lax.ragged_dot(xs, w3, sizes))
     ys = jax.lax.ragged_dot(hidden, w2, sizes)
@@ -203,12 +276,14 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
         strategy: str = "auto") -> jax.Array:
     """Mix the selected experts' SwiGLU outputs. x [N, D], weights/experts [N, k] -> [N, D].
 
+    w1/w3 [E, D, F], w2 [E, F, D]: plain arrays or `ExpertWeight`s (quantized / LoRA).
+
     `strategy` is one of STRATEGIES; 'auto' picks by `moe_strategy` (static in N).
     """
     if strategy not in STRATEGIES:
         raise UserInputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
-        strategy = moe_strategy(x.shape[0], experts.shape[1], w1.shape[0])
+        strategy = moe_strategy(x.shape[0], experts.shape[1], _kernel(w1).shape[0])
     fn = {"gather": moe_gather, "grouped": moe_grouped, "dense": moe_dense,
           "ragged": moe_ragged}[strategy]
     return fn(x, weights, experts, w1, w2, w3)
@@ -236,28 +311,20 @@ class MoeFeedForward(nn.Module):
         b, t, _ = x.shape
         flat = x.reshape(b * t, d)
         weights, experts = route(gate(flat), a.moe.num_experts_per_tok)
-        w1, w2, w3 = (self._plain_weight(n, w, x.dtype) for n, w in (("w1", w1), ("w2", w2),
-                                                                    ("w3", w3)))
+        w1, w2, w3 = (self._expert_weight(n, w) for n, w in (("w1", w1), ("w2", w2),
+                                                              ("w3", w3)))
         # Split over the mesh's expert axis when there is one (sharding.py), else plain `moe`.
         out = expert_parallel(functools.partial(moe, strategy=self.strategy), flat, weights,
                               experts, w1, w2, w3)
         return out.reshape(b, t, d)
 
-    def _plain_weight(self, name: str, w: jax.Array, dtype) -> jax.Array:
-        """Expert weights [E, in, out] as plain arrays: dequantized when stored int8/fp8 with
-        a `<name>_scale` (quant.py), plus an unmerged LoRA adapter's delta (lora.py).
-
-        Both materialize the layer's full expert weights per call; reading only the
-        selected experts' int8/fp8 weights needs the paths above to take the scales.
-        """
-        from mistral_jax.lora import lora_delta
-        from mistral_jax.quant import dequantize
-
+    def _expert_weight(self, name: str, w: jax.Array) -> Weight:
+        """The stacked weight `name` [E, in, out] as stored: a plain array, or an
+        `ExpertWeight` with its `<name>_scale` (int8/fp8, quant.py) and/or unmerged
+        `<name>_lora_a` / `<name>_lora_b` (lora.py) leaves, for the paths to select from."""
         scale = self.get_variable("params", f"{name}_scale")
-        if scale is not None:
-            w = dequantize(w, scale, (1,), dtype)
-        if self.has_variable("params", f"{name}_lora_a"):
-            delta = lora_delta(self.get_variable("params", f"{name}_lora_a"),
-                               self.get_variable("params", f"{name}_lora_b"), n_lead=1)
-            w = (w.astype(jnp.float32) + delta).astype(dtype)
-        return w
+        lora_a = self.get_variable("params", f"{name}_lora_a")
+        lora_b = self.get_variable("params", f"{name}_lora_b")
+        if scale is None and lora_a is None:
+            return w
+        return ExpertWeight(w, scale, lora_a, lora_b)

@@ -507,11 +507,23 @@ def constrain_cache_layer(layer):
                           for name, value in layer.items()})
 
 
+def _expert_specs(w, spec: PartitionSpec):
+    """The shard_map spec of a stacked expert weight: `spec` for a plain [E, in, out]
+    array; for a moe.ExpertWeight (kernel, scale [E, out], lora_a [E, in, r],
+    lora_b [E, r, out]) the kernel's spec and, per present field, its axes of it."""
+    if not isinstance(w, tuple):
+        return spec
+    e, i, o = (tuple(spec) + (None,) * 3)[:3]
+    specs = (spec, PartitionSpec(e, o), PartitionSpec(e, i, None), PartitionSpec(e, None, o))
+    return type(w)(*(None if a is None else s for a, s in zip(w, specs)))
+
+
 def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax.Array,
                     experts: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
     """`moe_fn(x, weights, experts, w1, w2, w3)` with the experts split along the mesh's `expert` axis.
 
-    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D]. Under an
+    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D] (plain arrays,
+    or moe.ExpertWeight tuples whose scale / LoRA leaves are split like their kernel). Under an
     ambient mesh with expert > 1, each device runs `moe_fn` on its own block of the
     weights: E/n local experts (assignments to other experts get weight 0, as if
     unrouted), its F/tensor slice of the hidden dim (SwiGLU is elementwise in F, so the
@@ -525,9 +537,10 @@ def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax
     sizes = {"data": 1, "tensor": 1, "expert": 1} if mesh is None else mesh_sizes(mesh)
     if sizes["expert"] == 1:
         return moe_fn(x, weights, experts, w1, w2, w3)
-    n_experts, d_in, hidden = w1.shape
-    w_in = logical_to_spec(w1.shape, ("expert", "embed", "mlp"), mesh, what="experts w1/w3")
-    w_out = logical_to_spec(w2.shape, ("expert", "mlp", "embed"), mesh, what="experts w2")
+    k1, k2 = (w[0] if isinstance(w, tuple) else w for w in (w1, w2))  # moe.ExpertWeight
+    n_experts = k1.shape[0]
+    w_in = logical_to_spec(k1.shape, ("expert", "embed", "mlp"), mesh, what="experts w1/w3")
+    w_out = logical_to_spec(k2.shape, ("expert", "mlp", "embed"), mesh, what="experts w2")
     local = n_experts // sizes["expert"]  # logical_to_spec checked that it divides
     rows = logical_to_spec(x.shape, ("batch", None), mesh, what="MoE tokens")
     reduce_axes = tuple(a for a in ("expert", "tensor") if a in w_in)
@@ -538,7 +551,9 @@ def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax
         out = moe_fn(x, jnp.where(mine, weights, 0), jnp.where(mine, ids, 0), w1, w2, w3)
         return jax.lax.psum(out, reduce_axes)
 
-    return jax.shard_map(shard, mesh=mesh, in_specs=(rows, rows, rows, w_in, w_out, w_in),
+    return jax.shard_map(shard, mesh=mesh, in_specs=(rows, rows, rows, _expert_specs(w1, w_in),
+                                                     _expert_specs(w2, w_out),
+                                                     _expert_specs(w3, w_in)),
                          out_specs=rows, check_vma=False)(x, weights, experts, w1, w2, w3)
 
 
