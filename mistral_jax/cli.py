@@ -291,6 +291,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def log_stats(stats: GenStats) -> None:
+    """Compile time, then tokens/s and time to first token, on stderr."""
+    log(f"compiled in {stats.compile_s:.2f} s")
+    log(stats.summary())
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None) -> int:
     """Run a command; a MistralJaxError becomes `error: ...` on stderr and exit status 2."""
     try:

@@ -42,8 +42,7 @@ def _main(argv: Sequence[str] | None) -> int:
     for prompt, ids in zip(prompts, outputs):
         print(tok.decode(prompt + ids), flush=True)
         print(SEPARATOR, flush=True)
-    cli.log(f"compiled in {stats.compile_s:.2f} s")
-    cli.log(stats.summary())
+    cli.log_stats(stats)
     return 0
 
 

@@ -19,7 +19,7 @@ carry `input_scale` f32 []: > 0 is a static per-tensor scale from the checkpoint
 means a dynamic per-token scale (max |x| over the contracted dims / qmax).
 
 Loading: `Transformer.from_folder(..., quantize='int8' | 'fp8' | 'fp8-tensor')` quantizes
-each weight as soon as it is read (`quantize_finisher`), so the full-precision model
+each weight as soon as it is read (the `finish` hook of `lora.load_hooks`), so the full-precision model
 never exists at once; compressed-tensors checkpoints (llm-compressor, e.g.
 FP8-dynamic) are read as they are stored (`read_compressed_tensors`,
 `checkpoint_abstract`), never dequantized.
@@ -354,12 +354,6 @@ def quantize_params(params, mode: str | QuantMode):
         else:
             out.update(quantize_leaf(path, w, mode))
     return unflatten(out)
-
-
-def quantize_finisher(mode: str | QuantMode) -> Callable[[ParamPath, np.ndarray], dict]:
-    """A `finish` hook for `checkpoint.load_params`: quantizes each weight as it is read."""
-    mode = resolve_mode(mode)
-    return lambda path, w: quantize_leaf(path, w, mode)
 
 
 def quantized_abstract_params(args: ModelArgs, mode: str | QuantMode, dtype=jnp.bfloat16):

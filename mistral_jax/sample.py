@@ -162,8 +162,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(answer_text(ids, tok, parse_tools=tools is not None), flush=True)
         if len(outputs) > 1:
             print(SEPARATOR, flush=True)
-    cli.log(f"compiled in {stats.compile_s:.2f} s")
-    cli.log(stats.summary())
+    cli.log_stats(stats)
     return 0
 
 

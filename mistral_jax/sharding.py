@@ -70,7 +70,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax.args import ModelArgs
-from mistral_jax.checkpoint import flatten
+from mistral_jax.checkpoint import flatten, unflatten
 from mistral_jax.errors import ConfigError, UserInputError
 
 MESH_AXES = ("data", "tensor", "expert")
@@ -241,20 +241,6 @@ def logical_to_spec(shape: Sequence[int], logical: Sequence[str | None], mesh, *
     return PartitionSpec(*out)
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
 @functools.lru_cache(maxsize=8)
 def _declared(args: ModelArgs) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple]]:
     """path -> (shape, logical axes) of every declared weight (cached: ~seconds for 56 layers)."""
@@ -275,7 +261,7 @@ def param_specs(args: ModelArgs, mesh: Mesh | Mapping[str, int],
 
     Raises ConfigError naming the parameter and axis for an indivisible required split.
     """
-    return _unflat({p: _spec(shape, axes, mesh, "/".join(p), rules)
+    return unflatten({p: _spec(shape, axes, mesh, "/".join(p), rules)
                     for p, (shape, axes) in _declared(args).items()})
 
 
@@ -299,7 +285,7 @@ def tree_specs(params, args: ModelArgs, mesh: Mesh | Mapping[str, int],
         from mistral_jax.quant import param_logical_axes
 
         logical = {p: tuple(a) for p, a in flatten(param_logical_axes(params, args)).items()}
-    return _unflat({p: _spec(tuple(x.shape), logical[p], mesh, "/".join(p), rules)
+    return unflatten({p: _spec(tuple(x.shape), logical[p], mesh, "/".join(p), rules)
                     for p, x in flat.items()})
 
 
@@ -314,11 +300,6 @@ def cache_shardings(args: ModelArgs, mesh: Mesh, batch_size: int) -> list[dict[s
             dims[name], CACHE_AXES[name], mesh, what=f"cache[{layer}]/{name}"))
             for name in ("k", "v", "pos")})
     return out
-
-
-def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
-    """Sharding of tokens / positions [B, T]: rows along data (replicated if B % data)."""
-    return NamedSharding(mesh, logical_to_spec((batch_size, 1), BATCH_AXES, mesh, what="batch"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -365,7 +346,7 @@ def place_params(params, args: ModelArgs, mesh: Mesh):
             out[path] = jax.device_put(x, sharding)
         else:  # host data, or one process's local array in a multi-process run
             out[path] = place_array(np.asarray(jax.device_get(x)), sharding)
-    return _unflat(out)
+    return unflatten(out)
 
 
 def init_params_sharded(args: ModelArgs, mesh: Mesh, key: jax.Array | int = 0,

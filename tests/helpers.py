@@ -127,6 +127,17 @@ def write_hf_folder(folder: Path, args: ModelArgs, state: dict[str, np.ndarray],
     return folder
 
 
+def both_layouts(root: Path, args: ModelArgs, seed: int):
+    """A random model written in both layouts, and transformers' model of the HF folder.
+
+    Returns (state, mistral_folder, hf_folder, reference).
+    """
+    state = random_mistral_state(args, seed=seed)
+    mistral = write_mistral_folder(root / "mistral", args, state)
+    hf = write_hf_folder(root / "hf", args, state, shards=2)
+    return state, mistral, hf, torch_reference(hf)
+
+
 def torch_reference(hf_folder: Path):
     """transformers' own model loaded from the HF folder, float32, eager attention."""
     import torch

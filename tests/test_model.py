@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    both_layouts,
     random_mistral_state,
     rel_err,
     tiny_args,
@@ -40,11 +41,9 @@ CONFIGS = {
 def checkpoint(request, tmp_path_factory):
     """One random model written in both layouts, plus transformers' model of the HF folder."""
     args = tiny_args(**CONFIGS[request.param])
-    state = random_mistral_state(args, seed=len(request.param))
-    root = tmp_path_factory.mktemp(request.param)
-    mistral = write_mistral_folder(root / "mistral", args, state)
-    hf = write_hf_folder(root / "hf", args, state, shards=2)
-    return args, mistral, hf, torch_reference(hf)
+    _, mistral, hf, ref = both_layouts(tmp_path_factory.mktemp(request.param), args,
+                                       seed=len(request.param))
+    return args, mistral, hf, ref
 
 
 @pytest.mark.parametrize("layout", ["mistral", "hf"])

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    both_layouts,
     random_mistral_state,
     rel_err,
     tiny_moe_args,
     torch_logits,
-    torch_reference,
     write_hf_folder,
     write_mistral_folder,
 )
@@ -55,11 +55,9 @@ CONFIGS = {
 def mixtral(request, tmp_path_factory):
     """One random Mixtral in both layouts, plus transformers' model of the HF folder."""
     args = tiny_moe_args(**CONFIGS[request.param])
-    state = random_mistral_state(args, seed=len(request.param))
-    root = tmp_path_factory.mktemp(request.param)
-    mistral = write_mistral_folder(root / "mistral", args, state)
-    hf = write_hf_folder(root / "hf", args, state, shards=2)
-    return args, state, mistral, hf, torch_reference(hf)
+    state, mistral, hf, ref = both_layouts(tmp_path_factory.mktemp(request.param), args,
+                                           seed=len(request.param))
+    return args, state, mistral, hf, ref
 
 
 # ----------------------------------------------------------------------------- parity
