@@ -54,6 +54,7 @@ import numpy as np
 
 from mistral_jax.args import ModelArgs, MoeArgs
 from mistral_jax.cache import cache_sizes, init_cache
+from mistral_jax.cli import default_cache_dir, enable_compilation_cache
 from mistral_jax.errors import MistralJaxError, UserInputError
 from mistral_jax.layers import ATTENTION_CHOICES, ATTENTION_ENV
 from mistral_jax.model import causal_positions, forward, init_params
@@ -83,26 +84,6 @@ STATED_PEAK_FLOPS = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100 nvl", 835
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def default_cache_dir() -> Path:
-    """~/.cache/mistral_jax/jax_compilation_cache (or under $XDG_CACHE_HOME)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "mistral_jax" / "jax_compilation_cache"
-
-
-def enable_compilation_cache(cache_dir: str | Path | None = None,
-                             min_compile_secs: float = 1.0) -> Path:
-    """Turn on JAX's persistent compilation cache (entry points call this, not the library).
-
-    Programs whose compilation took at least `min_compile_secs` are written to
-    `cache_dir` (default `default_cache_dir()`) and read back by later processes.
-    """
-    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
-    return path
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.resources
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from mistral_jax.tokenizer import Tokenizer, load_tokenizer
 from mistral_jax.transformer import DTYPES, Transformer
 
 EXIT_USER_ERROR = 2
+COMPILE_CACHE_ENV = "MISTRAL_JAX_COMPILE_CACHE"  # a folder, or 'off'
 
 
 # ----------------------------------------------------------------------------- flags
@@ -59,8 +61,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--ckpt, --tokenizer, --dtype, --lora, --quantize, --mesh (+ multi-host flags): which
-    model to load and how (see `load_model`)."""
+    """--ckpt, --tokenizer, --dtype, --lora, --quantize, --mesh, --compile-cache (+ multi-host
+    flags): which model to load and how (see `load_model`)."""
     parser.add_argument(
         "--ckpt", metavar="DIR", type=Path, default=None,
         help="model folder: Mistral layout (params.json + consolidated.safetensors), "
@@ -89,6 +91,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--coordinator", metavar="HOST:PORT", default=None,
         help="multi-host: address of process 0 (else $JAX_COORDINATOR_ADDRESS); run the "
         "same command on every host")
+    parser.add_argument(
+        "--compile-cache", metavar="DIR", type=Path, default=None,
+        help="JAX's persistent compilation cache, so that a second start skips most "
+        f"compilation (default: ${COMPILE_CACHE_ENV}, else ~/.cache/mistral_jax/"
+        "jax_compilation_cache)")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help=f"do not read or write it (or set {COMPILE_CACHE_ENV}=off)")
     parser.add_argument("--num-processes", metavar="N", type=int_at_least(1), default=None,
                         help="multi-host: number of processes (else $JAX_NUM_PROCESSES)")
     parser.add_argument("--process-id", metavar="I", type=int_at_least(0), default=None,
@@ -190,7 +199,12 @@ def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: Model
 
 
 def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
-    """Read the weights of `folder` as the flags ask (progress bar, then the load time)."""
+    """Read the weights of `folder` as the flags ask (progress bar, then the load time).
+
+    Also turns on the persistent compilation cache unless --no-compile-cache.
+    """
+    if not getattr(ns, "no_compile_cache", True):
+        enable_compilation_cache(ns.compile_cache)
     kwargs: dict[str, Any] = dict(dtype=ns.dtype, progress=True)
     # Flags that change loading go here, each one line.
     kwargs["mesh"] = getattr(ns, "mesh", None)
@@ -201,6 +215,46 @@ def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
     log(f"loaded {folder} ({n_params / 1e6:.1f}M parameters, {model.dtype}) in "
         f"{model.load_seconds:.2f} s")
     return model
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+
+def default_cache_dir() -> Path:
+    """$MISTRAL_JAX_COMPILE_CACHE, else ~/.cache/mistral_jax/jax_compilation_cache (or
+    under $XDG_CACHE_HOME)."""
+    env = os.environ.get(COMPILE_CACHE_ENV)
+    if env and env != "off":
+        return Path(env).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mistral_jax" / "jax_compilation_cache"
+
+
+def enable_compilation_cache(cache_dir: str | Path | None = None,
+                             min_compile_secs: float | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache (entry points call this, not the library).
+
+    Compiled programs are written to `cache_dir` (default `default_cache_dir()`) and
+    read back by later processes, so a second start of the same model and shapes skips
+    most compilation. Programs that compiled in under `min_compile_secs` are not stored
+    (None: JAX's setting, 1 s unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says
+    otherwise). With no `cache_dir`, $JAX_COMPILATION_CACHE_DIR wins if set, and
+    $MISTRAL_JAX_COMPILE_CACHE=off turns the cache off (returns None).
+    """
+    if cache_dir is None:
+        if os.environ.get(COMPILE_CACHE_ENV) == "off":
+            return None
+        if jax.config.jax_compilation_cache_dir:
+            return Path(jax.config.jax_compilation_cache_dir)
+    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"compilation cache {path}: cannot create it ({e.strerror or e})") from None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    if min_compile_secs is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    return path
 
 
 # ----------------------------------------------------------------------------- timing

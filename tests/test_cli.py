@@ -156,8 +156,10 @@ def expected_continuation(tok: Tokenizer, prompt: str) -> str:
     return full[len(tok.decode(ids)):]
 
 
-def run_module(module: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def run_module(module: str, *argv: str, stdin: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run([sys.executable, "-m", module, *argv], input=stdin, text=True,
                           capture_output=True, cwd=REPO, env=env, timeout=300)
 
@@ -189,6 +191,24 @@ def test_chat_streams_answers_over_stdin_reset_and_quit(folders, tok):
     assert "(new conversation)" in res.stderr and "time to first token" in res.stderr
     assert "error: the conversation is" in res.stderr and f"context of {MAX_SEQ_LEN}" in res.stderr
     assert "compiled in" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_second_start_reads_the_persistent_compilation_cache(folders, tmp_path):
+    cache, unused = tmp_path / "cache", tmp_path / "unused"
+    argv = ("--ckpt", str(folders["text"]), "--prompt", "The cat", "--max-tokens", "4")
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # store even fast compilations
+    first = run_module("mistral_jax.sample", *argv, "--compile-cache", str(cache), env=env)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first start wrote no compiled program"
+    second = run_module("mistral_jax.sample", *argv, "--compile-cache", str(cache), env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert sorted(p.name for p in cache.iterdir()) == entries  # every program was a cache hit
+    off = run_module("mistral_jax.sample", *argv, "--no-compile-cache",
+                     env={**env, "MISTRAL_JAX_COMPILE_CACHE": str(unused)})
+    assert off.returncode == 0, off.stderr
+    assert not unused.exists()
 
 
 def test_user_error_is_one_line_exit_2_without_traceback(folders):
