@@ -202,7 +202,7 @@ def decode(
     return jax.lax.while_loop(cond, body, state)
 
 
-_STATIC_MODEL = ("args", "forward", "strategy")
+_STATIC_MODEL = ("args", "forward")  # the strategy is a pytree argument (sampling.py)
 prefill_jit = jax.jit(
     prefill,
     static_argnames=(*_STATIC_MODEL, "init_cache", "cache_len", "dtype", "chunk_size", "n_buf"),

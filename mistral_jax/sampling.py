@@ -1,8 +1,12 @@
 """Sampling strategies: small frozen dataclasses, each one method from logits to token ids.
 
-A strategy is hashable, so it can be a static argument of `jax.jit`: the decode loop
-in `generate.py` is compiled once per strategy. Build one from user-facing values
-with `make_strategy`, which validates them and picks `Greedy` at temperature 0.
+A strategy is a pytree: `Sampling`'s temperature and top_p are its leaves (traced values
+under `jax.jit`), while top_k and whether top-p truncation is on at all are static. So
+the decode loop in `generate.py` is compiled once for greedy and once per (top_k, top-p
+on/off) combination; a new temperature or top_p value reuses the compiled program.
+Strategies built from Python numbers are also hashable and compare by value. Build one
+from user-facing values with `make_strategy`, which validates them and picks `Greedy` at
+temperature 0.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from mistral_jax.errors import UserInputError
 
 @dataclasses.dataclass(frozen=True)
 class Greedy:
-    """Always the most likely token (argmax; the lowest id on ties)."""
+    """Always the most likely token (argmax; the lowest id on ties). A pytree without leaves."""
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """logits f32[B, V], key (unused) -> token ids int32[B]."""
@@ -39,23 +43,37 @@ class Sampling:
     temperature: float
     top_p: float = 1.0
     top_k: int | None = None
+    # top-p truncation on (top_p < 1): static, so the values of top_p < 1 share one program.
+    nucleus: bool = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_temperature(self.temperature, allow_zero=False)
         _check_top_p(self.top_p)
         _check_top_k(self.top_k)
+        object.__setattr__(self, "nucleus", self.top_p < 1.0)
+
+    def tree_flatten(self) -> tuple[tuple, tuple]:
+        return (self.temperature, self.top_p), (self.top_k, self.nucleus)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, leaves: tuple) -> Sampling:
+        """Rebuild around traced leaves: no validation (that ran on the Python values)."""
+        obj = object.__new__(cls)
+        for name, value in zip(("temperature", "top_p", "top_k", "nucleus"), (*leaves, *aux)):
+            object.__setattr__(obj, name, value)
+        return obj
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """logits f32[B, V], a PRNG key -> token ids int32[B]."""
         logits = logits.astype(jnp.float32) / self.temperature
         vocab = logits.shape[-1]
         k = vocab if self.top_k is None else min(self.top_k, vocab)
-        if k == vocab and self.top_p >= 1.0:
+        if k == vocab and not self.nucleus:
             return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
         # Work in sorted order: top_k gives the k best logits [B, k] in decreasing order
         # and their ids, so ties are cut exactly at k and top-p is a prefix mask.
         top_logits, top_ids = jax.lax.top_k(logits, k)
-        if self.top_p < 1.0:
+        if self.nucleus:
             probs = jax.nn.softmax(top_logits, axis=-1)
             mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, k], 0 for the top token
             top_logits = jnp.where(mass_before < self.top_p, top_logits, -jnp.inf)
@@ -64,6 +82,8 @@ class Sampling:
 
 
 Strategy = Greedy | Sampling
+jax.tree_util.register_pytree_node(Greedy, lambda g: ((), None), lambda aux, leaves: Greedy())
+jax.tree_util.register_pytree_node_class(Sampling)
 
 
 def make_strategy(

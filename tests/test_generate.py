@@ -260,6 +260,23 @@ def test_new_prompt_length_in_same_bucket_does_not_retrace():
     assert TRACES[counting_forward] > traced
 
 
+def test_new_temperature_or_top_p_value_does_not_retrace():
+    s = dataclasses.replace(_toy(), forward=counting_forward)
+    prompts = _prompts(23, [5, 9], seed=12)
+    hot = s.run(prompts, max_tokens=7, temperature=5.0, top_p=0.95, seed=3)
+    traced = TRACES[counting_forward]
+    assert traced > 0
+    # Temperature and top_p are traced values: other values reuse the compiled programs ...
+    cold = s.run(prompts, max_tokens=7, temperature=1e-4, top_p=0.5, seed=3)
+    assert TRACES[counting_forward] == traced
+    # ... and still take effect: near-zero temperature samples the argmax, 5.0 does not.
+    assert cold == s.run(prompts, max_tokens=7)
+    assert hot != cold
+    # top_k and switching top-p truncation on or off change the program's shape.
+    s.run(prompts, max_tokens=7, temperature=1.0, top_p=0.95, top_k=3, seed=3)
+    assert TRACES[counting_forward] > traced
+
+
 def test_bucket_rule():
     assert [bucket(n) for n in (1, 15, 16, 17, 100)] == [16, 16, 16, 32, 128]
     assert [bucket(n, minimum=1) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
