@@ -2,10 +2,12 @@
 
     python benchmarks/moe_bytes.py                  # Mixtral-8x7B layer, batch 1, bf16 and f32
     python benchmarks/moe_bytes.py --shape 8x22b --prefill-tokens 0
+    python benchmarks/moe_bytes.py --decode-hidden 7168 --prefill-tokens 0   # + decode timing
 
 Numbers come from XLA's own cost analysis ("bytes accessed") of the compiled layer on
 this machine's backend, with abstract inputs (nothing is allocated). Optionally it
-also times a prefill (many tokens) of a smaller layer: grouped path versus dense.
+also times a decode step (gather path versus dense) and a prefill (many tokens) of a
+smaller layer (grouped path versus dense).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def decode_bytes(d: int, f: int, e: int, k: int, dtype, batch: int = 1) -> dict[
             "gather": bytes_accessed(moe_gather, inputs)}
 
 
-def time_prefill(n: int, d: int, f: int, e: int, k: int, repeats: int) -> dict[str, float]:
-    """Median seconds of the dense and grouped paths on N tokens with random routing."""
+def time_paths(n: int, d: int, f: int, e: int, k: int, paths: dict, repeats: int
+               ) -> dict[str, float]:
+    """Median seconds of each path (name -> fn) on N tokens with random routing, float32."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
     logits = rng.standard_normal((n, e))
@@ -58,7 +61,7 @@ def time_prefill(n: int, d: int, f: int, e: int, k: int, repeats: int) -> dict[s
     w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / d**0.5, jnp.float32) for _ in range(2))
     w2 = jnp.asarray(rng.standard_normal((e, f, d)) / f**0.5, jnp.float32)
     out = {}
-    for name, fn in (("dense", moe_dense), ("grouped", moe_grouped)):
+    for name, fn in paths.items():
         jitted = jax.jit(fn)
         jitted(x, weights, experts, w1, w2, w3).block_until_ready()
         times = []
@@ -76,6 +79,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="decode batch (tokens per step)")
     p.add_argument("--prefill-tokens", type=int, default=512,
                    help="time a prefill of this many tokens on a dim-1024 layer (0: skip)")
+    p.add_argument("--decode-hidden", type=int, default=0,
+                   help="also time one decode step (the --batch tokens) of a float32 layer of the "
+                   "shape's dim with this hidden size: gather path against dense (0: skip)")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     d, f, e, k = SHAPES[a.shape]
@@ -92,9 +98,18 @@ def main() -> None:
     r8 = decode_bytes(d, f, e, k, jnp.float32, a.batch)
     print(f"  float32, {2 * e} experts instead of {e}: dense {r16['dense'] / r8['dense']:.3f}x, "
           f"gather {r16['gather'] / r8['gather']:.3f}x the bytes")
+    if a.decode_hidden:
+        t = time_paths(a.batch, d, a.decode_hidden, e, k,
+                       {"dense": moe_dense, "gather": moe_gather}, a.repeats)
+        gb = 3 * e * d * a.decode_hidden * 4 / 1e9
+        print(f"decode {a.batch} token(s), dim={d} hidden={a.decode_hidden} experts={e} top-{k}, "
+              f"float32 ({gb:.2f} GB of expert weights), median of {a.repeats}: dense "
+              f"{t['dense'] * 1e3:.1f} ms, gather {t['gather'] * 1e3:.1f} ms, gather/dense "
+              f"{t['gather'] / t['dense']:.3f}")
     if a.prefill_tokens:
         pd, pf = 1024, 3584
-        t = time_prefill(a.prefill_tokens, pd, pf, e, k, a.repeats)
+        t = time_paths(a.prefill_tokens, pd, pf, e, k,
+                       {"dense": moe_dense, "grouped": moe_grouped}, a.repeats)
         block = grouped_block_size(a.prefill_tokens, k, e)
         print(f"prefill {a.prefill_tokens} tokens, dim={pd} hidden={pf} experts={e} top-{k}, float32, "
               f"median of {a.repeats}: dense {t['dense'] * 1e3:.1f} ms, grouped (block {block}) "
