@@ -1,6 +1,6 @@
 """Measure the converter on a synthetic checkpoint: throughput and the child's peak RSS.
 
-    python -m convert.benchmark --gb 2.0 [--dtype bfloat16] [--dir /tmp/x] [--keep]
+    python -m convert.benchmark --gb 2.0 [--dtype bfloat16] [--quantize int8] [--dir /tmp/x] [--keep]
 
 Writes a Mistral-layout folder of about `--gb` GB of float32 weights (many tensors, written
 tile by tile so the parent stays small), converts it in a child process with the CLI, and
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gb", type=float, default=2.0)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", default=None, choices=("int8", "fp8", "fp8-tensor"),
+                   help="convert with --quantize (the tiny baseline run is not quantized)")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     opts = p.parse_args(argv)
@@ -118,14 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         args = synthetic_args(opts.gb)
         size, n, largest = write_synthetic(work / "src", args)
         print(f"source: {size / 1e9:.2f} GB float32, {n} tensors, largest {largest / 1e6:.0f} MB")
+        quant = ["--quantize", opts.quantize] if opts.quantize else []
         status, rss, seconds, out = convert_in_child(work / "src", work / "dst", "--dtype",
-                                                     opts.dtype)
+                                                     opts.dtype, *quant)
         print(out.strip())
         if status:
             return status
         written = sum(f.stat().st_size for f in (work / "dst").rglob("*") if f.is_file())
         print(f"child peak RSS {rss:.0f} MB; {written / 1e9:.2f} GB on disk; {seconds:.1f} s "
-              f"including start-up ({written / 1e6 / seconds:.0f} MB/s); dtype {opts.dtype}")
+              f"including start-up ({written / 1e6 / seconds:.0f} MB/s); dtype {opts.dtype}"
+              f"{', quantized ' + opts.quantize if opts.quantize else ''}")
         tiny = ModelArgs(dim=64, n_layers=1, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                          norm_eps=1e-5, vocab_size=256)
         write_synthetic(work / "tiny", tiny)

@@ -1,6 +1,7 @@
 """Safetensors checkpoints -> Orbax checkpoints, and restoring them straight onto devices.
 
     convert(src, dst, dtype="bfloat16")              # Mistral or HF folder -> converted folder
+    convert(src, dst, quantize="int8")               # ... written quantized (int8 / fp8)
     params = restore_params(dst, args, "bfloat16", shardings)   # each device reads its shard
     model = Transformer.from_folder(dst)             # recognises a converted folder
 
@@ -15,8 +16,22 @@ On-disk layout of a converted folder `dst/`:
       layers_0.feed_forward.w1/   ([in..., out...] kernels, stacked experts [E, ...]) and dtype
       ...
     mistral_jax_checkpoint.json   the manifest, written last: format version, converter,
-                                  dtype, source layout and files (size, header sha256),
-                                  each leaf's shape and chunks
+                                  dtype, quantization, source layout and files (size,
+                                  header sha256), each leaf's shape, chunks and dtype
+
+Quantized checkpoints: `convert(..., quantize='int8' | 'fp8' | 'fp8-tensor')` quantizes each
+attention / feed-forward weight (`quant.should_quantize`) as it streams and writes its
+int8 / float8_e4m3fn kernel plus its float32 `scale` leaf (`w1_scale` beside stacked
+experts): the tree `Transformer.from_folder(src, dtype=dtype, quantize=mode)` builds, bit
+for bit (each weight is cast to `dtype` first, then quantized). A compressed-tensors source
+(llm-compressor int8 / fp8, `quant.read_compressed_tensors`) is written as stored: its
+kernels, scales and activation scales (`input_scale`, 0.0 for dynamic ones) as loading it
+gives them, never dequantized; `quantize=` with such a source is a UserInputError.
+The manifest's `quantization` says which (`{"mode": "int8"}`, `{"mode":
+"compressed-tensors", ...}`, or null) and each leaf its dtype; folders written before
+either field existed read as unquantized in the manifest's `dtype`. Restoring keeps the
+stored dtype of quantized kernels and of scales (`dtype=` casts only the other leaves), and
+`Transformer.from_folder(dst, quantize=...)` on a quantized folder is a UserInputError.
 
 Chunks: model-parallel axes (vocab, q_heads, kv_heads, mlp) are split in up to 8 parts and
 the expert axis in single experts, then the largest axis is halved until a chunk is at most
@@ -29,11 +44,14 @@ abstract_params_with_shardings)` works too (orbax-checkpoint 0.12.4 and 0.12.8 c
 a full host copy of any leaf.
 
 Conversion streams: each source tensor is read with plain file reads (no memory map, so
-its pages do not stay resident), transformed (`checkpoint.tensor_target`), cast and
-written block by block while the next tensor is read. Peak memory stays near a few times
-the largest tensor, whatever the model size. Everything is written into a hidden sibling
-`.<dst>.partial-<pid>-<id>`, renamed to `dst` only when complete; a killed conversion
-leaves only that hidden folder, which the next run removes.
+its pages do not stay resident), transformed (`checkpoint.tensor_target`), cast (and
+quantized) and written block by block while the next tensor is read. Peak memory stays
+near a few times the largest tensor, whatever the model size. Stacked MoE experts are
+quantized one expert at a time (their scales are per expert and channel); for
+'fp8-tensor' a first pass over the expert tensors finds each stacked weight's max |w|.
+Everything is written into a hidden sibling `.<dst>.partial-<pid>-<id>`, renamed to `dst`
+only when complete; a killed conversion leaves only that hidden folder, which the next
+run removes.
 """
 
 from __future__ import annotations
@@ -50,7 +68,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,7 +86,7 @@ from mistral_jax.checkpoint import PlannedTensor, plan_checkpoint, safetensors_f
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 
 __all__ = ["ConvertStats", "MANIFEST", "convert", "is_converted", "load_converted",
-           "read_manifest", "restore_params"]
+           "read_manifest", "restore_params", "stored_quantization"]
 
 MANIFEST = "mistral_jax_checkpoint.json"
 ORBAX_DIR = "params"
@@ -79,7 +97,11 @@ WRITE_WINDOW = 64 << 20  # bytes of blocks waiting for disk
 _SPLIT_AXES = {"vocab": 8, "q_heads": 8, "kv_heads": 8, "mlp": 8, "expert": None}
 _TOKENIZER_FILES = ("tekken*.json", "tokenizer.model*", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "generation_config.json")
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I8": "int8", "F8_E4M3": "float8_e4m3fn"}  # int8 / fp8: compressed-tensors
+# dtypes a manifest may name for a leaf
+_LEAF_DTYPES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn")
+_QUANTIZED = ("int8", "float8_e4m3fn")  # dtypes of quantized kernels
 
 ParamPath = tuple[str, ...]
 
@@ -100,7 +122,9 @@ class _Loc:
 def _np_dtype(name: str) -> np.dtype:
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    if name in ("bfloat16", "float8_e4m3fn"):  # numpy itself lacks these
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
 
 
 def tensor_locations(path: Path) -> tuple[dict[str, _Loc], str]:
@@ -237,7 +261,8 @@ def _create_array(folder: Path, path: ParamPath, shape, chunks, dtype: np.dtype,
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
-    return "bfloat16" if dtype.name == "bfloat16" else dtype.str
+    # ml_dtypes' types (bfloat16, float8_e4m3fn) by name, as tensorstore and Orbax write them
+    return dtype.name if dtype.kind == "V" else dtype.str
 
 
 def _open_array(folder: Path, path: ParamPath, context):
@@ -320,6 +345,8 @@ def _copy(value: np.ndarray, dtype: np.dtype, pool) -> np.ndarray:
     Copying a few rows at a time keeps a transposed read in cache (numpy's one-shot copy
     of a transposed view is about 2x slower); numpy releases the GIL while copying.
     """
+    if value.ndim == 0:  # activation scales
+        return np.array(value, dtype)
     out = np.empty(value.shape, dtype)
     row_bytes = max(1, math.prod(value.shape[1:]) * dtype.itemsize)
     step = 64 if not value.flags.c_contiguous else max(1, (4 << 20) // row_bytes)
@@ -345,21 +372,23 @@ def _wait(futures: list, where: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ConvertStats:
-    """What a conversion did: tensors read, bytes written, wall time."""
+    """What a conversion did: tensors read, bytes written, wall time, quantization mode."""
 
     dst: Path
     tensors: int
     bytes_written: int
     seconds: float
     verified: bool
+    quantization: str | None = None  # 'int8' / 'fp8' / 'fp8-tensor' / 'compressed-tensors'
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
 
     def summary(self) -> str:
-        return (f"converted {self.tensors} tensors: {self.bytes_written / 1e9:.3f} GB written in "
-                f"{self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s)"
+        quant = f" ({self.quantization})" if self.quantization else ""
+        return (f"converted {self.tensors} tensors{quant}: {self.bytes_written / 1e9:.3f} GB "
+                f"written in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s)"
                 f"{', verified' if self.verified else ''} -> {self.dst}")
 
 
@@ -415,40 +444,70 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout: str = "auto",
-            force: bool = False, verify: bool = False, progress: bool = False) -> ConvertStats:
+            quantize: str | None = None, force: bool = False, verify: bool = False,
+            progress: bool = False) -> ConvertStats:
     """Convert a Mistral or HF safetensors folder into a converted folder at `dst`.
 
     Streams one tensor at a time; `dst` appears (by a rename) only once complete, and
-    with `verify` only once every tensor read back equals the source cast to `dtype`.
+    with `verify` only once every array read back equals what was meant to be written
+    (the source cast to `dtype`, and quantized again the same way with `quantize`).
+    `quantize`: None, 'int8', 'fp8' or 'fp8-tensor' writes the attention / feed-forward
+    weights quantized (int8 / fp8 kernel + float32 scale), exactly as
+    `Transformer.from_folder(src, dtype=dtype, quantize=quantize)` would hold them. A
+    compressed-tensors source is written as stored (quantized) and refuses `quantize`.
     Raises ConfigError / CheckpointError / UserInputError naming the file at fault.
     """
-    from mistral_jax.model import abstract_params, logical_axes
+    from mistral_jax.model import abstract_params
+    from mistral_jax.quant import (
+        checkpoint_abstract,
+        quantize_params,
+        read_compressed_tensors,
+        resolve_mode,
+    )
     from mistral_jax.transformer import resolve_dtype
 
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     np_dtype = np.dtype(resolve_dtype(dtype))
+    mode = None if quantize is None else resolve_mode(quantize)
     if is_converted(src):
         raise UserInputError(f"{src}: already a converted checkpoint ({MANIFEST})")
     args, layout = _source_args(src, layout)
-    from mistral_jax.quant import read_compressed_tensors
-
-    if read_compressed_tensors(src) is not None:
-        raise UserInputError(f"{src}: quantized (compressed-tensors) checkpoints are not "
-                             "converted; load the folder directly with Transformer.from_folder")
+    scheme = read_compressed_tensors(src)
+    if scheme is not None and mode is not None:
+        raise UserInputError(f"{src}: the checkpoint is already quantized (compressed-tensors, "
+                             f"{scheme.weight_dtype.name} weights); convert it without "
+                             "--quantize: it is written as stored")
     files = safetensors_files(src, layout)
-    abstract = abstract_params(args, np_dtype)
+    if scheme is None:
+        abstract, implied = abstract_params(args, np_dtype), {}
+    else:  # int8 / fp8 kernels with their scales, as `checkpoint.load_params` holds them
+        abstract, implied = checkpoint_abstract(files, layout, args, np_dtype, scheme)
     plan = plan_checkpoint(files, layout, args, abstract)  # every header checked before any data
     file_info = {f: tensor_locations(f) for f in files}
     locs = {f: info[0] for f, info in file_info.items()}
+    if mode is not None:
+        abstract = quantize_params(abstract, mode)
+    if implied:  # dynamic activation scales: in the params, in no file
+        import jax
+
+        from mistral_jax.checkpoint import flatten, unflatten
+
+        abstract = unflatten({**flatten(abstract), **{
+            p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in implied.items()}})
+    quantization = (None if scheme is None and mode is None else {"mode": mode.name}
+                    if mode is not None else
+                    {"mode": "compressed-tensors", "weight_dtype": scheme.weight_dtype.name,
+                     "weight_strategy": scheme.weight_strategy,
+                     "activations": scheme.activations})
 
     dst_abs, src_abs = dst.absolute(), src.resolve()
     if dst_abs.resolve() == src_abs or src_abs.is_relative_to(dst_abs.resolve()):
         raise UserInputError(f"{dst}: would overwrite the source folder {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise UserInputError(f"{dst}: already exists (pass --force to replace it)")
-    leaves = _leaves(abstract, logical_axes(args), np_dtype)
-    total = sum(math.prod(v["shape"]) for v in leaves.values()) * np_dtype.itemsize
+    leaves = _leaves(abstract, args)
+    total = sum(_leaf_bytes(v) for v in leaves.values())
     try:
         dst_abs.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(dst_abs)
@@ -464,9 +523,11 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
     except OSError as e:
         raise CheckpointError(f"{dst}: cannot write here ({e.strerror or e})") from None
     try:
-        _convert_into(tmp, src, plan, locs, leaves, np_dtype, total, progress)
+        source = _Source(plan, locs, leaves, np_dtype, mode, implied)
+        source.find_amax(progress)
+        _convert_into(tmp, src, source, total, progress)
         if verify:
-            _verify(tmp, plan, locs, leaves, np_dtype, progress)
+            _verify(tmp, source, progress)
         try:
             (tmp / "params.json").write_text(json.dumps(args_to_params_json(args), indent=2) + "\n")
             for pattern in _TOKENIZER_FILES:
@@ -474,7 +535,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
                     if f.is_file():
                         shutil.copy2(f, tmp / f.name)
             _write_json(tmp / ORBAX_DIR / "_METADATA", _orbax_metadata(list(_leaf_paths(leaves))))
-            manifest = _manifest(src_abs, layout, file_info, np_dtype, leaves, len(plan), total)
+            manifest = _manifest(src_abs, layout, file_info, np_dtype, quantization, leaves,
+                                 len(plan), total)
             _write_json(tmp / MANIFEST, manifest)
             _fsync_path(tmp)
         except OSError as e:
@@ -483,22 +545,29 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ConvertStats(dst, len(plan), total, time.perf_counter() - start, verify)
+    return ConvertStats(dst, len(plan), total, time.perf_counter() - start, verify,
+                        None if quantization is None else quantization["mode"])
 
 
-def _leaves(abstract, axes, dtype: np.dtype) -> dict[str, dict]:
-    """leaf name -> {'path', 'shape', 'chunks'} for every params leaf, from the declarations."""
-    import jax
+def _leaves(abstract, args: ModelArgs) -> dict[str, dict]:
+    """leaf name -> {'path', 'shape', 'chunks', 'dtype'} for every leaf of `abstract` (params,
+    possibly with quantization scales), chunked along the leaves' logical axes."""
+    from mistral_jax.checkpoint import flatten
+    from mistral_jax.quant import param_logical_axes
 
+    axes = flatten(param_logical_axes(abstract, args))
     out = {}
-    flat_axes = dict(jax.tree_util.tree_leaves_with_path(
-        axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
-    for key, leaf in jax.tree_util.tree_leaves_with_path(abstract):
-        path = tuple(k.key for k in key)
-        names = tuple(flat_axes[key]) + (None,) * (len(leaf.shape) - len(flat_axes[key]))
+    for path, leaf in flatten(abstract).items():
+        dtype = np.dtype(leaf.dtype)
+        names = tuple(axes[path]) + (None,) * (len(leaf.shape) - len(axes[path]))
         out[_leaf_name(path)] = {"path": list(path), "shape": list(leaf.shape),
-                                 "chunks": chunk_shape(leaf.shape, names, dtype.itemsize)}
-    return out
+                                 "chunks": chunk_shape(leaf.shape, names, dtype.itemsize),
+                                 "dtype": dtype}
+    return dict(sorted(out.items()))
+
+
+def _leaf_bytes(leaf: dict) -> int:
+    return math.prod(leaf["shape"]) * leaf["dtype"].itemsize
 
 
 def _leaf_paths(leaves: dict[str, dict]) -> Iterator[ParamPath]:
@@ -506,29 +575,100 @@ def _leaf_paths(leaves: dict[str, dict]) -> Iterator[ParamPath]:
         yield tuple(v["path"])
 
 
-def _convert_into(tmp: Path, src: Path, plan, locs, leaves, dtype: np.dtype, total: int,
-                  progress: bool) -> None:
+@dataclasses.dataclass
+class _Source:
+    """What a conversion writes, piece by piece: `pieces()` yields (leaf path, expert index or
+    None, host array, planned tensor or None) for every source tensor in file order, each
+    transformed, cast, and quantized under `mode`, then the `implied` leaves no file holds."""
+
+    plan: list[PlannedTensor]
+    locs: dict[Path, dict[str, _Loc]]
+    leaves: dict[str, dict]
+    dtype: np.dtype  # the compute dtype: of every leaf that is not quantized or a scale
+    mode: Any = None  # quant.QuantMode, or None
+    implied: dict = dataclasses.field(default_factory=dict)
+    amax: dict = dataclasses.field(default_factory=dict)  # 'fp8-tensor' stacked experts: max |w|
+
+    def _quantized(self, p: PlannedTensor) -> bool:
+        from mistral_jax.quant import should_quantize
+
+        return self.mode is not None and should_quantize(
+            p.target.path, len(self.leaves[_leaf_name(p.target.path)]["shape"]))
+
+    def find_amax(self, progress: bool) -> None:
+        """Per-tensor modes: max |w| of each stacked expert weight, over all of its experts,
+        so that each expert is then quantized on its own exactly as the stacked weight is."""
+        if self.mode is None or not self.mode.per_tensor:
+            return
+        todo = [p for p in self.plan if p.target.expert is not None and self._quantized(p)]
+        items = _iter_source(todo, self.locs)
+        if progress and todo:
+            from tqdm import tqdm
+
+            items = tqdm(items, total=len(todo), desc="max |w| of the experts", unit="tensor")
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            for p, value in items:
+                top = np.float32(np.max(np.abs(_copy(value, self.dtype, pool))))  # exact
+                path = p.target.path
+                self.amax[path] = max(self.amax.get(path, top), top)
+                del value
+
+    def pieces(self, pool) -> Iterator[tuple[ParamPath, int | None, np.ndarray, Any]]:
+        import functools
+
+        from mistral_jax.quant import on_host, quantize_array, quantize_leaf, sibling, split_dims
+
+        for p, value in _iter_source(self.plan, self.locs):
+            path, expert = p.target.path, p.target.expert
+            if not self._quantized(p):  # cast by the writer, block by block
+                yield path, expert, value, p
+            elif expert is None:  # cast as `checkpoint.load_params` does, then quantized
+                for leaf_path, leaf in quantize_leaf(path, _copy(value, self.dtype, pool),
+                                                     self.mode).items():
+                    yield leaf_path, None, leaf, p
+            else:  # one expert of a stacked [E, in, out] weight, as a [1, in, out] one
+                in_dims = split_dims(path, 3)[1]
+                w = _copy(value, self.dtype, pool)[None]
+                if self.mode.per_tensor:
+                    q, scale = on_host(lambda x, a, d=in_dims: quantize_array(x, self.mode, d, a),
+                                       w, self.amax[path])
+                else:
+                    q, scale = on_host(functools.partial(quantize_array, mode=self.mode,
+                                                         in_dims=in_dims), w)
+                del w
+                yield path, expert, q[0], p
+                yield sibling(path, "scale"), expert, scale[0], p
+            del value
+        for path, value in self.implied.items():
+            yield path, None, np.asarray(value), None
+
+
+def _convert_into(tmp: Path, src: Path, source: _Source, total: int, progress: bool) -> None:
     ckpt = tmp / ORBAX_DIR
     context = _ts_context()
+    leaves = source.leaves
     try:
         ckpt.mkdir()
         stores = {tuple(v["path"]): _create_array(ckpt, tuple(v["path"]), v["shape"], v["chunks"],
-                                                  dtype, context) for v in leaves.values()}
+                                                  v["dtype"], context) for v in leaves.values()}
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{tmp}: cannot create the checkpoint arrays ({e})") from None
     bar = _bar(progress, total, f"converting {src.name}")
     writer = _Writer(ckpt)
+    n = len(source.plan)
     try:
-        done = 0  # no enumerate(): its reused result tuple would keep the last tensor alive
-        for p, value in _iter_source(plan, locs):
-            path, leaf = p.target.path, leaves[_leaf_name(p.target.path)]
-            store = stores[path] if p.target.expert is None else stores[path][p.target.expert]
-            writer.write(store, value, dtype, leaf["chunks"][0 if p.target.expert is None else 1:])
+        # no enumerate(): its reused result tuple would keep the last tensor alive
+        done, last = 0, None
+        for path, expert, value, p in source.pieces(writer.pool):
+            leaf = leaves[_leaf_name(path)]
+            store = stores[path] if expert is None else stores[path][expert]
+            writer.write(store, value, leaf["dtype"], leaf["chunks"][0 if expert is None else 1:])
             del value
-            done += 1
+            if p is not None and p is not last:
+                done, last = done + 1, p
             if bar is not None:
-                bar.update(math.prod(store.shape) * dtype.itemsize)
-                bar.set_postfix_str(f"{done}/{len(plan)} tensors", refresh=False)
+                bar.update(math.prod(store.shape) * leaf["dtype"].itemsize)
+                bar.set_postfix_str(f"{done}/{n} tensors", refresh=False)
         writer.flush()
     finally:
         writer.close()
@@ -536,30 +676,41 @@ def _convert_into(tmp: Path, src: Path, plan, locs, leaves, dtype: np.dtype, tot
             bar.close()
 
 
-def _verify(tmp: Path, plan, locs, leaves, dtype: np.dtype, progress: bool) -> None:
-    """Read every tensor back from `tmp` and compare it bit for bit with the cast source."""
+def _verify(tmp: Path, source: _Source, progress: bool) -> None:
+    """Read every array back from `tmp` and compare it bit for bit with what the source
+    gives again (read, cast and quantized anew)."""
     ckpt = tmp / ORBAX_DIR
     context = _ts_context()
+    leaves = source.leaves
     stores = {tuple(v["path"]): _open_array(ckpt, tuple(v["path"]), context) for v in leaves.values()}
-    items = _iter_source(plan, locs)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, total=len(plan), desc="verifying", unit="tensor")
-    uint = np.dtype(f"u{dtype.itemsize}")
-    for p, value in items:
-        path = p.target.path
-        store = stores[path] if p.target.expert is None else stores[path][p.target.expert]
-        chunks = leaves[_leaf_name(path)]["chunks"][0 if p.target.expert is None else 1:]
-        for box in _chunk_boxes(value.shape, chunks):
-            want = np.array(value[box], dtype=dtype, order="C")
-            try:
-                got = store[box].read().result()
-            except ValueError as e:
-                raise CheckpointError(f"{ckpt / _leaf_name(path)}: reading back failed ({e})") from None
-            if got.shape != want.shape or not np.array_equal(got.view(uint), want.view(uint)):
-                raise CheckpointError(f"{ckpt / _leaf_name(path)}: verification failed: differs "
-                                      f"from source tensor {p.name!r} in {p.file}")
+        bar = tqdm(total=len(source.plan), desc="verifying", unit="tensor")
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        last = None
+        for path, expert, value, p in source.pieces(pool):
+            leaf = leaves[_leaf_name(path)]
+            dtype, uint = leaf["dtype"], np.dtype(f"u{leaf['dtype'].itemsize}")
+            store = stores[path] if expert is None else stores[path][expert]
+            chunks = leaf["chunks"][0 if expert is None else 1:]
+            what = "an implied leaf" if p is None else f"source tensor {p.name!r} in {p.file}"
+            for box in _chunk_boxes(value.shape, chunks):
+                want = np.array(value[box], dtype=dtype, order="C")
+                try:
+                    got = store[box].read().result()
+                except ValueError as e:
+                    raise CheckpointError(f"{ckpt / _leaf_name(path)}: reading back failed ({e})") from None
+                if got.shape != want.shape or not np.array_equal(got.view(uint), want.view(uint)):
+                    raise CheckpointError(f"{ckpt / _leaf_name(path)}: verification failed: "
+                                          f"differs from {what}")
+            del value
+            if bar is not None and p is not None and p is not last:
+                bar.update(1)
+            last = p
+    if bar is not None:
+        bar.close()
 
 
 def _bar(progress: bool, total: int, desc: str):
@@ -570,8 +721,8 @@ def _bar(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
 
 
-def _manifest(src: Path, layout: str, file_info, dtype: np.dtype, leaves, n_tensors: int,
-              total: int) -> dict:
+def _manifest(src: Path, layout: str, file_info, dtype: np.dtype, quantization: dict | None,
+              leaves, n_tensors: int, total: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -581,11 +732,13 @@ def _manifest(src: Path, layout: str, file_info, dtype: np.dtype, leaves, n_tens
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "converter": f"mistral_jax {pkg}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dtype": dtype.name, "orbax_dir": ORBAX_DIR, "bytes": total,
+        "dtype": dtype.name, "quantization": quantization, "orbax_dir": ORBAX_DIR,
+        "bytes": total,
         "source": {"path": str(src), "layout": layout, "tensors": n_tensors,
                    "files": [{"name": f.name, "bytes": f.stat().st_size, "header_sha256": h}
                              for f, (_, h) in file_info.items()]},
-        "leaves": {k: {"shape": v["shape"], "chunks": v["chunks"]} for k, v in leaves.items()},
+        "leaves": {k: {"shape": v["shape"], "chunks": v["chunks"], "dtype": v["dtype"].name}
+                   for k, v in leaves.items()},
     }
 
 
@@ -638,65 +791,170 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def stored_quantization(folder: str | Path) -> dict | None:
+    """The quantization of a converted folder: None (plain weights, and every folder written
+    before quantized conversions existed), {'mode': 'int8' | 'fp8' | 'fp8-tensor'} (quantized
+    by the converter) or {'mode': 'compressed-tensors', ...} (a quantized source as stored)."""
+    quantization = read_manifest(folder).get("quantization")
+    if quantization is not None and not (isinstance(quantization, dict)
+                                         and isinstance(quantization.get("mode"), str)):
+        raise CheckpointError(f"{Path(folder) / MANIFEST}: unreadable quantization field "
+                              f"{quantization!r}")
+    return quantization
+
+
+def _scale_owner(path: ParamPath, base: dict) -> ParamPath | None:
+    """The weight whose scale leaf `path` is (`quant.sibling`), if it is one of `base`."""
+    from mistral_jax.quant import sibling
+
+    for suffix in ("input_scale", "scale"):
+        if path[-1] != suffix and not path[-1].endswith("_" + suffix):
+            continue
+        for owner in (path[:-1] + ("kernel",), path[:-1] + (path[-1][: -len(suffix) - 1],)):
+            if owner in base and sibling(owner, suffix) == path:
+                return owner
+    return None
+
+
+def _restore_abstract(folder: Path, manifest: dict, args: ModelArgs, dtype: np.dtype):
+    """{path: ShapeDtypeStruct} of what `restore_params` returns, and {scale path: owner path}.
+
+    The declared params of `args` (`abstract_params`) in `dtype`, except that quantized
+    kernels keep their stored dtype, plus the scale leaves the folder holds; raises
+    CheckpointError when the folder's arrays do not fit `args`.
+    """
+    import jax
+
+    from mistral_jax.checkpoint import flatten
+    from mistral_jax.model import abstract_params
+    from mistral_jax.quant import sibling, split_dims
+
+    ckpt = folder / manifest.get("orbax_dir", ORBAX_DIR)
+    base = flatten(abstract_params(args, dtype))
+    stored = {}
+    for name, v in manifest.get("leaves", {}).items():
+        leaf_dtype = v.get("dtype", manifest["dtype"]) if isinstance(v, dict) else None
+        if leaf_dtype not in _LEAF_DTYPES:
+            raise CheckpointError(f"{folder / MANIFEST}: leaf {name} has dtype {leaf_dtype!r}; "
+                                  f"expected one of {list(_LEAF_DTYPES)}")
+        stored[tuple(name.split("."))] = _np_dtype(leaf_dtype)
+    owners = {p: o for p in stored if p not in base and (o := _scale_owner(p, base)) is not None}
+    out = {}
+    for path, leaf in base.items():  # quantized kernels keep their dtype, the rest get `dtype`
+        keep = path in stored and stored[path].name in _QUANTIZED
+        out[path] = jax.ShapeDtypeStruct(leaf.shape, stored[path]) if keep else leaf
+    for path, owner in owners.items():  # scales keep theirs (float32)
+        if path[-1].endswith("input_scale"):
+            shape = ()
+        else:  # the kernel's lead and output dims (quant.quantize_array)
+            lead, _, outs = split_dims(owner, len(base[owner].shape))
+            shape = tuple(base[owner].shape[i] for i in lead + outs)
+        out[path] = jax.ShapeDtypeStruct(shape, stored[path])
+    want, have = set(out), set(stored)
+    if want != have:
+        names = lambda paths: sorted(_leaf_name(p) for p in paths)  # noqa: E731
+        diff = names(want - have)[:4] + names(have - want)[:4]
+        raise CheckpointError(
+            f"{ckpt}: its arrays do not match the args in {folder / 'params.json'} "
+            f"({len(want - have)} missing, {len(have - want)} unexpected: {', '.join(diff)})")
+    for path, leaf in out.items():
+        if leaf.dtype.name in _QUANTIZED and sibling(path, "scale") not in out:
+            raise CheckpointError(f"{ckpt / _leaf_name(path)}: a {leaf.dtype.name} weight "
+                                  "without its scale")
+    return out, owners
+
+
 def restore_params(folder: str | Path, args: ModelArgs, dtype: Any = None, shardings=None, *,
                    progress: bool = False, max_workers: int = 4):
     """Restore the params of a converted folder, each array directly with its sharding.
 
-    `shardings`: None (the default device), one `jax.sharding.Sharding` for every leaf, or
-    a pytree like params of them (e.g. `NamedSharding`s from the sharding rules). Each
-    device's shard is read from disk on its own (identical shards once), so no host ever
-    holds a full copy of a sharded leaf. `dtype` None keeps the stored dtype.
-    Returns the params pytree of jax.Arrays with the shapes of `abstract_params(args)`.
+    `shardings`: None (the default device), one `jax.sharding.Sharding` for every leaf, a
+    `jax.sharding.Mesh` (each leaf sharded by the rules of sharding.py, scales included),
+    or a pytree like params of them (e.g. `sharding.param_shardings(args, mesh)`; for a
+    quantized folder the scale leaves it lacks follow their kernel's mesh). Each device's
+    shard is read from disk on its own (identical shards once), so no host ever holds a
+    full copy of a sharded leaf. `dtype` None keeps the stored dtype; otherwise every leaf
+    is cast to it except quantized (int8 / fp8) kernels and their float32 scales.
+    Returns the params pytree of jax.Arrays: the shapes of `abstract_params(args)`, plus the
+    scale leaves of a quantized folder (the tree `Transformer.from_folder(src,
+    quantize=...)` builds).
     """
-    import jax
-
-    from mistral_jax.model import abstract_params
+    from mistral_jax.checkpoint import unflatten
     from mistral_jax.transformer import resolve_dtype
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     stored = _np_dtype(manifest["dtype"])
     dt = stored if dtype is None else np.dtype(resolve_dtype(dtype))
-    abstract = abstract_params(args, dt)
-    keyed, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if isinstance(shardings, jax.sharding.Sharding):
-        flat_shardings = [shardings] * len(keyed)
-    else:
-        try:
-            flat_shardings = treedef.flatten_up_to(shardings)
-        except (ValueError, TypeError) as e:
-            raise UserInputError(f"shardings must be a Sharding or a pytree like params ({e})") from None
+    flat, owners = _restore_abstract(folder, manifest, args, dt)
+    paths = sorted(flat)
+    flat_shardings = _flat_shardings(shardings, flat, owners, args)
     ckpt = folder / manifest.get("orbax_dir", ORBAX_DIR)
-    want = {_leaf_name(tuple(k.key for k in key)) for key, _ in keyed}
-    have = set(manifest.get("leaves", {}))
-    if want != have:
-        diff = sorted(want - have)[:4] + sorted(have - want)[:4]
-        raise CheckpointError(
-            f"{ckpt}: its arrays do not match the args in {folder / 'params.json'} "
-            f"({len(want - have)} missing, {len(have - want)} unexpected: {', '.join(diff)})")
     context = _ts_context()
 
-    def restore(i: int):
-        key, leaf = keyed[i]
-        path = tuple(k.key for k in key)
+    def restore(path: ParamPath):
+        leaf = flat[path]
         store = _open_array(ckpt, path, context)
         if tuple(store.shape) != tuple(leaf.shape):
             raise CheckpointError(
                 f"{ckpt / _leaf_name(path)}: shape {list(store.shape)}, but the args in "
                 f"{folder / 'params.json'} expect {list(leaf.shape)} for {'/'.join(path)}")
-        return _restore_array(store, leaf.shape, flat_shardings[i], dt, ckpt / _leaf_name(path))
+        return _restore_array(store, leaf.shape, flat_shardings[path], np.dtype(leaf.dtype),
+                              ckpt / _leaf_name(path))
 
-    items = range(len(keyed))
     with ThreadPoolExecutor(max_workers) as pool:
-        arrays = pool.map(restore, items)
+        arrays = pool.map(restore, paths)
         if progress:
             from tqdm import tqdm
 
-            arrays = tqdm(arrays, total=len(keyed), desc=f"restoring {folder.name}", unit="array")
+            arrays = tqdm(arrays, total=len(paths), desc=f"restoring {folder.name}", unit="array")
         arrays = list(arrays)
-    return jax.tree_util.tree_unflatten(treedef, arrays)
+    return unflatten(dict(zip(paths, arrays)))
+
+
+def _flat_shardings(shardings, flat: dict, owners: dict, args: ModelArgs) -> dict:
+    """{path: Sharding} for every leaf of `flat` (see `restore_params`)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+
+    from mistral_jax.checkpoint import flatten, unflatten
+
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return dict.fromkeys(flat, shardings)
+    specs = None
+
+    def spec(mesh: Mesh, path: ParamPath):
+        nonlocal specs
+        if specs is None:
+            from mistral_jax.sharding import tree_specs
+
+            specs = flatten(tree_specs(unflatten(flat), args, mesh))
+        return NamedSharding(mesh, specs[path])
+
+    if isinstance(shardings, Mesh):
+        return {p: spec(shardings, p) for p in flat}
+    given = flatten(shardings) if isinstance(shardings, Mapping) else {}
+    if not isinstance(shardings, Mapping) or not all(
+            isinstance(s, jax.sharding.Sharding) for s in given.values()):
+        raise UserInputError("shardings must be a Sharding, a Mesh or a pytree like params "
+                             f"of Shardings, got {type(shardings).__name__}")
+    missing = [p for p in flat if p not in given and p not in owners]
+    unexpected = [p for p in given if p not in flat]
+    if missing or unexpected:
+        raise UserInputError(
+            "shardings must be a Sharding, a Mesh or a pytree like params (missing: "
+            f"{', '.join(_leaf_name(p) for p in missing[:4]) or '-'}; unexpected: "
+            f"{', '.join(_leaf_name(p) for p in unexpected[:4]) or '-'})")
+    out = {}
+    for p in flat:
+        if p in given:
+            out[p] = given[p]
+        else:  # a scale the pytree does not name: on its weight's mesh, or where the weight is
+            owner = given[owners[p]]
+            out[p] = spec(owner.mesh, p) if isinstance(owner, NamedSharding) else owner
+    return out
 
 
 def _restore_array(store, shape, sharding, dtype: np.dtype, where: Path):
@@ -721,7 +979,8 @@ def _restore_array(store, shape, sharding, dtype: np.dtype, where: Path):
 
 def load_converted(folder: str | Path, dtype: Any = None, *, shardings=None,
                    progress: bool = False, **arg_overrides: Any):
-    """(args, params) of a converted folder: its params.json (with overrides) and weights."""
+    """(args, params) of a converted folder: its params.json (with overrides) and weights
+    (quantized ones as stored: see `restore_params`)."""
     folder = Path(folder)
     read_manifest(folder)
     args = args_from_params_json(folder / "params.json", **arg_overrides)

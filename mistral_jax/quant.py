@@ -22,7 +22,9 @@ Loading: `Transformer.from_folder(..., quantize='int8' | 'fp8' | 'fp8-tensor')` 
 each weight as soon as it is read (the `finish` hook of `lora.load_hooks`), so the full-precision model
 never exists at once; compressed-tensors checkpoints (llm-compressor, e.g.
 FP8-dynamic) are read as they are stored (`read_compressed_tensors`,
-`checkpoint_abstract`), never dequantized.
+`checkpoint_abstract`), never dequantized. `mistral-jax-convert --quantize MODE` writes the
+same quantized tree to a converted folder, and writes compressed-tensors checkpoints as
+stored (convert.py).
 
 Speed: `qeinsum` is the one place the matmul happens. By default it is
 einsum(x, kernel.astype(x.dtype)) * scale, left to XLA. `qmatmul_pallas` is a fused
@@ -146,17 +148,21 @@ def should_quantize(path: ParamPath, ndim: int) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "in_dims"))
-def quantize_array(w: jax.Array, mode: QuantMode, in_dims: tuple[int, ...]):
+def quantize_array(w: jax.Array, mode: QuantMode, in_dims: tuple[int, ...], tensor_amax=None):
     """w [lead..., in..., out...] -> (q of mode.dtype, same shape; scale f32 [lead..., out...]).
 
     Symmetric, one scale per output channel (amax over the `in_dims` / qmax), or one per
     tensor. int8 rounds to nearest (ties to even); fp8 rounds in the cast.
+    `tensor_amax` (per-tensor modes): max |w| of the whole tensor when `w` is a slice of
+    it (one expert of a stacked weight, as the converter streams them); the result is
+    then that slice of quantizing the whole tensor.
     """
     w = w.astype(jnp.float32)
     top = qmax(mode.dtype)
     amax = jnp.max(jnp.abs(w), axis=in_dims)
     if mode.per_tensor:
-        amax = jnp.broadcast_to(jnp.max(amax), amax.shape)
+        whole = jnp.max(amax) if tensor_amax is None else jnp.asarray(tensor_amax, jnp.float32)
+        amax = jnp.broadcast_to(whole, amax.shape)
     scale = jnp.where(amax > 0, amax / top, 1.0)
     q = jnp.clip(w / jnp.expand_dims(scale, in_dims), -top, top)
     if jnp.dtype(mode.dtype) == INT8:

@@ -22,9 +22,9 @@ from mistral_jax import sharding
 from mistral_jax.args import ModelArgs, args_from_params_json, load_args
 from mistral_jax.cache import Cache, init_cache
 from mistral_jax.checkpoint import load_params
-from mistral_jax.convert import is_converted, load_converted
+from mistral_jax.convert import is_converted, load_converted, stored_quantization
 from mistral_jax.errors import UserInputError
-from mistral_jax.lora import finish_params, load_hooks
+from mistral_jax.lora import attach_lora, finish_params, load_hooks, load_lora, merge_lora
 from mistral_jax.model import causal_positions, forward, init_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
@@ -74,7 +74,9 @@ class Transformer:
         unless `lora_merge=False` (by default unmerged only when the folder's params.json
         has a lora block, as in mistral-inference); `lora_scaling` overrides its scaling.
         `quantize`: 'int8', 'fp8' or 'fp8-tensor' quantizes the weights as they load
-        (quant.py); compressed-tensors int8/fp8 checkpoints load quantized without it.
+        (quant.py); compressed-tensors int8/fp8 checkpoints, and folders converted with
+        `mistral-jax-convert --quantize` or from such checkpoints, load quantized without
+        it (and refuse it: UserInputError); `dtype` then applies to the other leaves.
         `mesh`: a `jax.sharding.Mesh` with axes data/tensor/expert, a spec such as
         'tensor=4,expert=2', or 'auto' (every device along tensor); each weight is then
         placed straight onto its shards (sharding.py). None: the default device.
@@ -87,12 +89,21 @@ class Transformer:
         hooks = dict(lora_path=lora_path, lora_merge=lora_merge, lora_scaling=lora_scaling,
                      quantize=quantize)
         if is_converted(folder):  # written by mistral-jax-convert: restore the Orbax checkpoint
+            stored = stored_quantization(folder)
+            if stored is not None and quantize is not None:
+                raise UserInputError(f"{folder}: the converted checkpoint is already quantized "
+                                     f"({stored['mode']}); load it without quantize=")
             shardings = None if mesh is None else sharding.param_shardings(
                 args_from_params_json(folder / "params.json", **arg_overrides), mesh)
             args, params = load_converted(folder, dt, shardings=shardings, progress=progress,
                                           **arg_overrides)
-            finish, post = load_hooks(folder, args, dt, **hooks)
-            params = post(finish_params(params, finish))
+            if stored is None:
+                finish, post = load_hooks(folder, args, dt, **hooks)
+                params = post(finish_params(params, finish))
+            elif lora_path is not None:  # as for compressed-tensors: merged into the quantized
+                adapter = load_lora(lora_path, args, dtype=dt, scaling=lora_scaling)  # kernels
+                merge = args.lora is None if lora_merge is None else lora_merge
+                params = merge_lora(params, adapter) if merge else attach_lora(params, adapter)
         else:
             args, layout = load_args(folder, **arg_overrides)
             finish, post = load_hooks(folder, args, dt, **hooks)
