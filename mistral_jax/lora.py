@@ -307,30 +307,33 @@ def merge_lora(params, adapter):
 
 
 def load_hooks(folder: Path, args: ModelArgs, dtype, *, lora_path=None, lora_merge=None,
-               lora_scaling=None, quantize=None):
+               lora_scaling=None, quantize=None, prequantized: str | None = None):
     """What `Transformer.from_folder` does around `checkpoint.load_params` for LoRA and
     quantization: returns (finish, post) where `finish(path, host_array)` merges the
     adapter into each weight and then quantizes it as it is read, and `post(params)`
     attaches an unmerged adapter (or merges into an already quantized checkpoint).
 
     `lora_merge=None` merges unless the folder's params.json has a lora block, which,
-    as in mistral-inference, asks for the adapter to stay unmerged.
+    as in mistral-inference, asks for the adapter to stay unmerged. `prequantized` names
+    how the weights are already stored quantized (e.g. a converted folder's mode); None:
+    'compressed-tensors' if the folder's config says so, else not quantized.
     """
     from mistral_jax.quant import quantize_leaf, read_compressed_tensors
 
-    prequantized = read_compressed_tensors(folder) is not None
+    if prequantized is None and read_compressed_tensors(folder) is not None:
+        prequantized = "compressed-tensors"
     if quantize is not None:
         resolve_mode(quantize)
         if prequantized:
             raise UserInputError(f"{folder}: the checkpoint is already quantized "
-                                 "(compressed-tensors); load it without quantize=")
+                                 f"({prequantized}); load it without quantize=")
     adapter = None if lora_path is None else load_lora(lora_path, args, dtype=dtype,
                                                        scaling=lora_scaling)
     merge = adapter is not None and (args.lora is None if lora_merge is None else lora_merge)
-    ad = flatten(adapter) if merge else {}
+    ad = {} if prequantized or not merge else flatten(adapter)  # merged as each weight loads
 
     def finish(path, w):
-        if ad and not prequantized and is_linear_weight(path, w.ndim):
+        if ad and is_linear_weight(path, w.ndim):
             w, _ = merge_leaf(path, w, ad)
         return quantize_leaf(path, w, quantize) if quantize is not None else {path: w}
 

@@ -24,7 +24,7 @@ from mistral_jax.cache import Cache, init_cache
 from mistral_jax.checkpoint import load_params
 from mistral_jax.convert import is_converted, load_converted, stored_quantization
 from mistral_jax.errors import UserInputError
-from mistral_jax.lora import attach_lora, finish_params, load_hooks, load_lora, merge_lora
+from mistral_jax.lora import finish_params, load_hooks
 from mistral_jax.model import causal_positions, forward, init_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
@@ -89,21 +89,15 @@ class Transformer:
         hooks = dict(lora_path=lora_path, lora_merge=lora_merge, lora_scaling=lora_scaling,
                      quantize=quantize)
         if is_converted(folder):  # written by mistral-jax-convert: restore the Orbax checkpoint
+            # Checks (quantize= on quantized weights, the adapter) before reading any array.
+            args = args_from_params_json(folder / "params.json", **arg_overrides)
             stored = stored_quantization(folder)
-            if stored is not None and quantize is not None:
-                raise UserInputError(f"{folder}: the converted checkpoint is already quantized "
-                                     f"({stored['mode']}); load it without quantize=")
-            shardings = None if mesh is None else sharding.param_shardings(
-                args_from_params_json(folder / "params.json", **arg_overrides), mesh)
+            finish, post = load_hooks(folder, args, dt, prequantized=stored and stored["mode"],
+                                      **hooks)
+            shardings = None if mesh is None else sharding.param_shardings(args, mesh)
             args, params = load_converted(folder, dt, shardings=shardings, progress=progress,
                                           **arg_overrides)
-            if stored is None:
-                finish, post = load_hooks(folder, args, dt, **hooks)
-                params = post(finish_params(params, finish))
-            elif lora_path is not None:  # as for compressed-tensors: merged into the quantized
-                adapter = load_lora(lora_path, args, dtype=dt, scaling=lora_scaling)  # kernels
-                merge = args.lora is None if lora_merge is None else lora_merge
-                params = merge_lora(params, adapter) if merge else attach_lora(params, adapter)
+            params = post(finish_params(params, finish))
         else:
             args, layout = load_args(folder, **arg_overrides)
             finish, post = load_hooks(folder, args, dt, **hooks)
