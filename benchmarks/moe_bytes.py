@@ -3,11 +3,14 @@
     python benchmarks/moe_bytes.py                  # Mixtral-8x7B layer, batch 1, bf16 and f32
     python benchmarks/moe_bytes.py --shape 8x22b --prefill-tokens 0
     python benchmarks/moe_bytes.py --decode-hidden 7168 --prefill-tokens 0   # + decode timing
+    python benchmarks/moe_bytes.py --decode-hidden 14336 --dtype bfloat16 --prefill-tokens 0  # GPU
 
 Numbers come from XLA's own cost analysis ("bytes accessed") of the compiled layer on
 this machine's backend, with abstract inputs (nothing is allocated). Optionally it
 also times a decode step (gather path versus dense) and a prefill (many tokens) of a
-smaller layer (grouped path versus dense).
+smaller layer (grouped path versus dense). On a GPU the decode timing adds the Pallas
+kernel that reads the selected experts in place (`moe.moe_pallas`), with the bandwidth
+its time implies for the selected experts' bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.moe import grouped_block_size, moe_dense, moe_gather, moe_grouped
+from mistral_jax.moe import grouped_block_size, moe_dense, moe_gather, moe_grouped, moe_pallas
 
 SHAPES = {  # dim, hidden_dim, num_experts, num_experts_per_tok
     "8x7b": (4096, 14336, 8, 2),
@@ -50,16 +53,16 @@ def decode_bytes(d: int, f: int, e: int, k: int, dtype, batch: int = 1) -> dict[
             "gather": bytes_accessed(moe_gather, inputs)}
 
 
-def time_paths(n: int, d: int, f: int, e: int, k: int, paths: dict, repeats: int
-               ) -> dict[str, float]:
-    """Median seconds of each path (name -> fn) on N tokens with random routing, float32."""
+def time_paths(n: int, d: int, f: int, e: int, k: int, paths: dict, repeats: int,
+               dtype=jnp.float32) -> dict[str, float]:
+    """Median seconds of each path (name -> fn) on N tokens with random routing."""
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((n, d)), dtype)
     logits = rng.standard_normal((n, e))
     experts = jnp.asarray(np.argsort(-logits, axis=1)[:, :k], jnp.int32)
     weights = jnp.full((n, k), 1.0 / k, jnp.float32)
-    w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / d**0.5, jnp.float32) for _ in range(2))
-    w2 = jnp.asarray(rng.standard_normal((e, f, d)) / f**0.5, jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / d**0.5, dtype) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e, f, d)) / f**0.5, dtype)
     out = {}
     for name, fn in paths.items():
         jitted = jax.jit(fn)
@@ -81,7 +84,10 @@ def main() -> None:
                    help="time a prefill of this many tokens on a dim-1024 layer (0: skip)")
     p.add_argument("--decode-hidden", type=int, default=0,
                    help="also time one decode step (the --batch tokens) of a float32 layer of the "
-                   "shape's dim with this hidden size: gather path against dense (0: skip)")
+                   "shape's dim with this hidden size: gather path (and on a GPU the Pallas "
+                   "kernel) against dense (0: skip)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the timed decode layer")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     d, f, e, k = SHAPES[a.shape]
@@ -99,13 +105,19 @@ def main() -> None:
     print(f"  float32, {2 * e} experts instead of {e}: dense {r16['dense'] / r8['dense']:.3f}x, "
           f"gather {r16['gather'] / r8['gather']:.3f}x the bytes")
     if a.decode_hidden:
-        t = time_paths(a.batch, d, a.decode_hidden, e, k,
-                       {"dense": moe_dense, "gather": moe_gather}, a.repeats)
-        gb = 3 * e * d * a.decode_hidden * 4 / 1e9
+        dt = jnp.dtype(a.dtype)
+        paths = {"dense": moe_dense, "gather": moe_gather}
+        if jax.default_backend() == "gpu":
+            paths["pallas"] = moe_pallas
+        t = time_paths(a.batch, d, a.decode_hidden, e, k, paths, a.repeats, dt)
+        gb = 3 * e * d * a.decode_hidden * dt.itemsize / 1e9
+        selected = gb * min(a.batch * k, e) / e
         print(f"decode {a.batch} token(s), dim={d} hidden={a.decode_hidden} experts={e} top-{k}, "
-              f"float32 ({gb:.2f} GB of expert weights), median of {a.repeats}: dense "
-              f"{t['dense'] * 1e3:.1f} ms, gather {t['gather'] * 1e3:.1f} ms, gather/dense "
-              f"{t['gather'] / t['dense']:.3f}")
+              f"{dt.name} ({gb:.2f} GB of expert weights, {selected:.2f} GB selected), median of "
+              f"{a.repeats}: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in t.items()))
+        for name, s in t.items():
+            print(f"  {name:7s} {s / t['dense']:.3f} of dense; the selected experts' bytes at "
+                  f"{selected / s:.0f} GB/s")
     if a.prefill_tokens:
         pd, pf = 1024, 3584
         t = time_paths(a.prefill_tokens, pd, pf, e, k,

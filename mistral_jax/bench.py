@@ -56,8 +56,11 @@ from mistral_jax.args import ModelArgs, MoeArgs
 from mistral_jax.cache import cache_sizes, init_cache
 from mistral_jax.cli import default_cache_dir, enable_compilation_cache
 from mistral_jax.errors import MistralJaxError, UserInputError
+from mistral_jax.kernels import KERNEL_CHOICES
 from mistral_jax.layers import ATTENTION_CHOICES, ATTENTION_ENV
 from mistral_jax.model import causal_positions, forward, init_params
+from mistral_jax.moe import MOE_KERNEL_ENV
+from mistral_jax.quant import QMATMUL_ENV
 
 _SHAPES_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
                   n_kv_heads=8, norm_eps=1e-5, rope_theta=1e6)
@@ -563,6 +566,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="weight-only int8/fp8 attention and feed-forward weights (quant.py)")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                    help=f"prefill attention kernel (sets {ATTENTION_ENV}, see layers.py)")
+    p.add_argument("--qmatmul", choices=KERNEL_CHOICES, default=None,
+                   help=f"quantized decode matmul: XLA or the Pallas kernel (sets {QMATMUL_ENV}, "
+                   "see kernels.py; default: the environment's, else xla)")
+    p.add_argument("--moe-kernel", choices=KERNEL_CHOICES, default=None,
+                   help=f"MoE decode path: XLA's gather or the Pallas kernel (sets "
+                   f"{MOE_KERNEL_ENV}, see moe.py; default: the environment's, else xla)")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time transformers' PyTorch model on the same weights")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -679,6 +688,8 @@ def run(ns: argparse.Namespace) -> dict:
         "jax": jax.__version__, "python": platform.python_version(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "attention": os.environ.get(ATTENTION_ENV, "auto"),
+        "qmatmul": os.environ.get(QMATMUL_ENV, "xla"),
+        "moe_kernel": os.environ.get(MOE_KERNEL_ENV, "xla"),
         "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
         "matmul_tflops_measured": matmul / 1e12, "peak_tflops": peak / 1e12,
         "peak_source": source,
@@ -695,18 +706,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns.argv = argv
     if ns.vs_transformers:  # let torch share the GPU: JAX would otherwise take 75% of it
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    previous = os.environ.get(ATTENTION_ENV)
-    os.environ[ATTENTION_ENV] = ns.attention
+    chosen = {ATTENTION_ENV: ns.attention, QMATMUL_ENV: ns.qmatmul, MOE_KERNEL_ENV: ns.moe_kernel}
+    previous = {name: os.environ.get(name) for name in chosen}
+    os.environ.update({name: value for name, value in chosen.items() if value is not None})
     try:
         out = run(ns)
     except MistralJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if previous is None:
-            os.environ.pop(ATTENTION_ENV, None)
-        else:
-            os.environ[ATTENTION_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     m = out["meta"]
     print(f"# {m['model']} {m['dtype']} ({m['n_params'] / 1e9:.3f}B params, "
           f"{m['weight_bytes'] / 1e9:.3f} GB) on {m['device']} x{m['n_devices']}, jax {m['jax']}")

@@ -12,7 +12,6 @@ G = H // K, Hd head_dim, F hidden_dim, V vocab.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.cache import LayerCache, update_layer_cache
+from mistral_jax.kernels import env_choice
 from mistral_jax.lora import lora_einsum
 from mistral_jax.quant import qeinsum
 from mistral_jax.rope import apply_rope, rope_angles
@@ -120,9 +120,7 @@ def attention_implementation(dtype: Any, n_queries: int, head_dim: int) -> str |
     MISTRAL_JAX_ATTENTION ('reference', 'xla', 'cudnn') overrides the choice for any
     prefill; it is read when a function is traced, not when it is called.
     """
-    choice = os.environ.get(ATTENTION_ENV, "auto").lower()
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected one of {ATTENTION_CHOICES}")
+    choice = env_choice(ATTENTION_ENV, ATTENTION_CHOICES, "auto")
     if n_queries < 2 or choice == "reference":
         return None
     if choice != "auto":

@@ -16,6 +16,11 @@ expert axis can be sharded. Three interchangeable paths compute the same functio
 - `moe_dense`: every expert on every token, mixed by the routing weights. The
   readable reference, used in tests.
 
+- `moe_pallas` (decode on GPUs, opt-in): the gather path as a Pallas (Triton) kernel
+  (kernels.moe_decode_pallas) that reads each selected expert's weights in place by
+  index, without XLA's copy of the slice; MISTRAL_JAX_MOE_KERNEL=pallas makes 'auto'
+  use it wherever it would gather. Not yet run on a GPU, so off by default.
+
 The choice is static, by N*k against E (`moe_strategy`), so every path is pure and
 jit-able. `moe_ragged` (`jax.lax.ragged_dot`) is available on request (strategy
 'ragged'): on TPU a native grouped matmul; on CPU JAX lowers it to a masked product
@@ -23,7 +28,7 @@ over all experts, and on an H100 it measured no faster than dense (GPU_NOTES.md)
 
 Plain XLA copies each dynamically selected expert slice before its matmul, so the
 gather path reads k/E of the expert weights but moves about 3x that many bytes
-(benchmarks/moe_bytes.py); reading experts in place needs a kernel (e.g. Pallas).
+(benchmarks/moe_bytes.py); reading experts in place needs a kernel: `moe_pallas`.
 
 Each stacked weight is a plain array or an `ExpertWeight(kernel, scale, lora_a, lora_b)`:
 an int8/fp8 kernel with its per-output-channel scale [E, out] (quant.py) and/or an
@@ -51,7 +56,8 @@ from mistral_jax.errors import UserInputError
 from mistral_jax.layers import Dtype, Linear, scaled_normal
 from mistral_jax.sharding import expert_parallel
 
-STRATEGIES = ("auto", "gather", "grouped", "dense", "ragged")
+STRATEGIES = ("auto", "gather", "grouped", "dense", "ragged", "pallas", "pallas-interpret")
+MOE_KERNEL_ENV = "MISTRAL_JAX_MOE_KERNEL"  # 'xla' (default) | 'pallas' | 'pallas-interpret'
 # Rows of a block whose SwiGLU compute takes about as long as reading (and, in plain
 # XLA, copying) one expert's weights: ~256 on GPUs/TPUs (compute / bandwidth balance),
 # ~32 measured on a 2-core CPU (benchmarks/moe_bytes.py). The grouped path's block
@@ -263,6 +269,24 @@ def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3)
     return out
 
 
+def moe_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+               interpret: bool = False) -> jax.Array:
+    """Decode path as one Pallas kernel pair (`kernels.moe_decode_pallas`): reads each
+    selected expert's weights (or int8/fp8 kernel slice and scale row) in place.
+
+    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D]. Experts
+    with an unmerged LoRA adapter take `moe_gather` instead (the kernel has no LoRA term).
+    `interpret` runs the kernels in the Pallas interpreter (any backend).
+    """
+    from mistral_jax.kernels import moe_decode_pallas
+
+    ws = (w1, w2, w3)
+    if any(isinstance(w, ExpertWeight) and w.lora_a is not None for w in ws):
+        return moe_gather(x, weights, experts, w1, w2, w3)
+    ws = tuple((w.kernel, w.scale) if isinstance(w, ExpertWeight) else w for w in ws)
+    return moe_decode_pallas(x, weights, experts, *ws, interpret=interpret)
+
+
 def moe_strategy(n_tokens: int, k: int, n_experts: int) -> str:
     """The static path for N tokens: 'gather' while N*k <= E, else 'grouped'.
 
@@ -278,14 +302,22 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
 
     w1/w3 [E, D, F], w2 [E, F, D]: plain arrays or `ExpertWeight`s (quantized / LoRA).
 
-    `strategy` is one of STRATEGIES; 'auto' picks by `moe_strategy` (static in N).
+    `strategy` is one of STRATEGIES; 'auto' picks by `moe_strategy` (static in N), and
+    where that is 'gather', MISTRAL_JAX_MOE_KERNEL ('xla', 'pallas', 'pallas-interpret',
+    read at trace time) may swap in `moe_pallas`.
     """
+    from mistral_jax.kernels import KERNEL_CHOICES, env_choice
+
     if strategy not in STRATEGIES:
         raise UserInputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
         strategy = moe_strategy(x.shape[0], experts.shape[1], _kernel(w1).shape[0])
+        if strategy == "gather":
+            kernel = env_choice(MOE_KERNEL_ENV, KERNEL_CHOICES, "xla")
+            strategy = strategy if kernel == "xla" else kernel
     fn = {"gather": moe_gather, "grouped": moe_grouped, "dense": moe_dense,
-          "ragged": moe_ragged}[strategy]
+          "ragged": moe_ragged, "pallas": moe_pallas,
+          "pallas-interpret": functools.partial(moe_pallas, interpret=True)}[strategy]
     return fn(x, weights, experts, w1, w2, w3)
 
 

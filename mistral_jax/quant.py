@@ -27,10 +27,11 @@ same quantized tree to a converted folder, and writes compressed-tensors checkpo
 stored (convert.py).
 
 Speed: `qeinsum` is the one place the matmul happens. By default it is
-einsum(x, kernel.astype(x.dtype)) * scale, left to XLA. `qmatmul_pallas` is a fused
-dequantizing Pallas kernel for decode-sized matmuls, selected with
-MISTRAL_JAX_QMATMUL=pallas; it is checked for correctness in the Pallas interpreter on
-CPU but has not been run or timed on a GPU, so no speed claim is made for either path.
+einsum(x, kernel.astype(x.dtype)) * scale, left to XLA. `kernels.qmatmul_pallas` is a
+fused dequantizing Pallas (Triton) kernel for decode-sized matmuls, selected with
+MISTRAL_JAX_QMATMUL=pallas; it is checked for correctness in the Pallas interpreter and
+lowered for CUDA in the tests on the CPU, but has not been run or timed on a GPU, so no
+speed claim is made for either path.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -212,74 +212,17 @@ def quantize_activations(x: jax.Array, contracted: tuple[int, ...], dtype, input
 
 
 # 'xla' (default): einsum(x, kernel.astype(x.dtype)) * scale, left to XLA. 'pallas': the
-# Pallas kernel `qmatmul_pallas` for few-row matmuls (decode) on GPU; 'pallas-interpret':
+# kernel `kernels.qmatmul_pallas` for few-row matmuls (decode) on GPU; 'pallas-interpret':
 # the same kernel run by the Pallas interpreter (any backend; tests). Read at trace time.
 QMATMUL_ENV = "MISTRAL_JAX_QMATMUL"
-QMATMUL_CHOICES = ("xla", "pallas", "pallas-interpret")
 PALLAS_MAX_ROWS = 64  # above this many rows (prefill) the matmul is compute-bound: XLA
 
 
 def qmatmul_implementation() -> str:
     """MISTRAL_JAX_QMATMUL, checked: 'xla' (default), 'pallas' or 'pallas-interpret'."""
-    choice = os.environ.get(QMATMUL_ENV, "xla").lower()
-    if choice not in QMATMUL_CHOICES:
-        raise ValueError(f"{QMATMUL_ENV}={choice!r}: expected one of {QMATMUL_CHOICES}")
-    return choice
+    from mistral_jax.kernels import KERNEL_CHOICES, env_choice
 
-
-def _qmatmul_kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, steps: int):
-    import jax.experimental.pallas as pl
-
-    rows, block_n = o_ref.shape[1], o_ref.shape[2]
-    base = pl.program_id(1) * steps * block_k
-
-    def body(i, acc):
-        k = pl.ds(base + i * block_k, block_k)
-        x = x_ref[:, k]
-        return acc + jnp.dot(x, q_ref[k, :].astype(x.dtype), preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, block_n), jnp.float32))
-    o_ref[0] = acc * s_ref[...].astype(jnp.float32)[None, :]
-
-
-def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, block_n: int | None = None,
-                   block_k: int | None = None, split_k: int | None = None,
-                   interpret: bool = False) -> jax.Array:
-    """(x @ q.astype(x.dtype)) * scale in one pass over q. x [M, K], q int8/fp8 [K, N],
-    scale [N] -> [M, N] in x.dtype.
-
-    Each program reads a [K / split_k, block_n] slab of q once, converting it in
-    registers, and accumulates in float32; split_k partial sums are added afterwards.
-    Rows are padded to 16 (the smallest dot Triton emits). The default blocks aim at
-    >= 256 programs for a decode step; they are not tuned on hardware: measure first.
-    """
-    import jax.experimental.pallas as pl
-
-    m, k = x.shape
-    n = q.shape[1]
-    block_n = block_n or next(b for b in (32, 16, 8, 4, 2, 1) if n % b == 0)
-    block_k = block_k or next(b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if k % b == 0)
-    if split_k is None:
-        split_k = 1
-        while (n // block_n) * split_k < 256 and (k // block_k) % (2 * split_k) == 0 \
-                and split_k < 16:
-            split_k *= 2
-    if n % block_n or k % (block_k * split_k):
-        raise ValueError(f"qmatmul_pallas: K={k}, N={n} do not divide into blocks "
-                         f"{block_k}x{split_k}, {block_n}")
-    rows = max(16, -(-m // 16) * 16)
-    xp = jnp.pad(x, ((0, rows - m), (0, 0)))
-    out = pl.pallas_call(
-        functools.partial(_qmatmul_kernel, block_k=block_k, steps=k // (block_k * split_k)),
-        grid=(n // block_n, split_k),
-        in_specs=[pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
-                  pl.BlockSpec((k, block_n), lambda j, s: (0, j)),
-                  pl.BlockSpec((block_n,), lambda j, s: (j,))],
-        out_specs=pl.BlockSpec((1, rows, block_n), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((split_k, rows, n), jnp.float32),
-        interpret=interpret,
-    )(xp, q, scale)
-    return out.sum(0)[:m].astype(x.dtype)
+    return env_choice(QMATMUL_ENV, KERNEL_CHOICES, "xla")
 
 
 def _pallas_qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
@@ -294,6 +237,8 @@ def _pallas_qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
     rows = math.prod(x.shape[:x.ndim - n_in])
     if rows > PALLAS_MAX_ROWS:
         return None
+    from mistral_jax.kernels import qmatmul_pallas
+
     y = qmatmul_pallas(x.reshape(rows, k), kernel.reshape(k, -1), scale.reshape(-1),
                        interpret=interpret)
     return y.reshape(*x.shape[:x.ndim - n_in], *kernel.shape[n_in:])

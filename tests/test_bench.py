@@ -236,6 +236,26 @@ def test_bench_quantized_preset_counts_int8_weight_bytes(tmp_path, capsys):
     assert _finite_positive(runs["int8"]["results"][0]["decode_tok_s"])
 
 
+def test_bench_runs_the_pallas_kernels_when_asked_and_records_the_choice(tmp_path, capsys,
+                                                                        monkeypatch):
+    """--qmatmul / --moe-kernel (here the interpreted kernels on tiny-moe int8) reach the
+    decode step, are recorded in the JSON, and leave the environment as it was."""
+    monkeypatch.delenv("MISTRAL_JAX_MOE_KERNEL", raising=False)
+    monkeypatch.setenv("MISTRAL_JAX_QMATMUL", "xla")
+    out = tmp_path / "kernels.json"
+    assert bench.main(["--preset", "tiny-moe", "--quantize", "int8", "--batch", "1",
+                       "--prompt-len", "4", "--gen-len", "2", "--repeats", "1",
+                       "--qmatmul", "pallas-interpret", "--moe-kernel", "pallas-interpret",
+                       "--no-compile-cache", "--copy-mib", "8", "--matmul-n", "64",
+                       "--json", str(out)]) == 0
+    capsys.readouterr()
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["qmatmul"] == "pallas-interpret" and meta["moe_kernel"] == "pallas-interpret"
+    assert _finite_positive(json.loads(out.read_text())["results"][0]["decode_ms_step"])
+    assert os.environ["MISTRAL_JAX_QMATMUL"] == "xla"
+    assert "MISTRAL_JAX_MOE_KERNEL" not in os.environ
+
+
 def test_bench_module_runs_and_fills_the_persistent_compilation_cache(tmp_path):
     cache_dir = tmp_path / "jax_cache"
     cmd = [sys.executable, "-m", "mistral_jax.bench", "--preset", "tiny-moe", "--batch", "1",
@@ -266,3 +286,27 @@ def test_cudnn_prefill_matches_reference_on_gpu(monkeypatch):
     out, _ = _logits(monkeypatch, "auto", args, params, tokens, positions, None)
     ref, _ = _logits(monkeypatch, "reference", args, params, tokens, positions, None)
     assert rel_err(out, ref) <= 3e-2
+
+
+def test_gpu_suite_runs_its_steps_and_writes_a_summary(tmp_path):
+    """benchmarks/gpu_suite.py (the one prepared GPU run) on CPU stand-ins: each step's
+    exit status, wall time and headline figures land in summary.json."""
+    cmd = [sys.executable, "benchmarks/gpu_suite.py", "--tiny", "--out", str(tmp_path),
+           "--budget", "500", "--only", "mistral7b", "mixtral8x7b-int8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [e["step"] for e in summary] == ["mistral7b", "mixtral8x7b-int8"]
+    for entry in summary:
+        assert entry["rc"] == 0 and entry["wall_s"] > 0
+        assert entry["results"] and _finite_positive(entry["results"][0]["decode_ms_step"])
+    assert "--moe-kernel pallas-interpret" in summary[1]["command"]
+
+
+def test_gpu_suite_skips_what_the_budget_cannot_fit(tmp_path):
+    cmd = [sys.executable, "benchmarks/gpu_suite.py", "--tiny", "--out", str(tmp_path),
+           "--budget", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary) > 5 and all(e["skipped"] == "budget spent" for e in summary)

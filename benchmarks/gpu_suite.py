@@ -1,0 +1,179 @@
+"""Every GPU measurement the open issues ask for, as one run that fits a short device lease.
+
+    python3 benchmarks/gpu_suite.py --out $OUT --budget 480          # on the GPU host
+    python3 benchmarks/gpu_suite.py --list                            # the steps, in order
+    python3 benchmarks/gpu_suite.py --tiny --out /tmp/suite --only mistral7b mixtral-layer
+
+Steps run in priority order, each a subprocess with its own time limit, cut short so the
+whole run ends within `--budget` seconds; a failing step is recorded and the next one runs.
+Each bench step writes its JSON under `--out`; `summary.json` there lists every step's exit
+status, wall time and key figures, rewritten after each step so a cut-off run still
+leaves what it measured. The summary is also printed, a line a step.
+
+`--tiny` swaps the presets and lengths for CPU-sized ones and the GPU kernels for their
+interpreted versions: the CPU test of this script (tests/test_bench.py).
+
+On the device host (GPU_NOTES.md), with `.whl` carried:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+    export PYTHONPATH=/tmp/site:$PWD; python3 benchmarks/gpu_suite.py --out $OUT --budget 480
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = [sys.executable, "-m", "mistral_jax.bench", "--repeats", "3"]
+
+# (name, what it answers, argv after the interpreter, time limit in seconds). {out} is the
+# output folder. Ordered by what the open issues most need.
+STEPS: list[tuple[str, str, list[str], int]] = [
+    ("gpu-tests", "cuDNN prefill and the Pallas kernels, compiled, against the XLA paths",
+     ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_bench.py",
+      "tests/test_kernels.py"], 150),
+    ("mistral7b", "#7 decode % of copy bandwidth at B=1/8/64, TTFT, compile",
+     ["--preset", "mistral-7b", "--batch", "1", "8", "64", "--prompt-len", "512",
+      "--gen-len", "64", "--json", "{out}/mistral7b.json"], 300),
+    ("mixtral-layer", "#4 one Mixtral-8x7B layer, one token: dense vs gather vs Pallas",
+     ["benchmarks/moe_bytes.py", "--shape", "8x7b", "--decode-hidden", "14336", "--dtype",
+      "bfloat16", "--prefill-tokens", "0", "--repeats", "20"], 120),
+    ("mistral7b-int8-pallas", "#9 int8 decode with the fused-dequant kernel vs bf16",
+     ["--preset", "mistral-7b", "--quantize", "int8", "--qmatmul", "pallas", "--batch", "1",
+      "--prompt-len", "128", "--gen-len", "64", "--json", "{out}/mistral7b_int8_pallas.json"],
+     180),
+    ("mistral7b-int8-xla", "#9 int8 decode, dequantization left to XLA",
+     ["--preset", "mistral-7b", "--quantize", "int8", "--qmatmul", "xla", "--batch", "1",
+      "--prompt-len", "128", "--gen-len", "64", "--json", "{out}/mistral7b_int8_xla.json"], 180),
+    ("prefill4096", "#7 MFU of a 4096-token prefill (cuDNN attention)",
+     ["--preset", "mistral-7b", "--batch", "1", "--prompt-len", "4096", "--gen-len", "8",
+      "--json", "{out}/mistral7b_p4096.json"], 180),
+    ("mixtral8x7b-int8", "#9 Mixtral-8x7B int8 on one GPU, MoE and matmul kernels",
+     ["--preset", "mixtral-8x7b", "--quantize", "int8", "--qmatmul", "pallas", "--moe-kernel",
+      "pallas", "--batch", "1", "8", "--prompt-len", "256", "--gen-len", "32",
+      "--json", "{out}/mixtral8x7b_int8.json"], 300),
+    ("mistral7b-fp8-pallas", "#9 fp8 decode with the fused-dequant kernel",
+     ["--preset", "mistral-7b", "--quantize", "fp8", "--qmatmul", "pallas", "--batch", "1",
+      "--prompt-len", "128", "--gen-len", "64", "--json", "{out}/mistral7b_fp8_pallas.json"],
+     180),
+    ("vs-transformers", "#7 beside transformers' generate on the same weights",
+     ["--preset", "mistral-7b", "--batch", "1", "8", "--prompt-len", "512", "--gen-len", "64",
+      "--vs-transformers", "--json", "{out}/mistral7b_vs_hf.json"], 300),
+    ("prefill4096-reference", "#7 the same prefill with XLA's attention, for the ratio",
+     ["--preset", "mistral-7b", "--batch", "1", "--prompt-len", "4096", "--gen-len", "8",
+      "--attention", "reference", "--json", "{out}/mistral7b_p4096_ref.json"], 180),
+]
+
+# --tiny: CPU-sized stand-ins for each flag's values, so the suite's own plumbing is tested
+# in CI (a dict maps values, a string replaces every value).
+TINY: dict[str, dict[str, str] | str] = {
+    "--preset": {"mistral-7b": "tiny", "mixtral-8x7b": "tiny-moe"},
+    "--batch": "1", "--prompt-len": "8", "--gen-len": "3", "--decode-hidden": "64",
+    "--repeats": "2", "--qmatmul": {"pallas": "pallas-interpret"},
+    "--moe-kernel": {"pallas": "pallas-interpret"},
+}
+
+
+def _tiny(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    flag = None
+    for a in argv:
+        if a.startswith("--"):
+            flag = a
+            out.append(a)
+            continue
+        rule = TINY.get(flag)
+        value = rule.get(a, a) if isinstance(rule, dict) else (rule or a)
+        if not (flag == "--batch" and value in out[out.index(flag):]):  # batches collapse to 1
+            out.append(value)
+    return out
+
+
+def step_argv(argv: list[str], out: Path, tiny: bool) -> list[str]:
+    """The full command of a step: bench steps get the bench prefix; {out} filled in."""
+    if tiny:
+        argv = _tiny(argv)
+    argv = [a.replace("{out}", str(out)) for a in argv]
+    if argv[0].startswith("--"):
+        prefix = BENCH + (["--copy-mib", "8", "--matmul-n", "64"] if tiny else [])
+        return prefix + argv
+    return [sys.executable, *argv]
+
+
+def key_figures(json_path: Path) -> list[dict]:
+    """Per-row headline numbers of a bench JSON (empty if the step wrote none)."""
+    if not json_path.exists():
+        return []
+    result = json.loads(json_path.read_text())
+    keys = ("batch", "prompt_len", "ttft_ms", "prefill_mfu_pct", "decode_ms_step",
+            "decode_tok_s", "pct_of_bandwidth_floor", "vs_hf_generate", "peak_memory_bytes")
+    rows = [{k: r.get(k) for k in keys if k in r} for r in result["results"]]
+    meta = result["meta"]
+    for row in rows:
+        row.update(device=meta["device"], jax=meta["jax"],
+                   copy_gbps=round(meta["copy_bandwidth_gbps"], 1))
+    return rows
+
+
+def run(ns: argparse.Namespace) -> list[dict]:
+    out = ns.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + ns.budget
+    summary = []
+    for name, what, argv, limit in STEPS:
+        if ns.only and name not in ns.only:
+            continue
+        left = deadline - time.monotonic()
+        entry = {"step": name, "what": what}
+        if left < 20:
+            entry.update(rc=None, skipped="budget spent")
+        else:
+            cmd = step_argv(argv, out, ns.tiny)
+            entry["command"] = " ".join(cmd[1:] if cmd[0] == sys.executable else cmd)
+            start = time.monotonic()
+            log = out / f"{name}.log"
+            with open(log, "w") as f:
+                try:
+                    proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                          timeout=min(limit, left), env=os.environ.copy())
+                    entry["rc"] = proc.returncode
+                except subprocess.TimeoutExpired:
+                    entry["rc"] = "timeout"
+            entry["wall_s"] = round(time.monotonic() - start, 1)
+            tail = log.read_text(errors="replace").splitlines()
+            entry["tail"] = [line[:300] for line in tail if not line.startswith("{")][-8:]
+            json_arg = next((a for a in cmd if a.endswith(".json")), None)
+            if json_arg:
+                entry["results"] = key_figures(Path(json_arg))
+        summary.append(entry)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        print(json.dumps({k: v for k, v in entry.items() if k != "tail"}, default=str),
+              flush=True)
+        if entry.get("rc") not in (0, None):
+            print("\n".join("    " + line for line in entry["tail"]), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_suite_out")))
+    p.add_argument("--budget", type=float, default=480, help="seconds for the whole run")
+    p.add_argument("--only", nargs="+", choices=[s[0] for s in STEPS], default=None)
+    p.add_argument("--tiny", action="store_true", help="CPU-sized presets (tests)")
+    p.add_argument("--list", action="store_true", help="print the steps and exit")
+    ns = p.parse_args(argv)
+    if ns.list:
+        for name, what, argv_, limit in STEPS:
+            print(f"{name:24s} {limit:4d}s  {what}\n    {' '.join(step_argv(argv_, ns.out, False)[1:])}")
+        return 0
+    summary = run(ns)
+    return 0 if all(e.get("rc") in (0, None) for e in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Pallas (Triton) GPU kernels, checked without a GPU: each computes what the XLA path
+computes when run by the Pallas interpreter, and each lowers for CUDA to a Triton kernel
+(what the Triton lowering checks: power-of-two loads, supported ops), not Mosaic GPU,
+which a plain `pl.pallas_call` now defaults to and which rejected the quantized matmul's
+blocks for the H100's shared memory. Speed is for the GPU benchmark (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import rel_err, tiny_moe_args
+from jax import export
+
+from mistral_jax import MoeArgs
+from mistral_jax.cache import init_cache
+from mistral_jax.kernels import moe_decode_pallas, qmatmul_pallas
+from mistral_jax.model import causal_positions, forward, init_params
+from mistral_jax.moe import MOE_KERNEL_ENV, ExpertWeight, moe, moe_gather, moe_pallas, route
+from mistral_jax.quant import (
+    QMATMUL_ENV,
+    qeinsum,
+    quantize_array,
+    quantize_params,
+    resolve_mode,
+)
+
+TRITON = "__gpu$xla.gpu.triton"
+S = jax.ShapeDtypeStruct
+
+
+def _layer(n, e, d=64, f=96, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    logits = jnp.asarray(rng.standard_normal((n, e)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / np.sqrt(d), dtype) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), dtype)
+    return x, logits, w1, w2, w3
+
+
+def _quantized(kind, *ws):
+    out = []
+    for w in ws:
+        q, scale = quantize_array(w, resolve_mode(kind), (1,))
+        out.append(ExpertWeight(q, scale))
+    return out
+
+
+@pytest.mark.parametrize("n,e,k,d,f", [
+    (1, 8, 2, 64, 96),     # one decode token; F not a multiple of the default block
+    (4, 8, 2, 64, 128),    # N*k == E
+    (2, 4, 1, 48, 160),    # top-1; D and F of odd powers of two
+    (3, 8, 2, 256, 896),   # split of the down product's reduction
+])
+@pytest.mark.parametrize("kind", ["float32", "int8", "fp8"])
+def test_moe_decode_kernel_equals_the_gather_path(n, e, k, d, f, kind):
+    x, logits, *ws = _layer(n, e, d, f)
+    weights, experts = route(logits, k)
+    if kind != "float32":
+        ws = _quantized(kind, *ws)
+    want = jax.jit(moe_gather)(x, weights, experts, *ws)
+    got = jax.jit(functools.partial(moe_pallas, interpret=True))(x, weights, experts, *ws)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_moe_decode_kernel_in_bfloat16_stays_close_to_the_gather_path():
+    x, logits, *ws = _layer(2, 8, 128, 256, dtype=jnp.bfloat16)
+    weights, experts = route(logits, 2)
+    want = jax.jit(moe_gather)(x, weights, experts, *ws)
+    got = jax.jit(functools.partial(moe_pallas, interpret=True))(x, weights, experts, *ws)
+    assert got.dtype == jnp.bfloat16 and rel_err(got, want) <= 2e-2
+
+
+def test_lora_experts_take_the_gather_path():
+    x, logits, *ws = _layer(1, 4)
+    weights, experts = route(logits, 2)
+    rng = np.random.default_rng(1)
+    lora = [ExpertWeight(w, lora_a=jnp.asarray(rng.standard_normal((4, w.shape[1], 2))),
+                         lora_b=jnp.asarray(rng.standard_normal((4, 2, w.shape[2]))))
+            for w in ws]
+    want = moe_gather(x, weights, experts, *lora)
+    got = moe_pallas(x, weights, experts, *lora, interpret=True)
+    assert rel_err(got, want) <= 1e-6
+    jaxpr = str(jax.make_jaxpr(functools.partial(moe_pallas, interpret=True))(
+        x, weights, experts, *lora))
+    assert "pallas_call" not in jaxpr
+
+
+def test_mixed_quantized_and_plain_expert_weights_are_refused():
+    x, logits, *ws = _layer(1, 4)
+    weights, experts = route(logits, 2)
+    q = _quantized("int8", ws[0])[0]
+    with pytest.raises(ValueError, match="all be quantized or none"):
+        moe_decode_pallas(x, weights, experts, tuple(q[:2]), ws[1], ws[2], interpret=True)
+
+
+def test_kernel_environment_variables_pick_the_path_and_name_themselves(monkeypatch):
+    x, logits, *ws = _layer(1, 8)
+    weights, experts = route(logits, 2)
+    prefill_x, prefill_logits, *_ = _layer(40, 8)
+    for value, kernel_used in (("xla", False), ("pallas-interpret", True)):
+        monkeypatch.setenv(MOE_KERNEL_ENV, value)  # read when traced: a new trace each time
+        decode = str(jax.make_jaxpr(lambda *a: moe(*a))(x, weights, experts, *ws))
+        assert ("pallas_call" in decode) == kernel_used
+        w, ex = route(prefill_logits, 2)  # a prefill keeps the grouped path either way
+        assert "pallas_call" not in str(jax.make_jaxpr(lambda *a: moe(*a))(prefill_x, w, ex, *ws))
+    monkeypatch.setenv(MOE_KERNEL_ENV, "triton")
+    with pytest.raises(ValueError, match=MOE_KERNEL_ENV):
+        moe(x, weights, experts, *ws)
+    q, scale = quantize_array(ws[0][0], resolve_mode("int8"), (0,))
+    monkeypatch.setenv(QMATMUL_ENV, "fast")
+    with pytest.raises(ValueError, match=QMATMUL_ENV):
+        qeinsum("nd,df->nf", x, q, scale)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_mixtral_decode_with_the_kernel_equals_the_default_decode(monkeypatch, kind):
+    """A tiny Mixtral: prefill, then two decode steps, default MoE path against the kernel
+    (interpreted), logits compared at every step."""
+    args = tiny_moe_args(moe=MoeArgs(4, 2))
+    dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.float32
+    params = init_params(args, jax.random.PRNGKey(0), dtype=dtype)
+    if kind == "int8":
+        params = quantize_params(params, "int8")
+    tokens = jnp.asarray([[5, 9, 2, 7, 1], [3, 3, 8, 4, 6]], jnp.int32)
+
+    def run():
+        step = jax.jit(functools.partial(forward, args=args))
+        cache = init_cache(args, 2, 16, dtype=dtype)
+        logits, cache = step(params, tokens[:, :3], causal_positions(tokens[:, :3]), cache)
+        out = [logits]
+        for t in range(3, 5):
+            logits, cache = step(params, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32),
+                                 cache)
+            out.append(logits)
+        return out
+
+    monkeypatch.setenv(MOE_KERNEL_ENV, "xla")
+    want = run()
+    monkeypatch.setenv(MOE_KERNEL_ENV, "pallas-interpret")
+    got = run()
+    tol = 2e-2 if kind == "bfloat16" else 1e-5
+    for g, w in zip(got, want):
+        assert rel_err(g.astype(jnp.float32), w.astype(jnp.float32)) <= tol
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+
+
+def _triton_calls(fn, *args) -> list[str]:
+    """The Triton custom calls of `fn` lowered for CUDA (exported from this CPU machine:
+    lowered, not compiled)."""
+    exp = export.export(jax.jit(fn), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+    return [line for line in exp.mlir_module().splitlines() if TRITON in line]
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "fp8"])
+@pytest.mark.parametrize("shape", ["8x7b", "8x22b"])
+def test_moe_decode_kernel_lowers_to_triton_for_cuda_at_mixtral_shapes(kind, shape):
+    d, f = {"8x7b": (4096, 14336), "8x22b": (6144, 16384)}[shape]
+    e, k, n = 8, 2, 1
+    bf = jnp.bfloat16
+
+    def weight(in_, out):
+        if kind == "bfloat16":
+            return S((e, in_, out), bf)
+        return (S((e, in_, out), jnp.int8 if kind == "int8" else jnp.float8_e4m3fn),
+                S((e, out), jnp.float32))
+
+    calls = _triton_calls(moe_decode_pallas, S((n, d), bf), S((n, k), jnp.float32),
+                          S((n, k), jnp.int32), weight(d, f), weight(f, d), weight(d, f))
+    assert len(calls) == 2  # gate/up + SwiGLU, then down
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 14336), (8, 14336, 4096), (64, 4096, 6144)])
+def test_quantized_matmul_kernel_lowers_to_triton_for_cuda(m, k, n):
+    calls = _triton_calls(qmatmul_pallas, S((m, k), jnp.bfloat16), S((k, n), jnp.int8),
+                          S((n,), jnp.float32))
+    assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "fp8"])
+def test_kernels_compiled_on_gpu_equal_the_xla_paths(monkeypatch, kind):
+    """The Triton kernels, compiled for this GPU, at Mixtral-like proportions."""
+    x, logits, *ws = _layer(2, 8, 1024, 3584, dtype=jnp.bfloat16)
+    weights, experts = route(logits, 2)
+    if kind != "bfloat16":
+        ws = _quantized(kind, *ws)
+    want = jax.jit(moe_gather)(x, weights, experts, *ws)
+    got = jax.jit(moe_pallas)(x, weights, experts, *ws)
+    assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2
+    if kind != "bfloat16":
+        q, scale = ws[0].kernel[0], ws[0].scale[0]  # one expert's [D, F] int8/fp8 kernel
+        monkeypatch.setenv(QMATMUL_ENV, "xla")
+        want = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale))(x)
+        monkeypatch.setenv(QMATMUL_ENV, "pallas")
+        got = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale))(x)
+        assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2
