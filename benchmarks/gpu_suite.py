@@ -6,9 +6,11 @@
 
 Steps run in priority order, each a subprocess with its own time limit, cut short so the
 whole run ends within `--budget` seconds; a failing step is recorded and the next one runs.
-Each bench step writes its JSON under `--out`; `summary.json` there lists every step's exit
-status, wall time and key figures, rewritten after each step so a cut-off run still
-leaves what it measured. The summary is also printed, a line a step.
+Two files land in `--out` (a device run returns at most 8): `summary.json`, every step's
+command, exit status, wall time, headline figures and whole bench JSON, rewritten after each
+step so a cut-off run still leaves what it measured; and `logs.txt`, every step's output.
+Each step's own files go to `--work` (a temporary folder by default). The summary is also
+printed, a line a step.
 
 `--tiny` swaps the presets and lengths for CPU-sized ones and the GPU kernels for their
 interpreted versions: the CPU test of this script (tests/test_bench.py).
@@ -25,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +40,9 @@ STEPS: list[tuple[str, str, list[str], int]] = [
     ("gpu-tests", "cuDNN prefill and the Pallas kernels, compiled, against the XLA paths",
      ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_bench.py",
       "tests/test_kernels.py"], 150),
-    ("mistral7b", "#7 decode % of copy bandwidth at B=1/8/64, TTFT, compile",
-     ["--preset", "mistral-7b", "--batch", "1", "8", "64", "--prompt-len", "512",
-      "--gen-len", "64", "--json", "{out}/mistral7b.json"], 300),
+    ("mistral7b", "#7 decode % of copy bandwidth at B=1, TTFT, compile",
+     ["--preset", "mistral-7b", "--batch", "1", "--prompt-len", "512", "--gen-len", "64",
+      "--json", "{out}/mistral7b.json"], 200),
     ("mixtral-layer", "#4 one Mixtral-8x7B layer, one token: dense vs gather vs Pallas",
      ["benchmarks/moe_bytes.py", "--shape", "8x7b", "--decode-hidden", "14336", "--dtype",
       "bfloat16", "--prefill-tokens", "0", "--repeats", "20"], 120),
@@ -50,6 +53,9 @@ STEPS: list[tuple[str, str, list[str], int]] = [
     ("mistral7b-int8-xla", "#9 int8 decode, dequantization left to XLA",
      ["--preset", "mistral-7b", "--quantize", "int8", "--qmatmul", "xla", "--batch", "1",
       "--prompt-len", "128", "--gen-len", "64", "--json", "{out}/mistral7b_int8_xla.json"], 180),
+    ("mistral7b-batches", "#7 decode step time flat up to B=64?",
+     ["--preset", "mistral-7b", "--batch", "8", "64", "--prompt-len", "512", "--gen-len", "64",
+      "--json", "{out}/mistral7b_batches.json"], 300),
     ("prefill4096", "#7 MFU of a 4096-token prefill (cuDNN attention)",
      ["--preset", "mistral-7b", "--batch", "1", "--prompt-len", "4096", "--gen-len", "8",
       "--json", "{out}/mistral7b_p4096.json"], 180),
@@ -67,6 +73,9 @@ STEPS: list[tuple[str, str, list[str], int]] = [
     ("prefill4096-reference", "#7 the same prefill with XLA's attention, for the ratio",
      ["--preset", "mistral-7b", "--batch", "1", "--prompt-len", "4096", "--gen-len", "8",
       "--attention", "reference", "--json", "{out}/mistral7b_p4096_ref.json"], 180),
+    ("quant-quality-7b", "#9 int8/fp8 logits and greedy agreement on 7B-shaped weights",
+     ["-m", "mistral_jax.quant", "--preset", "mistral-7b", "--prompt-len", "16",
+      "--new-tokens", "8"], 180),
 ]
 
 # --tiny: CPU-sized stand-ins for each flag's values, so the suite's own plumbing is tested
@@ -74,7 +83,7 @@ STEPS: list[tuple[str, str, list[str], int]] = [
 TINY: dict[str, dict[str, str] | str] = {
     "--preset": {"mistral-7b": "tiny", "mixtral-8x7b": "tiny-moe"},
     "--batch": "1", "--prompt-len": "8", "--gen-len": "3", "--decode-hidden": "64",
-    "--repeats": "2", "--qmatmul": {"pallas": "pallas-interpret"},
+    "--repeats": "2", "--new-tokens": "2", "--qmatmul": {"pallas": "pallas-interpret"},
     "--moe-kernel": {"pallas": "pallas-interpret"},
 }
 
@@ -105,11 +114,8 @@ def step_argv(argv: list[str], out: Path, tiny: bool) -> list[str]:
     return [sys.executable, *argv]
 
 
-def key_figures(json_path: Path) -> list[dict]:
-    """Per-row headline numbers of a bench JSON (empty if the step wrote none)."""
-    if not json_path.exists():
-        return []
-    result = json.loads(json_path.read_text())
+def key_figures(result: dict) -> list[dict]:
+    """Per-row headline numbers of a bench JSON."""
     keys = ("batch", "prompt_len", "ttft_ms", "prefill_mfu_pct", "decode_ms_step",
             "decode_tok_s", "pct_of_bandwidth_floor", "vs_hf_generate", "peak_memory_bytes")
     rows = [{k: r.get(k) for k in keys if k in r} for r in result["results"]]
@@ -123,6 +129,10 @@ def key_figures(json_path: Path) -> list[dict]:
 def run(ns: argparse.Namespace) -> list[dict]:
     out = ns.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(ns.work or tempfile.mkdtemp(prefix="gpu_suite_")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs.txt"
+    logs.write_text("")
     deadline = time.monotonic() + ns.budget
     summary = []
     for name, what, argv, limit in STEPS:
@@ -133,10 +143,10 @@ def run(ns: argparse.Namespace) -> list[dict]:
         if left < 20:
             entry.update(rc=None, skipped="budget spent")
         else:
-            cmd = step_argv(argv, out, ns.tiny)
+            cmd = step_argv(argv, work, ns.tiny)
             entry["command"] = " ".join(cmd[1:] if cmd[0] == sys.executable else cmd)
             start = time.monotonic()
-            log = out / f"{name}.log"
+            log = work / f"{name}.log"
             with open(log, "w") as f:
                 try:
                     proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
@@ -145,14 +155,21 @@ def run(ns: argparse.Namespace) -> list[dict]:
                 except subprocess.TimeoutExpired:
                     entry["rc"] = "timeout"
             entry["wall_s"] = round(time.monotonic() - start, 1)
-            tail = log.read_text(errors="replace").splitlines()
+            text = log.read_text(errors="replace")
+            with open(logs, "a") as f:
+                f.write(f"===== {name}: {entry['command']}\n{text}\n")
+            tail = text.splitlines()
             entry["tail"] = [line[:300] for line in tail if not line.startswith("{")][-8:]
+            entry["json_lines"] = [json.loads(line) for line in tail
+                                   if line.startswith('{"model"')]  # quant.py's reports
             json_arg = next((a for a in cmd if a.endswith(".json")), None)
-            if json_arg:
-                entry["results"] = key_figures(Path(json_arg))
+            if json_arg and Path(json_arg).exists():
+                entry["bench"] = json.loads(Path(json_arg).read_text())
+                entry["results"] = key_figures(entry["bench"])
         summary.append(entry)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-        print(json.dumps({k: v for k, v in entry.items() if k != "tail"}, default=str),
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("tail", "bench")},
+                         default=str),
               flush=True)
         if entry.get("rc") not in (0, None):
             print("\n".join("    " + line for line in entry["tail"]), flush=True)
@@ -162,6 +179,8 @@ def run(ns: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_suite_out")))
+    p.add_argument("--work", type=Path, default=None,
+                   help="where the steps write their own files (default: a temporary folder)")
     p.add_argument("--budget", type=float, default=480, help="seconds for the whole run")
     p.add_argument("--only", nargs="+", choices=[s[0] for s in STEPS], default=None)
     p.add_argument("--tiny", action="store_true", help="CPU-sized presets (tests)")
@@ -169,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.list:
         for name, what, argv_, limit in STEPS:
-            print(f"{name:24s} {limit:4d}s  {what}\n    {' '.join(step_argv(argv_, ns.out, False)[1:])}")
+            cmd = " ".join(step_argv(argv_, Path("WORK"), False)[1:])
+            print(f"{name:24s} {limit:4d}s  {what}\n    {cmd}")
         return 0
     summary = run(ns)
     return 0 if all(e.get("rc") in (0, None) for e in summary) else 1

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,43 @@ def test_forward_with_fused_prefill_equals_reference(monkeypatch, case):
     if cache is not None:
         for a, b in zip(jax.tree_util.tree_leaves(out_cache), jax.tree_util.tree_leaves(ref_cache)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("window,t,fresh", [(None, 64, True), (16, 64, True), (16, 64, False),
+                                             (4096, 8192, True)])
+def test_forward_lowers_for_cuda_with_cudnn_prefill_attention(monkeypatch, window, t, fresh):
+    """The whole bf16 prefill lowered for CUDA from this CPU, with JAX's trace-time cuDNN
+    probes (version, GPU generation) answered as on an H100: every layer's attention is
+    one cuDNN flash-attention call, causal, with Mistral's window as cuDNN's sliding
+    window, and shapes/GQA/head_dim pass JAX's own checks. Compiling it needs a GPU."""
+    from jax import export
+
+    fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not all(hasattr(fa, n) for n in ("check_cudnn_version", "check_compute_capability")):
+        pytest.skip("this JAX probes cuDNN differently")
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+    monkeypatch.setenv(ATTENTION_ENV, "cudnn")
+    # 7B head geometry (32 query heads over 8 KV heads of 128), two thin layers.
+    args = tiny_args(dim=256, n_layers=2, head_dim=128, n_heads=32, n_kv_heads=8,
+                     hidden_dim=512, vocab_size=256, sliding_window=window)
+    s = jax.ShapeDtypeStruct
+    params = abstract_params(args, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: init_cache(args, 1, t, dtype=jnp.bfloat16))
+    fn = jax.jit(functools.partial(forward, args=args, fresh_prefill=fresh))
+    target = "__cudnn$fmhaSoftmax"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to XLA's attention
+        exp = export.export(fn, platforms=["cuda"],
+                            disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+            params, s((1, t), jnp.int32), s((1, t), jnp.int32), cache)
+    calls = [line for line in exp.mlir_module().splitlines() if f"custom_call @{target}" in line]
+    assert len(calls) == args.n_layers
+    for call in calls:
+        config = call.replace("\\22", '"')
+        assert '"mask_type": "CAUSAL"' in config
+        length = window if window is not None and window < t else 0
+        assert f'"sliding_window_length": {length},' in config
 
 
 def test_decode_attending_in_place_equals_full_forward_across_window_wrap():
@@ -292,15 +330,21 @@ def test_gpu_suite_runs_its_steps_and_writes_a_summary(tmp_path):
     """benchmarks/gpu_suite.py (the one prepared GPU run) on CPU stand-ins: each step's
     exit status, wall time and headline figures land in summary.json."""
     cmd = [sys.executable, "benchmarks/gpu_suite.py", "--tiny", "--out", str(tmp_path),
-           "--budget", "500", "--only", "mistral7b", "mixtral8x7b-int8"]
+           "--work", str(tmp_path.parent / "suite_work"), "--budget", "500", "--only", "mistral7b", "mixtral8x7b-int8", "quant-quality-7b"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [e["step"] for e in summary] == ["mistral7b", "mixtral8x7b-int8"]
-    for entry in summary:
-        assert entry["rc"] == 0 and entry["wall_s"] > 0
+    assert [e["step"] for e in summary] == ["mistral7b", "mixtral8x7b-int8", "quant-quality-7b"]
+    assert all(entry["rc"] == 0 and entry["wall_s"] > 0 for entry in summary)
+    for entry in summary[:2]:
         assert entry["results"] and _finite_positive(entry["results"][0]["decode_ms_step"])
     assert "--moe-kernel pallas-interpret" in summary[1]["command"]
+    assert summary[1]["bench"]["meta"]["moe_kernel"] == "pallas-interpret"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.txt", "summary.json"]
+    assert "===== quant-quality-7b" in (tmp_path / "logs.txt").read_text()
+    reports = summary[2]["json_lines"]  # quant.py's quality report, one line per mode
+    assert [r["mode"] for r in reports] == ["int8", "fp8", "fp8-tensor"]
+    assert all(0 <= r["greedy_agreement"] <= 1 for r in reports)
 
 
 def test_gpu_suite_skips_what_the_budget_cannot_fit(tmp_path):
