@@ -7,6 +7,11 @@ by positions rather than by slot order and rows of a batch may sit at different
 positions. Prefilling more tokens than the window stays exact because attention
 runs over the cache *before* the write plus the new keys (as in mistral-inference);
 only the newest `size` tokens of a row are then written.
+
+Keys and values are stored heads before slots, [B, K, S, Hd]: attention's batched matmuls
+over (batch, KV head) then read the cache as it is stored. Stored [B, S, K, Hd], XLA
+transposed each layer's whole k and v cache on every decode step before its matmuls
+(read + write + read again; tests/test_model.py checks the compiled step for it).
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from mistral_jax.sharding import constrain_cache_layer
 
 
 class LayerCache(TypedDict):
-    k: jax.Array  # [B, S, K, Hd]
-    v: jax.Array  # [B, S, K, Hd]
+    k: jax.Array  # [B, K, S, Hd]
+    v: jax.Array  # [B, K, S, Hd]
     pos: jax.Array  # [B, S] int32, absolute position held by each slot, -1 if empty
 
 
@@ -38,7 +43,7 @@ def init_cache(args: ModelArgs, batch_size: int, max_seq_len: int, dtype=jnp.bfl
     """An empty cache for `batch_size` rows and positions below `max_seq_len`."""
     cache = []
     for size in cache_sizes(args, max_seq_len):
-        shape = (batch_size, size, args.n_kv_heads, args.head_dim)
+        shape = (batch_size, args.n_kv_heads, size, args.head_dim)
         # Under a mesh (sharding.use_mesh): batch along data, KV heads along tensor.
         cache.append(constrain_cache_layer(LayerCache(
             k=jnp.zeros(shape, dtype),
@@ -60,11 +65,14 @@ def update_layer_cache(layer: LayerCache, k: jax.Array, v: jax.Array,
     keep = (positions >= 0) & (positions > newest - size)
     slot = jnp.where(keep, positions % size, size)  # index `size` is out of range: dropped
 
-    def write(buf, idx, val):
-        return buf.at[idx].set(val.astype(buf.dtype), mode="drop")
+    def write_pos(buf, idx, val):  # one row: buf [S], idx/val [T]
+        return buf.at[idx].set(val, mode="drop")
+
+    def write_kv(buf, idx, val):  # one row: buf [K, S, Hd], idx [T], val [T, K, Hd]
+        return buf.at[:, idx].set(jnp.swapaxes(val, 0, 1).astype(buf.dtype), mode="drop")
 
     return LayerCache(
-        k=jax.vmap(write)(layer["k"], slot, k),
-        v=jax.vmap(write)(layer["v"], slot, v),
-        pos=jax.vmap(write)(layer["pos"], slot, positions),
+        k=jax.vmap(write_kv)(layer["k"], slot, k),
+        v=jax.vmap(write_kv)(layer["v"], slot, v),
+        pos=jax.vmap(write_pos)(layer["pos"], slot, positions),
     )

@@ -88,19 +88,20 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, Hd], k/v [B, S, K, Hd], mask [B, T, S] -> [B, T, H, Hd].
+    """Grouped-query attention. q [B, T, H, Hd], k/v [B, K, S, Hd] (the cache's layout),
+    mask [B, T, S] -> [B, T, H, Hd].
 
     Scores and softmax in float32; a query with no visible key (padding) gets a
     uniform average instead of NaN.
     """
     b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(hd))
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bksd,bkgts->btkgd", v, probs)
     return out.reshape(b, t, h, hd)
 
 
@@ -197,19 +198,22 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         cache_pos = None if cache is None else cache["pos"]
+        # Keys for `attend` are [B, K, S, Hd], as the cache stores them.
         if cache is None or fresh_prefill:
-            keys, values, k_pos = k, v, positions
+            keys, values, k_pos = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), positions
             if cache is not None:
                 cache = update_layer_cache(cache, k, v, positions)
         elif k.shape[1] == 1 and cache["k"].dtype == k.dtype:
             # Decode: write first, then attend over the cache in place, saving a copy of
             # the whole cache per layer. Exact: the slot overwritten held position p - S,
             # outside the window (S = window) or beyond max_seq_len (S = max_seq_len).
+            # (Reading the old cache first and writing after made XLA copy the cache so
+            # the in-place write could not clobber what the matmuls still read.)
             cache = update_layer_cache(cache, k, v, positions)
             keys, values, k_pos = cache["k"], cache["v"], cache["pos"]
         else:
-            keys = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+            keys = jnp.concatenate([cache["k"].astype(k.dtype), jnp.swapaxes(k, 1, 2)], axis=2)
+            values = jnp.concatenate([cache["v"].astype(v.dtype), jnp.swapaxes(v, 1, 2)], axis=2)
             k_pos = jnp.concatenate([cache["pos"], positions], axis=1)
             cache = update_layer_cache(cache, k, v, positions)
         impl = attention_implementation(q.dtype, q.shape[1], hd)

@@ -95,8 +95,8 @@ _ARG_OF_AXIS = {"vocab": "vocab_size", "embed": "dim", "q_heads": "n_heads",
                 "kv_heads": "n_kv_heads", "head_dim": "head_dim", "mlp": "hidden_dim",
                 "expert": "moe.num_experts", "batch": "batch size"}
 
-CACHE_AXES = {"k": ("batch", "cache_len", "kv_heads", "head_dim"),
-              "v": ("batch", "cache_len", "kv_heads", "head_dim"),
+CACHE_AXES = {"k": ("batch", "kv_heads", "cache_len", "head_dim"),
+              "v": ("batch", "kv_heads", "cache_len", "head_dim"),
               "pos": ("batch", "cache_len")}
 BATCH_AXES = ("batch", None)  # tokens, positions [B, T]
 
@@ -293,8 +293,8 @@ def cache_shardings(args: ModelArgs, mesh: Mesh, batch_size: int) -> list[dict[s
     """Shardings of `cache.init_cache(args, batch_size, ...)`: heads on tensor, batch on data."""
     out = []
     for layer in range(args.n_layers):
-        dims = {"k": (batch_size, 0, args.n_kv_heads, args.head_dim),
-                "v": (batch_size, 0, args.n_kv_heads, args.head_dim),
+        dims = {"k": (batch_size, args.n_kv_heads, 0, args.head_dim),
+                "v": (batch_size, args.n_kv_heads, 0, args.head_dim),
                 "pos": (batch_size, 0)}
         out.append({name: NamedSharding(mesh, logical_to_spec(
             dims[name], CACHE_AXES[name], mesh, what=f"cache[{layer}]/{name}"))
@@ -483,7 +483,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None], what: str = "activati
 
 
 def constrain_cache_layer(layer):
-    """A layer's cache {'k', 'v' [B, S, K, Hd], 'pos' [B, S]}: batch on data, heads on tensor."""
+    """A layer's cache {'k', 'v' [B, K, S, Hd], 'pos' [B, S]}: batch on data, heads on tensor."""
     return type(layer)(**{name: constrain(value, CACHE_AXES[name], f"cache/{name}")
                           for name, value in layer.items()})
 
@@ -556,7 +556,7 @@ def bytes_per_device_plan(args: ModelArgs, mesh: Mesh | Mapping[str, int],
         n = math.prod(shape) * itemsize
         total += n
         per_device += n // math.prod(sizes[a] for a in spec if a is not None)
-    kv_spec = logical_to_spec((1, 1, args.n_kv_heads, args.head_dim), CACHE_AXES["k"], mesh,
+    kv_spec = logical_to_spec((1, args.n_kv_heads, 1, args.head_dim), CACHE_AXES["k"], mesh,
                               what="cache")
     kv_heads = args.n_kv_heads // (sizes["tensor"] if "tensor" in kv_spec else 1)
     kv = 2 * args.n_layers * kv_heads * args.head_dim * itemsize

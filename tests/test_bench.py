@@ -45,7 +45,8 @@ def _qkv(b=2, t=12, h=4, k=2, hd=16, seed=0):
 def test_fused_causal_attend_equals_reference_attend(window):
     q, k, v = _qkv()
     positions = causal_positions(q[..., 0, 0]) + 7  # any start: only differences matter
-    ref = attend(q, k, v, attention_mask(positions, positions, window))
+    heads_major = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # attend takes the cache layout
+    ref = attend(q, *heads_major, attention_mask(positions, positions, window))
     out = fused_causal_attend(q, k, v, window, "xla")
     assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
 
@@ -53,7 +54,8 @@ def test_fused_causal_attend_equals_reference_attend(window):
 def test_fused_causal_attend_equals_reference_on_right_padded_rows():
     q, k, v = _qkv()
     positions = causal_positions(q[..., 0, 0]).at[0, 9:].set(-1)  # row 0: 9 tokens + padding
-    ref = attend(q, k, v, attention_mask(positions, positions, 4))
+    ref = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                 attention_mask(positions, positions, 4))
     out = fused_causal_attend(q, k, v, 4, "xla")
     valid = np.asarray(positions >= 0)
     assert float(np.max(np.abs(np.asarray(out - ref)[valid]))) <= 1e-5

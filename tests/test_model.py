@@ -186,6 +186,48 @@ def test_cache_is_a_plain_pytree_returned_not_mutated():
     np.testing.assert_array_equal(np.asarray(new[0]["pos"])[0], [4, 5, 2, 3])
 
 
+def _element_order_kept(dims: list[int], reference: tuple[int, ...]) -> bool:
+    """True when an array of `dims` (row-major) lists its elements in the order of an array
+    of `reference`'s shape: its dims merge or split `reference`'s without reordering them."""
+    def cuts(shape):
+        out, n = set(), 1
+        for d in shape:
+            n *= d
+            out.add(n)
+        return out
+    return cuts(dims) <= cuts(reference) or cuts(reference) <= cuts(dims)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_step_reads_the_kv_cache_in_its_stored_order(batch):
+    """The compiled decode step holds no re-ordered copy of a layer's k or v cache.
+
+    With the cache stored [B, S, K, Hd], XLA transposed every layer's whole k and v
+    cache on every step so its batched matmuls over (batch, KV head) could read it:
+    about 3x the cache bytes. Stored [B, K, S, Hd], it is read as stored.
+    """
+    import re
+
+    args = tiny_args(dim=256, head_dim=64, n_heads=8, n_kv_heads=2, hidden_dim=768,
+                     vocab_size=1000)
+    model = Transformer.random(args)
+    s = 512
+    cache = jax.eval_shape(lambda: init_cache(args, batch, s, jnp.float32))
+    token = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    step = jax.jit(functools.partial(forward, args=args), donate_argnums=(3,))
+    hlo = step.lower(model.params, token, token, cache).compile().as_text()
+    stored = tuple(cache[0]["k"].shape)
+    size = int(np.prod(stored))
+    arrays = re.findall(r"= \w+\[([\d,]+)\]\{([\d,]*)\}", hlo)
+    cache_sized = [(d, layout) for d, layout in arrays
+                   if int(np.prod([int(x) for x in d.split(",")])) == size]
+    assert cache_sized  # the cache buffers themselves
+    for d, layout in cache_sized:
+        dims = [int(x) for x in d.split(",")]
+        row_major = [int(x) for x in layout.split(",")] == list(range(len(dims)))[::-1]
+        assert row_major and _element_order_kept(dims, stored), (d, layout)
+
+
 # ---------------------------------------------------------------- args
 
 

@@ -256,10 +256,10 @@ def test_big_splits_cut_the_weights_per_device(eight_devices):
 @pytest.mark.slow
 def test_kv_cache_is_split_like_its_heads(eight_devices):
     runs = eight_devices["dense"]["runs"]
-    assert runs["tensor=2"]["cache_k_spec"] == [None, None, "tensor", None]
+    assert runs["tensor=2"]["cache_k_spec"] == [None, "tensor", None, None]  # [B, K, S, Hd]
     assert runs["tensor=8"]["cache_k_spec"] == [None, None, None, None]  # 2 KV heads
     mixed = eight_devices["moe"]["runs"]["data=2,tensor=2,expert=2"]["cache_k_spec"]
-    assert mixed == ["data", None, "tensor", None]
+    assert mixed == ["data", "tensor", None, None]
 
 
 @pytest.mark.slow
