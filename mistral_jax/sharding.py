@@ -362,7 +362,7 @@ def init_params_sharded(args: ModelArgs, mesh: Mesh, key: jax.Array | int = 0,
 
 def init_cache_sharded(args: ModelArgs, mesh: Mesh, batch_size: int, max_seq_len: int,
                        dtype: Any = jnp.bfloat16):
-    """`cache.init_cache` created directly in its shards (k/v [B, S, K, Hd], pos [B, S])."""
+    """`cache.init_cache` created directly in its shards (k/v [B, K, S, Hd], pos [B, S])."""
     from mistral_jax.cache import init_cache
 
     make = jax.jit(lambda: init_cache(args, batch_size, max_seq_len, dtype),
