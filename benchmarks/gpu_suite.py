@@ -46,6 +46,8 @@ STEPS: list[tuple[str, str, list[str], int]] = [
     ("mixtral-layer", "#4 one Mixtral-8x7B layer, one token: dense vs gather vs Pallas",
      ["benchmarks/moe_bytes.py", "--shape", "8x7b", "--decode-hidden", "14336", "--dtype",
       "bfloat16", "--prefill-tokens", "0", "--repeats", "20"], 120),
+    ("kernel-sweep", "#4/#9 block sizes of the Pallas kernels against XLA, 7B/8x7B shapes",
+     ["benchmarks/kernel_sweep.py", "--inner", "20", "--repeats", "5"], 240),
     ("mistral7b-int8-pallas", "#9 int8 decode with the fused-dequant kernel vs bf16",
      ["--preset", "mistral-7b", "--quantize", "int8", "--qmatmul", "pallas", "--batch", "1",
       "--prompt-len", "128", "--gen-len", "64", "--json", "{out}/mistral7b_int8_pallas.json"],
@@ -84,13 +86,15 @@ TINY: dict[str, dict[str, str] | str] = {
     "--preset": {"mistral-7b": "tiny", "mixtral-8x7b": "tiny-moe"},
     "--batch": "1", "--prompt-len": "8", "--gen-len": "3", "--decode-hidden": "64",
     "--repeats": "2", "--new-tokens": "2", "--qmatmul": {"pallas": "pallas-interpret"},
-    "--moe-kernel": {"pallas": "pallas-interpret"},
+    "--moe-kernel": {"pallas": "pallas-interpret"}, "--inner": "2",
 }
+TINY_EXTRA = {"benchmarks/kernel_sweep.py": ["--tiny"]}
 
 
 def _tiny(argv: list[str]) -> list[str]:
     out: list[str] = []
     flag = None
+    argv = argv + TINY_EXTRA.get(argv[0], [])
     for a in argv:
         if a.startswith("--"):
             flag = a
@@ -134,6 +138,8 @@ def run(ns: argparse.Namespace) -> list[dict]:
     logs = out / "logs.txt"
     logs.write_text("")
     deadline = time.monotonic() + ns.budget
+    env = os.environ.copy()  # scripts import this checkout's mistral_jax, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     summary = []
     for name, what, argv, limit in STEPS:
         if ns.only and name not in ns.only:
@@ -150,7 +156,7 @@ def run(ns: argparse.Namespace) -> list[dict]:
             with open(log, "w") as f:
                 try:
                     proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                          timeout=min(limit, left), env=os.environ.copy())
+                                          timeout=min(limit, left), env=env)
                     entry["rc"] = proc.returncode
                 except subprocess.TimeoutExpired:
                     entry["rc"] = "timeout"
@@ -160,8 +166,8 @@ def run(ns: argparse.Namespace) -> list[dict]:
                 f.write(f"===== {name}: {entry['command']}\n{text}\n")
             tail = text.splitlines()
             entry["tail"] = [line[:300] for line in tail if not line.startswith("{")][-8:]
-            entry["json_lines"] = [json.loads(line) for line in tail
-                                   if line.startswith('{"model"')]  # quant.py's reports
+            entry["json_lines"] = [json.loads(line) for line in tail  # quant.py, kernel_sweep.py
+                                   if line.startswith(('{"model"', '{"device"'))]
             json_arg = next((a for a in cmd if a.endswith(".json")), None)
             if json_arg and Path(json_arg).exists():
                 entry["bench"] = json.loads(Path(json_arg).read_text())

@@ -181,6 +181,8 @@ def _moe_down_kernel(idx_ref, h_ref, w2_ref, *rest, block_f: int, steps: int, sc
 
 
 def moe_decode_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+                      block_f: int | None = None, block_d: int | None = None,
+                      block_out: int | None = None, block_in: int | None = None,
                       interpret: bool = False) -> jax.Array:
     """One MoE layer for few tokens, reading only the selected experts' weights, in place.
 
@@ -189,7 +191,9 @@ def moe_decode_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, 
     converted in registers and the output scaled per channel. Two kernels: the gate/up
     products and SwiGLU for each assignment's F-blocks (h [A, F] in x.dtype, as the XLA
     path rounds it), then the down product split over F (partial sums added here).
-    Accumulates in float32; assignments are mixed by `weights` in slot order.
+    Accumulates in float32; assignments are mixed by `weights` in slot order. Blocks
+    (powers of two dividing their dim; None: the defaults below): gate/up reads
+    [block_d, block_f] tiles, down reads [block_in, block_out] tiles.
     """
     import jax.experimental.pallas as pl
 
@@ -208,8 +212,8 @@ def moe_decode_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, 
     whole = pl.no_block_spec  # the kernels index the whole arrays themselves
 
     # Gate/up: A x F/block_f programs, each reading [D, block_f] of w1[e] and of w3[e].
-    block_f = _block(f, 64)
-    block_d = _block(d, 64)
+    block_f = block_f or _block(f, 64)
+    block_d = block_d or _block(d, 64)
     up_in = [idx, xa, k1, k3] + ([s1, s3] if scaled else [])
     h = _pallas_call(
         functools.partial(_moe_up_kernel, block_d=block_d, steps=d // block_d, scaled=scaled),
@@ -221,8 +225,12 @@ def moe_decode_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, 
     )(*up_in)
 
     # Down: A x D/block_out x split programs, each reading [F / split, block_out] of w2[e].
-    block_out = _block(d, 128)
-    block_in = _block(f, 64)
+    block_out = block_out or _block(d, 128)
+    block_in = block_in or _block(f, 64)
+    for name, b, size in (("block_f", block_f, f), ("block_d", block_d, d),
+                          ("block_out", block_out, d), ("block_in", block_in, f)):
+        if size % b or b & (b - 1):
+            raise ValueError(f"moe_decode_pallas: {name}={b} must be a power of two dividing {size}")
     split = _split(f // block_in, a * (d // block_out))
     down_in = [idx, h, k2] + ([s2] if scaled else [])
     y = _pallas_call(

@@ -98,6 +98,17 @@ def test_mixed_quantized_and_plain_expert_weights_are_refused():
         moe_decode_pallas(x, weights, experts, tuple(q[:2]), ws[1], ws[2], interpret=True)
 
 
+def test_moe_kernel_block_sizes_are_checked_and_any_valid_choice_agrees():
+    x, logits, *ws = _layer(1, 4, 64, 128)
+    weights, experts = route(logits, 2)
+    want = moe_gather(x, weights, experts, *ws)
+    for blocks in (dict(block_f=128, block_d=16), dict(block_out=16, block_in=128)):
+        got = moe_decode_pallas(x, weights, experts, *ws, interpret=True, **blocks)
+        assert rel_err(got, want) <= 1e-5
+    with pytest.raises(ValueError, match="block_f=48 must be a power of two dividing 128"):
+        moe_decode_pallas(x, weights, experts, *ws, block_f=48, interpret=True)
+
+
 def test_kernel_environment_variables_pick_the_path_and_name_themselves(monkeypatch):
     x, logits, *ws = _layer(1, 8)
     weights, experts = route(logits, 2)
