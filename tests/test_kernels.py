@@ -217,3 +217,19 @@ def test_kernels_compiled_on_gpu_equal_the_xla_paths(monkeypatch, kind):
         monkeypatch.setenv(QMATMUL_ENV, "pallas")
         got = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale))(x)
         assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2
+
+
+def test_quantized_mixtral_decode_step_with_both_kernels_lowers_for_cuda(monkeypatch):
+    """A whole int8 Mixtral decode step (bf16 activations, B=2) with MISTRAL_JAX_QMATMUL and
+    MISTRAL_JAX_MOE_KERNEL set to pallas, lowered for CUDA: every attention projection and
+    every MoE layer becomes Triton calls inside the model, as the GPU run will compile it."""
+    monkeypatch.setenv(QMATMUL_ENV, "pallas")
+    monkeypatch.setenv(MOE_KERNEL_ENV, "pallas")
+    args = tiny_moe_args(moe=MoeArgs(8, 2), dim=128, hidden_dim=256, head_dim=32)
+    params = jax.eval_shape(lambda: quantize_params(
+        init_params(args, jax.random.PRNGKey(0), dtype=jnp.bfloat16), "int8"))
+    cache = jax.eval_shape(lambda: init_cache(args, 2, 64, dtype=jnp.bfloat16))
+    token = S((2, 1), jnp.int32)
+    calls = _triton_calls(functools.partial(forward, args=args), params, token, token, cache)
+    # Per layer: wq, wk, wv, wo through qmatmul, the MoE layer's two kernels.
+    assert len(calls) == args.n_layers * (4 + 2)
