@@ -5,7 +5,7 @@ their SwiGLU outputs mixed by a float32 softmax over the selected gate logits.
     out = moe(x, weights, experts, w1, w2, w3)          # x [N, D] -> [N, D]
 
 Expert weights are stacked per layer, w1/w3 [E, D, F] and w2 [E, F, D], so the
-expert axis can be sharded. Three interchangeable paths compute the same function:
+expert axis can be sharded. Interchangeable paths compute the same function:
 
 - `moe_gather` (few tokens, decode): each (token, slot) reads its expert's weights
   with `lax.dynamic_index_in_dim` and runs one SwiGLU; N*k experts are read.
@@ -15,7 +15,6 @@ expert axis can be sharded. Three interchangeable paths compute the same functio
   rows of compute (plus padding) instead of N*E.
 - `moe_dense`: every expert on every token, mixed by the routing weights. The
   readable reference, used in tests.
-
 - `moe_pallas` (decode on GPUs, opt-in): the gather path as a Pallas (Triton) kernel
   (kernels.moe_decode_pallas) that reads each selected expert's weights in place by
   index, without XLA's copy of the slice; MISTRAL_JAX_MOE_KERNEL=pallas makes 'auto'
