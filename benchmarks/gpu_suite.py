@@ -121,6 +121,14 @@ def step_argv(argv: list[str], out: Path, tiny: bool) -> list[str]:
     return [sys.executable, *argv]
 
 
+def _json_or_none(line: str):
+    """A JSON line, or None where a step killed at its limit left it cut short."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def key_figures(result: dict) -> list[dict]:
     """Per-row headline numbers of a bench JSON."""
     keys = ("batch", "prompt_len", "ttft_ms", "prefill_mfu_pct", "decode_ms_step",
@@ -169,8 +177,9 @@ def run(ns: argparse.Namespace) -> list[dict]:
                 f.write(f"===== {name}: {entry['command']}\n{text}\n")
             tail = text.splitlines()
             entry["tail"] = [line[:300] for line in tail if not line.startswith("{")][-8:]
-            entry["json_lines"] = [json.loads(line) for line in tail  # quant.py, kernel_sweep.py
-                                   if line.startswith(('{"model"', '{"device"'))]
+            entry["json_lines"] = [parsed for line in tail  # quant.py, kernel_sweep.py
+                                   if line.startswith(('{"model"', '{"device"'))
+                                   and (parsed := _json_or_none(line)) is not None]
             json_arg = next((a for a in cmd if a.endswith(".json")), None)
             if json_arg and Path(json_arg).exists():
                 entry["bench"] = json.loads(Path(json_arg).read_text())

@@ -25,7 +25,7 @@ import numpy as np
 
 from mistral_jax.kernels import moe_decode_pallas, qmatmul_pallas
 from mistral_jax.moe import moe_dense, moe_gather, route
-from mistral_jax.quant import MODES, quantize_array
+from mistral_jax.quant import MODES, param_bytes, quantize_array
 
 
 def time_call(fn, x, weights: tuple, inner: int, repeats: int) -> float:
@@ -46,10 +46,6 @@ def time_call(fn, x, weights: tuple, inner: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _nbytes(tree) -> int:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree))
-
-
 def sweep_qmatmul(shapes, blocks, rows: int, mode: str, inner: int, repeats: int,
                   interpret: bool) -> list[dict]:
     rng = np.random.default_rng(0)
@@ -68,7 +64,7 @@ def sweep_qmatmul(shapes, blocks, rows: int, mode: str, inner: int, repeats: int
         for name, (fn, weights) in cases.items():
             s = time_call(fn, x, weights, inner, repeats)
             out.append({"kernel": "qmatmul", "shape": [rows, k, n], "mode": mode, "case": name,
-                        "us": s * 1e6, "gbps": _nbytes(weights) / s / 1e9})
+                        "us": s * 1e6, "gbps": param_bytes(weights) / s / 1e9})
             print(f"qmatmul {rows}x{k}x{n} {mode:4s} {name:22s} {s * 1e6:9.1f} us "
                   f"{out[-1]['gbps']:8.1f} GB/s", flush=True)
     return out
@@ -82,7 +78,7 @@ def sweep_moe(d: int, f: int, e: int, k: int, tokens: int, up_blocks, down_block
     w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / np.sqrt(d), jnp.bfloat16)
               for _ in range(2))
     w2 = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), jnp.bfloat16)
-    selected = _nbytes((w1, w2, w3)) * min(tokens * k, e) / e
+    selected = param_bytes((w1, w2, w3)) * min(tokens * k, e) / e
 
     def routed(fn):
         return lambda a, w1, w2, w3: fn(a, weights, experts, w1, w2, w3)

@@ -211,9 +211,16 @@ def moe_decode_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, 
     xa = jnp.repeat(x, k, axis=0)  # [A, D]: the token row of each assignment
     whole = pl.no_block_spec  # the kernels index the whole arrays themselves
 
-    # Gate/up: A x F/block_f programs, each reading [D, block_f] of w1[e] and of w3[e].
     block_f = block_f or _block(f, 64)
     block_d = block_d or _block(d, 64)
+    block_out = block_out or _block(d, 128)
+    block_in = block_in or _block(f, 64)
+    for name, b, size in (("block_f", block_f, f), ("block_d", block_d, d),
+                          ("block_out", block_out, d), ("block_in", block_in, f)):
+        if size % b or b & (b - 1):
+            raise ValueError(f"moe_decode_pallas: {name}={b} must be a power of two dividing {size}")
+
+    # Gate/up: A x F/block_f programs, each reading [D, block_f] of w1[e] and of w3[e].
     up_in = [idx, xa, k1, k3] + ([s1, s3] if scaled else [])
     h = _pallas_call(
         functools.partial(_moe_up_kernel, block_d=block_d, steps=d // block_d, scaled=scaled),
@@ -225,12 +232,6 @@ def moe_decode_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, 
     )(*up_in)
 
     # Down: A x D/block_out x split programs, each reading [F / split, block_out] of w2[e].
-    block_out = block_out or _block(d, 128)
-    block_in = block_in or _block(f, 64)
-    for name, b, size in (("block_f", block_f, f), ("block_d", block_d, d),
-                          ("block_out", block_out, d), ("block_in", block_in, f)):
-        if size % b or b & (b - 1):
-            raise ValueError(f"moe_decode_pallas: {name}={b} must be a power of two dividing {size}")
     split = _split(f // block_in, a * (d // block_out))
     down_in = [idx, h, k2] + ([s2] if scaled else [])
     y = _pallas_call(

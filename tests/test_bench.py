@@ -362,3 +362,16 @@ def test_gpu_suite_skips_what_the_budget_cannot_fit(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) > 5 and all(e["skipped"] == "budget spent" for e in summary)
+
+
+def test_gpu_suite_keeps_going_past_a_json_line_cut_short():
+    """A step killed at its time limit can leave its last JSON line half written: the
+    suite records the complete lines and drops that one instead of stopping."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_suite
+    finally:
+        sys.path.pop(0)
+    assert gpu_suite._json_or_none('{"device": "H200", "results": [') is None
+    assert gpu_suite._json_or_none('{"device": "H200", "results": []}') == {
+        "device": "H200", "results": []}
