@@ -60,9 +60,7 @@ class ModelArgs:
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
                      "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(getattr(self, name), name)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -81,13 +79,7 @@ class ModelArgs:
             if w is not None and (not isinstance(w, int) or w < 1):
                 raise ConfigError(f"sliding_window entries must be positive integers, got {w!r}")
         if self.moe is not None:
-            if self.moe.num_experts < 1:
-                raise ConfigError(f"moe.num_experts must be >= 1, got {self.moe.num_experts}")
-            if not 1 <= self.moe.num_experts_per_tok <= self.moe.num_experts:
-                raise ConfigError(
-                    f"moe.num_experts_per_tok must be in [1, num_experts={self.moe.num_experts}], "
-                    f"got {self.moe.num_experts_per_tok}"
-                )
+            check_moe(self.moe.num_experts, self.moe.num_experts_per_tok)
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
@@ -104,6 +96,26 @@ class ModelArgs:
         ffn = 3 * d * f * (self.moe.num_experts if self.moe else 1)
         gate = d * self.moe.num_experts if self.moe else 0
         return self.n_layers * (attn + ffn + gate + 2 * d) + 2 * v * d + d
+
+
+def positive_int(value: Any, name: str) -> int:
+    """`value` if it is an integer >= 1 (not a bool, not a float such as 2.0); else ConfigError."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_moe(num_experts: Any, num_experts_per_tok: Any, *,
+              names: tuple[str, str] = ("moe.num_experts", "moe.num_experts_per_tok")) -> MoeArgs:
+    """MoeArgs of two positive integers with num_experts_per_tok <= num_experts; else a
+    ConfigError naming the fields as `names` (params.json's by default)."""
+    n_name, k_name = names
+    positive_int(num_experts, n_name)
+    positive_int(num_experts_per_tok, k_name)
+    if num_experts_per_tok > num_experts:
+        raise ConfigError(f"{k_name} must be in [1, {n_name}={num_experts}], "
+                          f"got {num_experts_per_tok}")
+    return MoeArgs(num_experts, num_experts_per_tok)
 
 
 def _require(cfg: dict, key: str, source: Path) -> Any:
@@ -147,7 +159,10 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
         for key in ("num_experts", "num_experts_per_tok"):
             if m.get(key) is None:
                 raise ConfigError(f"{path}: moe block is missing required field {key!r}")
-        moe = MoeArgs(int(m["num_experts"]), int(m["num_experts_per_tok"]))
+        try:
+            moe = check_moe(m["num_experts"], m["num_experts_per_tok"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     lora = None
     if cfg.get("lora"):
         lora = LoraArgs(int(_require(cfg["lora"], "rank", path)),
@@ -186,8 +201,11 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
         raise ConfigError(f"{path}: rope_type {rope['rope_type']!r} is not supported")
     moe = None
     if "num_local_experts" in cfg or cfg.get("model_type") == "mixtral":
-        moe = MoeArgs(int(_require(cfg, "num_local_experts", path)),
-                      int(_require(cfg, "num_experts_per_tok", path)))
+        n, k = (_require(cfg, key, path) for key in ("num_local_experts", "num_experts_per_tok"))
+        try:  # named as config.json names them
+            moe = check_moe(n, k, names=("num_local_experts", "num_experts_per_tok"))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     kwargs = dict(
         dim=dim,
         n_layers=_require(cfg, "num_hidden_layers", path),

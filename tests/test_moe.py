@@ -171,6 +171,27 @@ def test_route_equals_transformers_softmax_then_topk_then_renormalise():
     assert weights.dtype == jnp.float32 and experts.dtype == jnp.int32
 
 
+def test_route_softmax_runs_in_float32_on_bfloat16_gate_logits():
+    """A bfloat16 model's gate logits are bfloat16; the routing weights must still be the
+    float32 softmax of those logits, not one rounded to bfloat16's 8-bit mantissa."""
+    rng = np.random.default_rng(7)
+    logits = np.concatenate([[[1.0, 0.0, -3.0, -5.0]],  # softmax(1, 0) = 0.7310586 vs 0.7304688
+                             rng.standard_normal((15, 4))]).astype(jnp.bfloat16)
+    weights, experts = route(jnp.asarray(logits), 2)
+    assert weights.dtype == jnp.float32
+    # The float32 computation from the same bfloat16 logits, in numpy.
+    f32 = logits.astype(np.float32)
+    idx = np.argsort(-f32, axis=-1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(np.asarray(experts), idx)
+    top = np.take_along_axis(f32, idx, axis=-1)
+    e = np.exp(top - top.max(-1, keepdims=True))
+    want = e / e.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(weights), want, rtol=0, atol=1e-6)
+    # A softmax left in bfloat16 is visibly different: the case above tells them apart.
+    in_bf16 = jax.nn.softmax(jax.lax.top_k(jnp.asarray(logits), 2)[0], axis=-1)
+    assert np.abs(np.asarray(in_bf16, np.float32)[0] - want[0]).max() > 1e-4
+
+
 # ----------------------------------------------------------------------------- paths
 
 
@@ -466,8 +487,10 @@ def _edit_json(path, change):
     (lambda c: c["moe"].pop("num_experts"), "moe block is missing required field 'num_experts'"),
     (lambda c: c.update(moe={}), "moe block is missing required field 'num_experts'"),
     (lambda c: c["moe"].update(num_experts_per_tok=5),
-     r"moe.num_experts_per_tok must be in \[1, num_experts=4\], got 5"),
-    (lambda c: c["moe"].update(num_experts_per_tok=0), "moe.num_experts_per_tok must be in"),
+     r"moe.num_experts_per_tok must be in \[1, moe.num_experts=4\], got 5"),
+    (lambda c: c["moe"].update(num_experts_per_tok=0),
+     "moe.num_experts_per_tok must be a positive integer, got 0"),
+    (lambda c: c["moe"].update(num_experts=-1), "moe.num_experts must be a positive integer"),
 ])
 def test_bad_params_json_moe_block_is_named(moe_folder, change, message):
     folder, _ = moe_folder
@@ -478,7 +501,8 @@ def test_bad_params_json_moe_block_is_named(moe_folder, change, message):
 
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.pop("num_experts_per_tok"), "required field 'num_experts_per_tok' is missing"),
-    (lambda c: c.update(num_experts_per_tok=9), r"num_experts_per_tok must be in \[1, num_experts=4\]"),
+    (lambda c: c.update(num_experts_per_tok=9),
+     r"num_experts_per_tok must be in \[1, num_local_experts=4\], got 9"),
 ])
 def test_bad_hf_config_moe_fields_are_named(tmp_path, change, message):
     args = tiny_moe_args(vocab_size=64)
@@ -486,6 +510,38 @@ def test_bad_hf_config_moe_fields_are_named(tmp_path, change, message):
     _edit_json(folder / "config.json", change)
     with pytest.raises(ConfigError, match=r"config.json: .*" + message):
         Transformer.from_folder(folder)
+
+
+# What the dense fields refuse (ModelArgs: a positive integer, not a bool or a float), the
+# expert counts refuse too, in each layout named as its config file names them.
+NOT_POSITIVE_INTEGERS = ["two", "2", 2.7, 2.0, True]
+FIELD_NAMES = {"mistral": {"num_experts": "moe.num_experts",
+                           "num_experts_per_tok": "moe.num_experts_per_tok"},
+               "hf": {"num_experts": "num_local_experts",
+                      "num_experts_per_tok": "num_experts_per_tok"}}
+
+
+@pytest.mark.parametrize("value", NOT_POSITIVE_INTEGERS)
+@pytest.mark.parametrize("field", ["num_experts", "num_experts_per_tok"])
+@pytest.mark.parametrize("layout", ["mistral", "hf"])
+def test_expert_counts_must_be_positive_integers_in_both_layouts(tmp_path, layout, field, value):
+    args = tiny_moe_args(vocab_size=64)
+    state = random_mistral_state(args)
+    name = FIELD_NAMES[layout][field]
+    if layout == "mistral":
+        folder = write_mistral_folder(tmp_path / "m", args, state)
+        _edit_json(folder / "params.json", lambda c: c["moe"].update({field: value}))
+        file = "params.json"
+    else:
+        folder = write_hf_folder(tmp_path / "h", args, state)
+        _edit_json(folder / "config.json", lambda c: c.update({name: value}))
+        file = "config.json"
+    message = f"{folder / file}: {name} must be a positive integer, got {value!r}"
+    with pytest.raises(ConfigError) as info:
+        Transformer.from_folder(folder)
+    assert str(info.value) == message
+    if layout == "hf":
+        assert "moe." not in str(info.value)
 
 
 def test_missing_expert_tensor_is_named_in_checkpoint_terms(tmp_path):
