@@ -77,7 +77,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora", metavar="PATH", type=Path, default=None,
         help="LoRA adapter (mistral-finetune lora.safetensors, or a peft adapter folder), "
-        "merged into the weights at load")
+        "merged into the weights at load; kept unmerged (applied beside them) when the "
+        "model folder's params.json has a lora block, as in mistral-inference")
     parser.add_argument(
         "--quantize", default=None, choices=["int8", "fp8", "fp8-tensor"],
         help="quantize the attention and feed-forward weights as they load (weight-only; "
@@ -212,9 +213,30 @@ def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
     kwargs["quantize"] = getattr(ns, "quantize", None)
     model = Transformer.from_folder(folder, **kwargs)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
-    log(f"loaded {folder} ({n_params / 1e6:.1f}M parameters, {model.dtype}) in "
-        f"{model.load_seconds:.2f} s")
+    log(f"loaded {folder} ({n_params / 1e6:.1f}M parameters, "
+        f"{weight_format(model.params, model.dtype)}) in {model.load_seconds:.2f} s")
     return model
+
+
+QUANTIZED_NAMES = {"int8": "int8", "float8_e4m3fn": "fp8"}
+
+
+def weight_format(params: Any, dtype: Any) -> str:
+    """How the weights are stored, for the load line: 'bfloat16', or for quantized
+    weights (--quantize, or a quantized checkpoint) e.g. 'int8 weights, bfloat16
+    activations' ('... weights and activations' where the checkpoint quantizes inputs too)."""
+    from mistral_jax.checkpoint import flatten
+    from mistral_jax.quant import is_quantized
+
+    flat = flatten(params)
+    stored = sorted({QUANTIZED_NAMES.get(str(x.dtype), str(x.dtype))
+                     for x in flat.values() if is_quantized(x)})
+    if not stored:
+        return str(np.dtype(dtype))
+    quant = "/".join(stored)
+    if any(path[-1].endswith("input_scale") for path in flat):
+        return f"{quant} weights and activations, {np.dtype(dtype)} elsewhere"
+    return f"{quant} weights, {np.dtype(dtype)} activations"
 
 
 # ----------------------------------------------------------------------------- compile cache

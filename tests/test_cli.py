@@ -22,10 +22,19 @@ from pathlib import Path
 import mistral_common
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from mistral_jax import chat, cli, demo, sample
-from mistral_jax.tokenizer import Tokenizer, load_tokenizer
-from tests.helpers import random_mistral_state, tiny_args, write_hf_folder, write_mistral_folder
+from mistral_jax.generate import generate
+from mistral_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from mistral_jax.transformer import Transformer
+from tests.helpers import (
+    random_mistral_state,
+    tiny_args,
+    tiny_moe_args,
+    write_hf_folder,
+    write_mistral_folder,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(mistral_common.__file__).parent / "data"
@@ -368,3 +377,209 @@ def test_bad_folders_and_tokenizers_fail_before_loading(folders, capsys, tmp_pat
     assert code == 2 and "top_p must be in (0, 1]" in err
     code, out, err = run_main(demo.main, ["--ckpt", folders["no_tokenizer"]], capsys)
     assert code == 2 and "no tokenizer file in" in err and "--tokenizer PATH" in err
+
+
+# ----------------------------------------------------------------------------- random weights
+# Random tiny models with the v3 tokenizer: Mixtral in both layouts, a dense model and a
+# LoRA adapter for it. Each command's tokens are checked against the Python API.
+
+N_TOKENS = 8
+RANDOM_PROMPT = "The cat"
+
+
+def lora_adapter(args, seed: int, rank: int = 4) -> dict[str, np.ndarray]:
+    """Mistral-format adapter tensors (lora_A [r, in], lora_B [out, r]) for every attention
+    and feed-forward weight of a dense model; lora_B non-zero, so the model changes."""
+    rng = np.random.default_rng(seed)
+    d, f = args.dim, args.hidden_dim
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"attention.wq": (q, d), "attention.wk": (kv, d), "attention.wv": (kv, d),
+              "attention.wo": (d, q), "feed_forward.w1": (f, d), "feed_forward.w2": (d, f),
+              "feed_forward.w3": (f, d)}
+    out = {}
+    for i in range(args.n_layers):
+        for module, (n_out, n_in) in shapes.items():
+            p = f"layers.{i}.{module}."
+            out[p + "lora_A.weight"] = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)
+                                        ).astype(np.float32)
+            out[p + "lora_B.weight"] = (0.5 * rng.standard_normal((n_out, rank))
+                                        ).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_folders(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("random")
+    out = {}
+    margs = tiny_moe_args(vocab_size=tok.n_words)  # 4 experts, top 2, 2 layers
+    mstate = random_mistral_state(margs, seed=6)
+    out["mixtral"] = write_mistral_folder(root / "mixtral", margs, mstate)
+    shutil.copy(V3, out["mixtral"] / "tokenizer.model.v3")
+    out["mixtral_hf"] = write_hf_folder(root / "mixtral_hf", margs, mstate)
+    shutil.copy(V3, out["mixtral_hf"] / "tokenizer.model")
+    args = tiny_args(n_layers=1, vocab_size=tok.n_words)
+    out["dense"] = write_mistral_folder(root / "dense", args, random_mistral_state(args, seed=5))
+    shutil.copy(V3, out["dense"] / "tokenizer.model.v3")
+    out["lora"] = root / "adapter" / "lora.safetensors"
+    out["lora"].parent.mkdir()
+    save_file(lora_adapter(args, seed=1), out["lora"])
+    return out
+
+
+def api_ids(folder: Path, prompt: list[int], **load) -> list[int]:
+    """Greedy ids of the Python API: Transformer.from_folder(folder, **load) + generate."""
+    model = Transformer.from_folder(folder, **load)
+    return generate([prompt], model, max_tokens=N_TOKENS, temperature=0.0, eos_id=2)[0][0]
+
+
+def sample_ids(argv, capsys, monkeypatch) -> tuple[list[int], str, str]:
+    """Run sample (one prompt) and return the ids it generated, its stdout and its stderr."""
+    seen = []
+
+    def record(prompts, model, **kw):
+        ids, stats = real(prompts, model, **kw)
+        seen.append(ids)
+        return ids, stats
+
+    real = cli.timed_generate
+    monkeypatch.setattr(cli, "timed_generate", record)
+    code, out, err = run_main(sample.main, [*argv, "--max-tokens", N_TOKENS], capsys)
+    assert code == 0, err
+    assert len(seen) == 1 and len(seen[0]) == 1
+    return seen[0][0], out, err
+
+
+def test_sample_on_mixtral_both_layouts_equals_generate(random_folders, tok, capsys,
+                                                        monkeypatch):
+    prompt = tok.encode(RANDOM_PROMPT, bos=True)
+    mistral, out, _ = sample_ids(["--ckpt", random_folders["mixtral"], "--prompt", RANDOM_PROMPT],
+                                 capsys, monkeypatch)
+    hf, hf_out, _ = sample_ids(["--ckpt", random_folders["mixtral_hf"], "--prompt",
+                                RANDOM_PROMPT], capsys, monkeypatch)
+    assert len(mistral) == N_TOKENS  # no early eos: every step is compared
+    assert hf == mistral and hf_out == out
+    assert mistral == api_ids(random_folders["mixtral"], prompt)
+    assert out == sample.continuation(prompt, mistral, tok) + "\n"
+
+
+def test_sample_lora_flag_loads_the_adapter(random_folders, tok, capsys, monkeypatch):
+    prompt = tok.encode(RANDOM_PROMPT, bos=True)
+    argv = ["--ckpt", random_folders["dense"], "--prompt", RANDOM_PROMPT]
+    plain, _, _ = sample_ids(argv, capsys, monkeypatch)
+    with_lora, out, _ = sample_ids([*argv, "--lora", random_folders["lora"]], capsys, monkeypatch)
+    assert with_lora != plain  # the adapter changes the answer
+    assert with_lora == api_ids(random_folders["dense"], prompt, lora_path=random_folders["lora"])
+    assert out == sample.continuation(prompt, with_lora, tok) + "\n"
+
+
+def test_lora_help_says_when_the_adapter_stays_unmerged_and_loading_does_so(random_folders,
+                                                                           tmp_path):
+    from mistral_jax.checkpoint import flatten
+
+    for module in (sample, chat):
+        text = " ".join(module.build_parser().format_help().split())
+        assert ("merged into the weights at load; kept unmerged (applied beside them) when the "
+                "model folder's params.json has a lora block") in text
+    dense, adapter = random_folders["dense"], random_folders["lora"]
+    with_block = tmp_path / "with_lora_block"
+    with_block.mkdir()
+    cfg = json.loads((dense / "params.json").read_text())
+    cfg["lora"] = {"rank": 4, "scaling": 2.0}
+    (with_block / "params.json").write_text(json.dumps(cfg))
+    (with_block / "consolidated.safetensors").symlink_to(dense / "consolidated.safetensors")
+    for folder, unmerged in ((dense, False), (with_block, True)):
+        ns = sample.build_parser().parse_args(["--ckpt", str(folder), "--lora", str(adapter),
+                                               "--no-compile-cache", "--prompt", "x"])
+        params = flatten(cli.load_model(ns, folder).params)
+        assert any(path[-1] == "lora_a" for path in params) == unmerged, folder
+
+
+@pytest.mark.parametrize("mode, stored", [("int8", "int8"), ("fp8", "fp8")])
+def test_sample_quantize_flag_quantizes_at_load(random_folders, tok, capsys, monkeypatch, mode,
+                                                stored):
+    prompt = tok.encode(RANDOM_PROMPT, bos=True)
+    ids, _, err = sample_ids(["--ckpt", random_folders["dense"], "--prompt", RANDOM_PROMPT,
+                              "--quantize", mode], capsys, monkeypatch)
+    assert ids == api_ids(random_folders["dense"], prompt, quantize=mode)
+    assert f"parameters, {stored} weights, bfloat16 activations) in " in err
+
+
+def test_load_line_names_the_plain_dtype(random_folders, capsys, monkeypatch):
+    _, _, err = sample_ids(["--ckpt", random_folders["dense"], "--prompt", RANDOM_PROMPT,
+                            "--dtype", "float32"], capsys, monkeypatch)
+    assert "parameters, float32) in " in err and "weights" not in err
+
+
+def test_weight_format_of_quantized_params():
+    from mistral_jax.model import init_params
+    from mistral_jax.quant import quantize_params
+
+    args = tiny_args(n_layers=1, vocab_size=64)
+    params = init_params(args, 0, np.float32)
+    assert cli.weight_format(params, np.float32) == "float32"
+    int8 = quantize_params(params, "int8")
+    assert cli.weight_format(int8, "bfloat16") == "int8 weights, bfloat16 activations"
+    # A checkpoint that quantizes the inputs of its layers too (compressed-tensors).
+    fp8 = dict(quantize_params(params, "fp8"))
+    layer = dict(fp8["layers_0"])
+    layer["attention"] = {**layer["attention"],
+                          "wq": {**layer["attention"]["wq"], "input_scale": np.zeros((), np.float32)}}
+    fp8["layers_0"] = layer
+    assert cli.weight_format(fp8, "bfloat16") == "fp8 weights and activations, bfloat16 elsewhere"
+
+
+def test_chat_with_lora_and_fp8_equals_the_api(random_folders, tok, capsys, monkeypatch):
+    folder, adapter = random_folders["dense"], random_folders["lora"]
+    seen: list[int] = []
+
+    def record(*a, **kw):
+        for token in real(*a, **kw):
+            seen.append(token)
+            yield token
+
+    real = chat.generate_stream
+    monkeypatch.setattr(chat, "generate_stream", record)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/quit\n"))
+    code, out, err = run_main(chat.main, ["--ckpt", folder, "--lora", adapter, "--quantize", "fp8",
+                                          "--temperature", "0", "--max-tokens", N_TOKENS], capsys)
+    assert code == 0, err
+    prompt = tok.encode_chat([{"role": "user", "content": "hello"}])
+    want = api_ids(folder, prompt, lora_path=adapter, quantize="fp8")
+    assert seen == want and len(want) == N_TOKENS
+    assert want != api_ids(folder, prompt, quantize="fp8")  # the adapter matters here too
+    stream = StreamDecoder(tok)
+    assert out == "".join(stream.push(t) for t in want) + stream.flush() + "\n"
+    assert "fp8 weights, bfloat16 activations" in err
+
+
+def test_bad_lora_adapter_is_one_line_naming_the_key(random_folders, tok, capsys, tmp_path):
+    tensors = lora_adapter(tiny_args(n_layers=1, vocab_size=tok.n_words), seed=2)
+    key = "layers.0.attention.wx.lora_A.weight"
+    tensors[key] = tensors["layers.0.attention.wq.lora_A.weight"]
+    save_file(tensors, tmp_path / "lora.safetensors")
+    for main, extra in ((sample.main, ["--prompt", "hi"]), (chat.main, [])):
+        code, out, err = run_main(main, ["--ckpt", random_folders["dense"], "--lora",
+                                         tmp_path / "lora.safetensors", *extra], capsys)
+        assert code == 2 and out == ""
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and repr(key) in err, err
+        assert "loaded" not in err
+
+
+@pytest.mark.parametrize("layout", ["mistral", "hf"])
+def test_non_numeric_expert_count_is_one_line_exit_2(tmp_path, capsys, layout):
+    args = tiny_moe_args(vocab_size=64)
+    state = random_mistral_state(args)
+    if layout == "mistral":
+        folder = write_mistral_folder(tmp_path / "m", args, state)
+        file, field = folder / "params.json", "moe.num_experts_per_tok"
+        cfg = json.loads(file.read_text())
+        cfg["moe"]["num_experts_per_tok"] = "two"
+    else:
+        folder = write_hf_folder(tmp_path / "h", args, state)
+        file, field = folder / "config.json", "num_experts_per_tok"
+        cfg = json.loads(file.read_text())
+        cfg["num_experts_per_tok"] = "two"
+    file.write_text(json.dumps(cfg))
+    code, out, err = run_main(sample.main, ["--ckpt", folder, "--prompt", "hi"], capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: {file}: {field} must be a positive integer, got 'two'"]
