@@ -12,21 +12,28 @@ prompt length P and generation length G it reports:
   start skip most of it); generate's own compile time is reported too;
 - prefill: `forward` over P tokens into a fresh cache plus the greedy first token, fetched
   to the host (time to first token), as tokens/s, TFLOP/s and MFU against a stated peak
-  (bf16/fp16 on known GPUs) or, elsewhere, a matmul measured in this run. FLOPs count the
-  output head once per row (`forward(..., logits_index=...)` skips the other positions);
+  (bf16/fp16 on known GPUs, or --peak-tflops) or, elsewhere, a matmul measured in this run.
+  FLOPs count the output head once per row (`forward(..., logits_index=...)` skips the
+  other positions);
 - decode: G - 1 one-token steps (cache donated, greedy sampling fused in) inside one
   jitted `fori_loop`, as generate's loop runs them, in ms/step and tokens/s; the same
   step dispatched once per token from Python (what a streaming loop pays) in ms/step;
   and the bandwidth floor: bytes read per step (weights, except the embedding table of
   which only B rows are read; for MoE only the experts B tokens are expected to pick;
-  the whole KV cache buffer) divided by a device-copy bandwidth measured in the same run;
+  the whole KV cache buffer) divided by a device-copy bandwidth measured in the same run.
+  Both probes (matmul, copy) take the fastest of 10 calls, before and again after the
+  workload, and the higher of the two; a figure still above 100% is flagged (`*` in the
+  table, `prefill_above_peak` / `decode_above_bandwidth` in the JSON), as the probe then
+  under-read the device;
 - generate: wall time of `generate.generate_from_params` (prefill + `lax.while_loop`
   decode, host work included) for the same prompts, in generated tokens/s;
 - peak memory: the device allocator's peak so far where it reports one (GPU), else
-  XLA's estimate for the largest compiled program (arguments + outputs + temporaries);
+  XLA's estimate for the largest compiled program (arguments + outputs + temporaries;
+  "XLA est." in the table, `memory_source` in the JSON);
 - with `--vs-transformers`: transformers' MistralForCausalLM / MixtralForCausalLM built
   from the same weights and dtype on the same device, its prefill and greedy `generate`
-  on the same prompts, the ratios, and the logits' relative error between the two.
+  on the same prompts (medians of --repeats after two untimed calls of each; `~` marks
+  rounds that differed more than 2x), the ratios, and the logits' relative error.
 
 It prints a table, then the whole result as one JSON line (also written to `--json`).
 """
@@ -54,7 +61,7 @@ import numpy as np
 
 from mistral_jax.args import ModelArgs, MoeArgs
 from mistral_jax.cache import cache_sizes, init_cache
-from mistral_jax.cli import default_cache_dir, enable_compilation_cache
+from mistral_jax.cli import COMPILE_CACHE_ENV, default_cache_dir, enable_compilation_cache
 from mistral_jax.errors import MistralJaxError, UserInputError
 from mistral_jax.kernels import KERNEL_CHOICES
 from mistral_jax.layers import ATTENTION_CHOICES, ATTENTION_ENV
@@ -89,37 +96,40 @@ STATED_PEAK_FLOPS = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100 nvl", 835
 # ----------------------------------------------------------------------------- setup
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` timed calls: other work on the machine only adds time, so
+    the best run is the closest to what the device can do."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_copy_bandwidth(n_bytes: int, repeats: int = 10) -> float:
-    """Device copy bandwidth in bytes/s: read + write of a float32 buffer of `n_bytes`."""
+    """Device copy bandwidth in bytes/s, best of `repeats`: read + write of a float32
+    buffer of `n_bytes`."""
     n = max(n_bytes // 4, 1)
     # In place (donated): no fresh output buffer whose first touch would be timed too.
     copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
-    x = jax.block_until_ready(copy(jnp.ones((n,), jnp.float32)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x = jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - start)
-    return 2 * n * 4 / statistics.median(times)
+    x = [jax.block_until_ready(copy(jnp.ones((n,), jnp.float32)))]
+
+    def step():
+        x[0] = copy(x[0])
+        return x[0]
+
+    return 2 * n * 4 / _best_seconds(step, repeats)
 
 
 def measure_matmul_flops(dtype: Any, n: int, repeats: int = 10) -> float:
-    """FLOP/s of one [n, n] @ [n, n] matmul in `dtype` on the default device."""
+    """FLOP/s of one [n, n] @ [n, n] matmul in `dtype` on the default device, best of `repeats`."""
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(ka, (n, n), dtype)
     b = jax.random.normal(kb, (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(matmul(a, b))
-    return 2 * n**3 / _median_seconds(lambda: matmul(a, b), repeats)
+    return 2 * n**3 / _best_seconds(lambda: matmul(a, b), repeats)
 
 
 def stated_peak_flops(device_kind: str, dtype: Any) -> float | None:
@@ -131,6 +141,18 @@ def stated_peak_flops(device_kind: str, dtype: Any) -> float | None:
         if name in kind:
             return flops
     return None
+
+
+def choose_peak(measured_flops: float, matmul_n: int, dtype: Any, device_kind: str,
+                peak_tflops: float | None) -> tuple[float, str]:
+    """(FLOP/s MFU is taken against, where it comes from): --peak-tflops, else the
+    datasheet peak of a known GPU, else the matmul measured in this run."""
+    if peak_tflops:
+        return peak_tflops * 1e12, "--peak-tflops"
+    stated = stated_peak_flops(device_kind, dtype)
+    if stated:
+        return stated, f"datasheet dense bf16/fp16 for {device_kind}"
+    return measured_flops, f"measured {matmul_n}^3 {jnp.dtype(dtype).name} matmul"
 
 
 # ----------------------------------------------------------------------------- model arithmetic
@@ -351,8 +373,20 @@ def build_transformers_model(params, args: ModelArgs, device: str):
     return model.eval()
 
 
+HF_WARMUP = 2  # untimed calls of transformers' prefill and generate before the timed rounds
+# Timed rounds whose slowest is this many times the fastest mark transformers' figures noisy.
+HF_NOISY_SPREAD = 2.0
+
+
 def bench_transformers(model, tokens: np.ndarray, gen_len: int, repeats: int) -> dict:
-    """transformers' prefill (time to first token) and greedy `generate` on tokens [B, P]."""
+    """transformers' prefill (time to first token) and greedy `generate` on tokens [B, P]:
+    medians of `repeats` timed rounds after HF_WARMUP untimed ones, with the fastest and
+    slowest round, and `hf_noisy` where they differ by more than HF_NOISY_SPREAD times.
+
+    On a busy CPU that noise is mostly torch's OpenMP threads waiting for each other while
+    another process holds a core (BENCHMARKS.md); `--torch-threads 1` avoids it, at the cost
+    of torch's parallelism.
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -379,13 +413,18 @@ def bench_transformers(model, tokens: np.ndarray, gen_len: int, repeats: int) ->
         return time.perf_counter() - start, out
 
     with torch.inference_mode():
-        prefill(), generate()  # warm-up
-        ttft = statistics.median(timed(prefill)[0] for _ in range(repeats))
+        for _ in range(HF_WARMUP):  # the first calls also allocate and pick kernels
+            prefill(), generate()
+        ttfts = [timed(prefill)[0] for _ in range(repeats)]
         runs = [timed(generate) for _ in range(repeats)]
-    seconds = statistics.median(t for t, _ in runs)
+    gens = [t for t, _ in runs]
+    ttft, seconds = statistics.median(ttfts), statistics.median(gens)
     new_tokens = runs[-1][1][:, tokens.shape[1]:].cpu().numpy()
-    return {"hf_ttft_ms": ttft * 1e3, "hf_generate_s": seconds,
-            "hf_generate_tok_s": tokens.shape[0] * gen_len / seconds, "hf_tokens": new_tokens}
+    spread = max(max(ttfts) / min(ttfts), max(gens) / min(gens))
+    return {"hf_ttft_ms": ttft * 1e3, "hf_ttft_ms_range": [min(ttfts) * 1e3, max(ttfts) * 1e3],
+            "hf_generate_s": seconds, "hf_generate_s_range": [min(gens), max(gens)],
+            "hf_generate_tok_s": tokens.shape[0] * gen_len / seconds,
+            "hf_noisy": spread > HF_NOISY_SPREAD, "hf_tokens": new_tokens}
 
 
 def hf_logits_rel_err(model, params, args: ModelArgs, tokens: np.ndarray) -> float:
@@ -415,9 +454,25 @@ class Hardware:
     peak_source: str
 
 
-def bench_config(params, args: ModelArgs, hw: Hardware, *, batch: int, prompt_len: int,
-                 gen_len: int, repeats: int, seed: int, hf_model=None) -> dict:
-    """All figures for one (batch, prompt_len, gen_len); see the module docstring."""
+def hardware_fractions(row: dict, hw: Hardware) -> dict:
+    """MFU and % of the bandwidth floor of a result row against `hw`, each with a flag
+    that is set where the row ran faster than the probe allows (above 100%): the probe then
+    under-read the device (a busy CPU, a probe too small to reach the peak), and the figure
+    is no efficiency. Uses the row's prefill_flops, ttft_ms, decode_bytes_per_step and
+    decode_ms_step."""
+    mfu = 100 * row["prefill_flops"] / (row["ttft_ms"] / 1e3) / hw.peak_flops
+    floor_s = row["decode_bytes_per_step"] / hw.copy_bandwidth
+    pct = 100 * floor_s / (row["decode_ms_step"] / 1e3)
+    return {"prefill_mfu_pct": mfu, "prefill_above_peak": mfu > 100,
+            "bandwidth_floor_ms": floor_s * 1e3, "pct_of_bandwidth_floor": pct,
+            "decode_above_bandwidth": pct > 100}
+
+
+def bench_config(params, args: ModelArgs, *, batch: int, prompt_len: int, gen_len: int,
+                 repeats: int, seed: int, hf_model=None) -> dict:
+    """All figures for one (batch, prompt_len, gen_len); see the module docstring. MFU
+    and % of the bandwidth floor come later (`hardware_fractions`), once the probes
+    have run again after the workload."""
     from mistral_jax.generate import generate_from_params
 
     dtype = params["embedding"].dtype
@@ -473,15 +528,13 @@ def bench_config(params, args: ModelArgs, hw: Hardware, *, batch: int, prompt_le
     row.update(
         ttft_ms=ttft * 1e3,
         prefill_tok_s=batch * prompt_len / ttft,
+        prefill_flops=flops,
         prefill_tflops=flops / ttft / 1e12,
-        prefill_mfu_pct=100 * flops / ttft / hw.peak_flops,
         decode_ms_step=loop_s * 1e3,
         decode_tok_s=batch / loop_s,
         step_dispatch_ms=statistics.median(steps) * 1e3,
         decode_bytes_per_step=moved["total"],
         decode_kv_bytes_per_step=moved["kv"],
-        bandwidth_floor_ms=moved["total"] / hw.copy_bandwidth * 1e3,
-        pct_of_bandwidth_floor=100 * moved["total"] / hw.copy_bandwidth / loop_s,
     )
 
     prompts = tokens_np.tolist()
@@ -505,7 +558,7 @@ def bench_config(params, args: ModelArgs, hw: Hardware, *, batch: int, prompt_le
     else:
         estimates = [m for m in map(_memory_estimate, (prefill, loop, step)) if m]
         row.update(peak_memory_bytes=max(estimates) if estimates else None,
-                   memory_source="XLA memory_analysis of the larger program")
+                   memory_source=MEMORY_ESTIMATE)
 
     if hf_model is not None:
         hf = bench_transformers(hf_model, tokens_np, gen_len, repeats)
@@ -535,22 +588,58 @@ COLUMNS = (  # (header, key, format)
 )
 
 
+# A cell of the first key is marked where the row's flag (second key) is set; the notes
+# below the table say why.
+MARKS = {"prefill_mfu_pct": ("prefill_above_peak", "*"),
+         "pct_of_bandwidth_floor": ("decode_above_bandwidth", "*"),
+         "vs_hf_generate": ("hf_noisy", "~")}
+NOTES = {
+    "*": "Marked *: above 100%, so the run went faster than the peak (MFU) or copy bandwidth "
+         "(% BW floor) it is taken against: that probe under-read this device (a busy CPU, or "
+         "--matmul-n / --copy-mib too small to reach the peak). Not an efficiency.",
+    "~": f"Marked ~: transformers' timed rounds differed more than {HF_NOISY_SPREAD:g}x "
+         "(hf_*_range in the JSON); on a busy CPU torch's OpenMP threads wait for each other "
+         "while another process holds a core (--torch-threads 1 avoids it).",
+}
+MEMORY_ESTIMATE = "XLA memory_analysis of the larger program"
+
+
 def format_table(rows: Sequence[dict]) -> str:
-    """A markdown table of the result rows."""
+    """A markdown table of the result rows, then a note for each kind of marked cell."""
     cols = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)
             or c[1] in ("compile_s", "peak_memory_gb")]
-    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |",
-             "|" + "|".join("---:" for _ in cols) + "|"]
+    estimated = [r.get("memory_source") == MEMORY_ESTIMATE for r in rows
+                 if r.get("peak_memory_bytes") is not None]
+    all_estimated = bool(estimated) and all(estimated)
+    headers = [h + (" (XLA est.)" if k == "peak_memory_gb" and all_estimated else "")
+               for h, k, _ in cols]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
+    used = set()
     for r in rows:
         r = dict(r, compile_s=r["compile_prefill_s"] + r["compile_decode_s"],
                  peak_memory_gb=None if r.get("peak_memory_bytes") is None
                  else r["peak_memory_bytes"] / 1e9)
-        cells = ["-" if r.get(k) is None else fmt.format(r[k]) for _, k, fmt in cols]
+        cells = []
+        for _, k, fmt in cols:
+            cell = "-" if r.get(k) is None else fmt.format(r[k])
+            flag, mark = MARKS.get(k, (None, ""))
+            if flag and r.get(flag):
+                cell += mark
+                used.add(mark)
+            if (k == "peak_memory_gb" and not all_estimated and r.get(k) is not None
+                    and r.get("memory_source") == MEMORY_ESTIMATE):
+                cell += " est."
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
+    if all_estimated:
+        lines.append("Peak memory: XLA's estimate for the largest compiled program "
+                     "(arguments + outputs + temporaries); this device reports no allocator peak.")
+    lines += [NOTES[mark] for mark in NOTES if mark in used]
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m mistral_jax.bench`."""
     p = argparse.ArgumentParser(prog="python -m mistral_jax.bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="model shape with random weights (ignored with --ckpt)")
@@ -582,13 +671,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="matmul size for the measured peak (default 8192 on GPU, 1024 elsewhere)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak to take MFU against (default: datasheet for known GPUs, else measured)")
-    p.add_argument("--compile-cache-dir", type=Path, default=None,
-                   help=f"persistent compilation cache (default {default_cache_dir()})")
-    p.add_argument("--cache-min-compile-secs", type=float, default=1.0,
-                   help="cache only programs that took at least this long to compile")
-    p.add_argument("--no-compile-cache", action="store_true")
+    p.add_argument("--compile-cache", "--compile-cache-dir", dest="compile_cache", metavar="DIR",
+                   type=Path, default=None,
+                   help="JAX's persistent compilation cache, so that a second start skips most "
+                   f"compilation (default {default_cache_dir()}; --compile-cache-dir: old name)")
+    p.add_argument("--cache-min-compile-secs", type=float, default=None,
+                   help="store only programs that took at least this long to compile (default: "
+                   "$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, else JAX's 1 s)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"neither read nor write the compilation cache (or set "
+                   f"{COMPILE_CACHE_ENV}=off)")
     p.add_argument("--json", type=Path, help="also write the JSON result here")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _validate(ns: argparse.Namespace) -> None:
@@ -623,14 +721,21 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     return args, init_params(args, ns.seed, dtype), ns.preset
 
 
+def enable_cache(ns: argparse.Namespace) -> Path | None:
+    """Turn on JAX's persistent compilation cache as the flags say; returns its folder.
+    Without --cache-min-compile-secs, JAX's own threshold stands (its
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, else 1 s)."""
+    if ns.no_compile_cache:
+        return None
+    return enable_compilation_cache(ns.compile_cache, ns.cache_min_compile_secs)
+
+
 def run(ns: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed CLI arguments; returns {'meta', 'results'}."""
     from mistral_jax.transformer import resolve_dtype
 
     _validate(ns)
-    cache_dir = None
-    if not ns.no_compile_cache:
-        cache_dir = enable_compilation_cache(ns.compile_cache_dir, ns.cache_min_compile_secs)
+    cache_dir = enable_cache(ns)
     on_gpu = jax.default_backend() == "gpu"
     dtype = resolve_dtype(("bfloat16" if on_gpu else "float32") if ns.dtype == "auto" else ns.dtype)
     args, params, model_name = _load_model(ns, dtype)
@@ -640,16 +745,10 @@ def run(ns: argparse.Namespace) -> dict:
 
     copy_bytes = (ns.copy_mib or (1024 if on_gpu else 256)) << 20
     matmul_n = ns.matmul_n or (8192 if on_gpu else 1024)
-    copy_bw = measure_copy_bandwidth(copy_bytes)
-    matmul = measure_matmul_flops(dtype, matmul_n)
-    stated = stated_peak_flops(device.device_kind, dtype)
-    if ns.peak_tflops:
-        peak, source = ns.peak_tflops * 1e12, "--peak-tflops"
-    elif stated:
-        peak, source = stated, f"datasheet dense bf16/fp16 for {device.device_kind}"
-    else:
-        peak, source = matmul, f"measured {matmul_n}^3 {jnp.dtype(dtype).name} matmul"
-    hw = Hardware(copy_bw, matmul, peak, source)
+    # Probed before and again after the workload; the higher of the two counts, since a
+    # busy machine can only make a probe read low.
+    copy_probes = [measure_copy_bandwidth(copy_bytes)]
+    matmul_probes = [measure_matmul_flops(dtype, matmul_n)]
 
     hf_model = None
     meta: dict[str, Any] = {}
@@ -672,8 +771,16 @@ def run(ns: argparse.Namespace) -> dict:
         for prompt_len in ns.prompt_len:
             for gen_len in ns.gen_len:
                 results.append(bench_config(
-                    params, args, hw, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+                    params, args, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                     repeats=ns.repeats, seed=ns.seed, hf_model=hf_model))
+
+    copy_probes.append(measure_copy_bandwidth(copy_bytes))
+    matmul_probes.append(measure_matmul_flops(dtype, matmul_n))
+    copy_bw, matmul = max(copy_probes), max(matmul_probes)
+    hw = Hardware(copy_bw, matmul, *choose_peak(matmul, matmul_n, dtype, device.device_kind,
+                                                ns.peak_tflops))
+    for row in results:
+        row.update(hardware_fractions(row, hw))
 
     weight_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(params))
     meta = {
@@ -691,9 +798,15 @@ def run(ns: argparse.Namespace) -> dict:
         "qmatmul": os.environ.get(QMATMUL_ENV, "xla"),
         "moe_kernel": os.environ.get(MOE_KERNEL_ENV, "xla"),
         "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
-        "matmul_tflops_measured": matmul / 1e12, "peak_tflops": peak / 1e12,
-        "peak_source": source,
+        "copy_bandwidth_gbps_probes": [x / 1e9 for x in copy_probes],
+        "matmul_tflops_measured": matmul / 1e12, "matmul_n": matmul_n,
+        "matmul_tflops_probes": [x / 1e12 for x in matmul_probes],
+        "peak_tflops": hw.peak_flops / 1e12, "peak_source": hw.peak_source,
+        "rows_above_peak": sum(bool(r["prefill_above_peak"]) for r in results),
+        "rows_above_bandwidth": sum(bool(r["decode_above_bandwidth"]) for r in results),
         "compile_cache_dir": str(cache_dir) if cache_dir else None,
+        "compile_cache_min_compile_secs":
+            jax.config.jax_persistent_cache_min_compile_time_secs if cache_dir else None,
         **meta,
     }
     return {"meta": meta, "results": results}
@@ -723,11 +836,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = out["meta"]
     print(f"# {m['model']} {m['dtype']} ({m['n_params'] / 1e9:.3f}B params, "
           f"{m['weight_bytes'] / 1e9:.3f} GB) on {m['device']} x{m['n_devices']}, jax {m['jax']}")
-    print(f"# copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s; MFU against "
-          f"{m['peak_tflops']:.3f} TFLOP/s ({m['peak_source']})")
+    print(f"# copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s, MFU against "
+          f"{m['peak_tflops']:.3f} TFLOP/s ({m['peak_source']}); probes before/after the run: "
+          + ", ".join(f"{x:.1f}" for x in m["copy_bandwidth_gbps_probes"]) + " GB/s, "
+          + ", ".join(f"{x:.3f}" for x in m["matmul_tflops_probes"]) + " TFLOP/s; "
+          + ("" if m["load_avg_1m"] is None else f"load average {m['load_avg_1m']:.2f}"))
     if "hf_logits_rel_err" in m:
-        print(f"# transformers {m['transformers']} on {m['hf_device']}: logits rel err "
-              f"{m['hf_logits_rel_err']:.2e}")
+        print(f"# transformers {m['transformers']} on {m['hf_device']} ({m['torch_threads']} "
+              f"torch threads): logits rel err {m['hf_logits_rel_err']:.2e}")
     print(format_table(out["results"]))
     text = json.dumps(out, default=float)
     print(text)
