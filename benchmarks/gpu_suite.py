@@ -1,7 +1,7 @@
 """Every GPU measurement the open issues ask for, as one run that fits a short device lease.
 
     python3 benchmarks/gpu_suite.py --out $OUT --budget 480          # on the GPU host
-    python3 benchmarks/gpu_suite.py --list                            # the steps, in order
+    python3 benchmarks/gpu_suite.py --list [--tiny]                   # the steps, in order
     python3 benchmarks/gpu_suite.py --tiny --out /tmp/suite --only mistral7b mixtral-layer
 
 Steps run in priority order, each a subprocess with its own time limit, cut short so the
@@ -15,7 +15,7 @@ printed, a line a step.
 `--tiny` swaps the presets and lengths for CPU-sized ones and the GPU kernels for their
 interpreted versions: the CPU test of this script (tests/test_bench.py).
 
-On the device host (GPU_NOTES.md), with `.whl` carried:
+On the device host (../shared/GPU_NOTES.md, outside this repository), with `.whl` carried:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
     export PYTHONPATH=/tmp/site:$PWD; python3 benchmarks/gpu_suite.py --out $OUT --budget 480
 """
@@ -131,8 +131,9 @@ def _json_or_none(line: str):
 
 def key_figures(result: dict) -> list[dict]:
     """Per-row headline numbers of a bench JSON."""
-    keys = ("batch", "prompt_len", "ttft_ms", "prefill_mfu_pct", "decode_ms_step",
-            "decode_tok_s", "pct_of_bandwidth_floor", "vs_hf_generate", "peak_memory_bytes")
+    keys = ("batch", "prompt_len", "ttft_ms", "prefill_mfu_pct", "prefill_above_peak",
+            "decode_ms_step", "decode_tok_s", "pct_of_bandwidth_floor", "decode_above_bandwidth",
+            "vs_hf_generate", "hf_noisy", "peak_memory_bytes")
     rows = [{k: r.get(k) for k in keys if k in r} for r in result["results"]]
     meta = result["meta"]
     for row in rows:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.list:
         for name, what, argv_, limit in STEPS:
-            cmd = " ".join(step_argv(argv_, Path("WORK"), False)[1:])
+            cmd = " ".join(step_argv(argv_, Path("WORK"), ns.tiny)[1:])
             print(f"{name:24s} {limit:4d}s  {what}\n    {cmd}")
         return 0
     summary = run(ns)

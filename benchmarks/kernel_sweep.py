@@ -18,14 +18,17 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.kernels import moe_decode_pallas, qmatmul_pallas
-from mistral_jax.moe import moe_dense, moe_gather, route
-from mistral_jax.quant import MODES, param_bytes, quantize_array
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
+
+from mistral_jax.kernels import moe_decode_pallas, qmatmul_pallas  # noqa: E402
+from mistral_jax.moe import moe_dense, moe_gather, route  # noqa: E402
+from mistral_jax.quant import MODES, param_bytes, quantize_array  # noqa: E402
 
 
 def time_call(fn, x, weights: tuple, inner: int, repeats: int) -> float:

@@ -16,13 +16,17 @@ its time implies for the selected experts' bytes.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.moe import grouped_block_size, moe_dense, moe_gather, moe_grouped, moe_pallas
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
+
+from mistral_jax.moe import grouped_block_size, moe_dense, moe_gather, moe_grouped, moe_pallas  # noqa: E402
 
 SHAPES = {  # dim, hidden_dim, num_experts, num_experts_per_tok
     "8x7b": (4096, 14336, 8, 2),

@@ -461,11 +461,40 @@ def test_gpu_suite_skips_what_the_budget_cannot_fit(tmp_path):
 def test_gpu_suite_keeps_going_past_a_json_line_cut_short():
     """A step killed at its time limit can leave its last JSON line half written: the
     suite records the complete lines and drops that one instead of stopping."""
+    gpu_suite = _import_gpu_suite()
+    assert gpu_suite._json_or_none('{"device": "H200", "results": [') is None
+    assert gpu_suite._json_or_none('{"device": "H200", "results": []}') == {
+        "device": "H200", "results": []}
+
+
+def _import_gpu_suite():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import gpu_suite
     finally:
         sys.path.pop(0)
-    assert gpu_suite._json_or_none('{"device": "H200", "results": [') is None
-    assert gpu_suite._json_or_none('{"device": "H200", "results": []}') == {
-        "device": "H200", "results": []}
+    return gpu_suite
+
+
+def test_gpu_suite_list_shows_the_tiny_commands_with_tiny(capsys):
+    gpu_suite = _import_gpu_suite()
+    assert gpu_suite.main(["--list"]) == 0
+    full = capsys.readouterr().out
+    assert gpu_suite.main(["--list", "--tiny"]) == 0
+    tiny = capsys.readouterr().out
+    assert "--preset mistral-7b" in full and "--preset tiny" not in full
+    assert "--preset mistral-7b" not in tiny and "--preset tiny" in tiny
+    assert "--qmatmul pallas-interpret" in tiny
+
+
+@pytest.mark.parametrize("script", ["moe_bytes.py", "kernel_sweep.py"])
+def test_benchmark_scripts_import_this_checkout(tmp_path, script):
+    """Run from elsewhere with another `mistral_jax` first on the path, a script still
+    imports the one of the checkout it sits in (BENCHMARKS.md's commands, as written)."""
+    fake = tmp_path / "elsewhere" / "mistral_jax"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not this checkout')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake.parent))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--help"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
