@@ -242,13 +242,18 @@ def checkpoint_name(path: ParamPath, expert: int | None, layout: str) -> str:
     m = re.fullmatch(r"layers_(\d+)", path[0])
     if m:
         prefix = f"model.layers.{m[1]}." if hf else f"layers.{m[1]}."
+        # compressed-tensors scale leaves (quant.py): `scale` is the tensor `.weight_scale`,
+        # `input_scale` is `.input_scale`
+        suffix = {"scale": "weight_scale", "input_scale": "input_scale"}
         if expert is not None:
             experts = "block_sparse_moe.experts" if hf else "feed_forward.experts"
-            w, _, leaf = path[-1].partition("_")  # w1, or w1_scale (compressed-tensors)
-            return f"{prefix}{experts}.{expert}.{w}.weight{'_' + leaf if leaf else ''}"
+            w, _, leaf = path[-1].partition("_")  # w1, or w1_scale / w1_input_scale
+            return f"{prefix}{experts}.{expert}.{w}.{suffix.get(leaf, 'weight')}"
         names = {module: name for name, module in (_HF if hf else _MISTRAL).items()}
         if len(path) >= 3 and path[-1] in ("kernel", "weight") and path[-2] in names:
             return f"{prefix}{names[path[-2]]}.weight"
+        if len(path) >= 3 and path[-1] in suffix and path[-2] in names:
+            return f"{prefix}{names[path[-2]]}.{suffix[path[-1]]}"
     return "/".join(path) + ("" if expert is None else f"[expert {expert}]")
 
 

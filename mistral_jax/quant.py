@@ -488,9 +488,12 @@ def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
     `weight_scale` quantized (its stored dtype) plus its scale leaves.
 
     Returns (abstract, extra) where `extra` maps paths to leaves the config implies but the
-    files do not store (dynamic activation scales, 0.0).
+    files do not store: dynamic activation scales, 0.0, for every quantized Linear (f32 []).
+    With static activation
+    quantization every quantized Linear must store its `input_scale` (CheckpointError
+    naming the missing tensors), and quantized MoE experts are refused.
     """
-    from mistral_jax.checkpoint import read_header, tensor_target
+    from mistral_jax.checkpoint import checkpoint_name, read_header, tensor_target
     from mistral_jax.model import abstract_params
 
     abstract = abstract_params(args, dtype)
@@ -502,6 +505,7 @@ def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
         for name, (shape, dt) in read_header(f).items():
             headers[name] = (f, shape, dt)
     extra = {}
+    static_missing = {}  # input_scale path -> its checkpoint name, for static activations
     for name, (f, _, _) in headers.items():
         if not name.endswith((".weight_scale", ".input_scale")):
             continue
@@ -518,6 +522,9 @@ def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
             if target.expert is not None:
                 raise CheckpointError(f"{f}: tensor {name!r}: static activation scales of MoE "
                                       "experts are not supported")
+            if base + "_scale" not in headers:
+                raise CheckpointError(f"{f}: tensor {name!r} but its weight {base!r} is not "
+                                      "quantized (no weight_scale)")
             flat[sibling(path, "input_scale")] = jax.ShapeDtypeStruct((), jnp.float32)
             continue
         wdt = headers[base][2]
@@ -531,6 +538,25 @@ def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
             tuple(leaf.shape[i] for i in lead + outs), jnp.float32)
         if scheme.activations == "dynamic" and target.expert is None:
             extra[sibling(path, "input_scale")] = np.zeros((), np.float32)
+        elif scheme.activations == "static":
+            if target.expert is not None:
+                raise CheckpointError(
+                    f"{f}: tensor {name!r}: {scheme.source} declares static activation "
+                    "quantization (input_activations dynamic: false), which MoE experts do "
+                    "not support")
+            if base[: -len("weight")] + "input_scale" not in headers:
+                in_path = sibling(path, "input_scale")
+                static_missing[in_path] = checkpoint_name(in_path, None, layout)
+    if static_missing:
+        order = {sibling(p, "input_scale"): i for i, p in enumerate(flat)}  # model order
+        names = ", ".join(static_missing[p] for p in sorted(static_missing, key=order.get)[:8])
+        more = " ..." if len(static_missing) > 8 else ""
+        raise CheckpointError(
+            f"{files[0].parent}: {len(static_missing)} input_scale "
+            f"tensor{'s' * (len(static_missing) > 1)} missing from the checkpoint: "
+            f"{names}{more}; {scheme.source} declares static activation "
+            "quantization (input_activations dynamic: false), so every quantized layer "
+            "needs its input_scale")
     return unflatten(flat), extra
 
 

@@ -352,3 +352,55 @@ def test_bad_compressed_tensors_checkpoints_are_rejected(tmp_path, case):
              "not_compressed_tensors": "quant_method"}[case]
     with pytest.raises(ConfigError, match=re.escape(field)):
         Transformer.from_folder(ct)
+
+
+@pytest.mark.parametrize("missing", ["one", "all"])
+def test_static_activation_checkpoint_without_an_input_scale_is_refused_naming_it(tmp_path,
+                                                                                  missing):
+    """input_activations dynamic: false means every quantized Linear has a static scale:
+    one missing is a CheckpointError naming the tensor, the folder and the config, not a
+    layer silently left weight-only (the converter reads the checkpoint the same way)."""
+    from mistral_jax.convert import convert
+
+    args = tiny_args(vocab_size=512)
+    name = "model.layers.1.self_attn.k_proj.input_scale"
+    named = name if missing == "one" else "model.layers.0.self_attn.q_proj.input_scale"
+
+    def edit(tensors):
+        for k in [k for k in tensors if k.endswith(".input_scale")]:
+            if missing == "all" or k == name:
+                del tensors[k]
+
+    ct, _ = write_compressed_tensors(tmp_path / "ct", args, random_mistral_state(args, seed=6),
+                                     activations="static", edit=edit)
+    count = 1 if missing == "one" else 7 * args.n_layers
+    for load in (lambda: Transformer.from_folder(ct),
+                 lambda: convert(ct, tmp_path / "converted")):
+        with pytest.raises(CheckpointError) as error:
+            load()
+        message = str(error.value)
+        want = f"{ct}: {count} input_scale tensor{'s' if count > 1 else ''} missing"
+        assert message.startswith(want), message
+        assert named in message and str(ct / "config.json") in message
+        assert "dynamic: false" in message
+    assert not (tmp_path / "converted").exists()
+
+
+def test_static_activation_scales_of_moe_experts_stay_refused(tmp_path):
+    """Static (per-tensor) activation scales are supported for attention only: a static
+    Mixtral checkpoint is refused whether or not its experts store input_scale tensors."""
+    args = tiny_moe_args()
+    state = random_mistral_state(args, seed=6)
+    for drop in (False, True):
+        def edit(tensors, drop=drop):
+            if drop:
+                for k in [k for k in tensors if ".experts." in k and k.endswith("input_scale")]:
+                    del tensors[k]
+
+        ct, _ = write_compressed_tensors(tmp_path / f"ct{drop}", args, state,
+                                         activations="static", edit=edit)
+        with pytest.raises(CheckpointError, match=r"model\.layers\.\d\.block_sparse_moe\.experts"
+                                                  r"\.\d\.w[123]\.(weight_scale|input_scale)'.*"
+                                                  "MoE experts"):
+            Transformer.from_folder(ct)
+
