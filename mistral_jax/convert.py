@@ -844,10 +844,10 @@ def _restore_abstract(folder: Path, manifest: dict, args: ModelArgs, dtype: np.d
         keep = path in stored and stored[path].name in _QUANTIZED
         out[path] = jax.ShapeDtypeStruct(leaf.shape, stored[path]) if keep else leaf
     for path, owner in owners.items():  # scales keep theirs (float32)
-        if path[-1].endswith("input_scale"):
-            shape = ()
+        lead, _, outs = split_dims(owner, len(base[owner].shape))
+        if path[-1].endswith("input_scale"):  # [] for a Linear, [E] for stacked experts
+            shape = tuple(base[owner].shape[i] for i in lead)
         else:  # the kernel's lead and output dims (quant.quantize_array)
-            lead, _, outs = split_dims(owner, len(base[owner].shape))
             shape = tuple(base[owner].shape[i] for i in lead + outs)
         out[path] = jax.ShapeDtypeStruct(shape, stored[path])
     want, have = set(out), set(stored)

@@ -29,12 +29,21 @@ Plain XLA copies each dynamically selected expert slice before its matmul, so th
 gather path reads k/E of the expert weights but moves about 3x that many bytes
 (benchmarks/moe_bytes.py); reading experts in place needs a kernel: `moe_pallas`.
 
-Each stacked weight is a plain array or an `ExpertWeight(kernel, scale, lora_a, lora_b)`:
-an int8/fp8 kernel with its per-output-channel scale [E, out] (quant.py) and/or an
-unmerged LoRA adapter's factors [E, in, r] / [E, r, out] (lora.py). The sparse paths
-select experts first and then read only the selected experts' quantized slices, scale
-rows and factors: (x @ q) * scale + (x @ a) @ b, never the layer's dequantized experts.
-`moe_dense` and `moe_ragged` materialize the dense weights (`dense_weight`).
+Each stacked weight is a plain array or an
+`ExpertWeight(kernel, scale, lora_a, lora_b, input_scale)`: an int8/fp8 kernel with its
+per-output-channel scale [E, out] (quant.py) and/or an unmerged LoRA adapter's factors
+[E, in, r] / [E, r, out] (lora.py). The sparse paths select experts first and then read
+only the selected experts' quantized slices, scale rows and factors:
+(x @ q) * scale + (x @ a) @ b, never the layer's dequantized experts. `moe_dense` and
+`moe_ragged` materialize the dense weights (`dense_weight`).
+
+A quantized expert weight may also quantize its input (compressed-tensors W8A8, e.g.
+FP8-dynamic): `input_scale` f32 [E], 0 meaning per token, as for a dense Linear
+(`quant.quantize_activations`). Every path quantizes each input row of an expert matmul
+to the kernel's dtype with the scale max |row| / qmax before multiplying: x's rows for
+w1/w3, each (token, expert) SwiGLU row h for w2. Per-row quantization commutes with
+selecting rows, so the gather, grouped, dense and ragged paths compute the same
+function; `moe_pallas` takes the gather path for such experts.
 
 Ties between equal gate logits go to the lower expert index (`jax.lax.top_k` keeps
 the first of equal values), so routing is deterministic.
@@ -80,17 +89,20 @@ class ExpertWeight(NamedTuple):
     """One stacked expert weight with its optional siblings (a pytree; None = absent).
 
     kernel [E, in, out] (float, or int8/fp8 with `scale`), scale f32 [E, out],
-    lora_a [E, in, r], lora_b [E, r, out] (scaling folded in). Indexed by one expert
-    (`_expert`) every field loses its leading E axis.
+    lora_a [E, in, r], lora_b [E, r, out] (scaling folded in), input_scale f32 [E]
+    (quantized kernels only: activations quantized too; 0 = per token, > 0 = that static
+    scale). Indexed by one expert (`_expert`) every field loses its leading E axis.
     """
 
     kernel: jax.Array
     scale: jax.Array | None = None
     lora_a: jax.Array | None = None
     lora_b: jax.Array | None = None
+    input_scale: jax.Array | None = None
 
 
 Weight = jax.Array | ExpertWeight
+AxisNames = str | tuple[str, ...]
 
 
 def _kernel(w: Weight) -> jax.Array:
@@ -113,18 +125,39 @@ def dense_weight(w: Weight, dtype) -> jax.Array:
     return k.astype(dtype)
 
 
-def expert_matmul(x: jax.Array, w: Weight) -> jax.Array:
+def quantized_input(x: jax.Array, w: Weight, input_scale: jax.Array | None = None,
+                    axis_name: AxisNames = ()) -> jax.Array:
+    """x [..., in] as the expert weight `w` sees it: each row quantized to the kernel's
+    dtype and back (`quant.quantize_activations` over the last axis, then times its
+    scale) when `w` carries an `input_scale`; else x itself. For the dense paths, which
+    multiply by the dequantized weight. `input_scale` (default w.input_scale) must
+    broadcast against x [..., 1]: [E, 1, 1] for x [E, N, in], [M, 1] per row.
+    `axis_name`: mesh axes the `in` axis is split over (inside shard_map), so that a
+    per-row scale takes the max over the whole row.
+    """
+    if not isinstance(w, ExpertWeight) or w.input_scale is None:
+        return x
+    from mistral_jax.quant import quantize_activations
+
+    s_in = w.input_scale if input_scale is None else input_scale
+    xq, s = quantize_activations(x, (x.ndim - 1,), w.kernel.dtype, s_in, axis_name)
+    return (xq.astype(jnp.float32) * s).astype(x.dtype)
+
+
+def expert_matmul(x: jax.Array, w: Weight, axis_name: AxisNames = ()) -> jax.Array:
     """x [M, in] @ one expert's weight [in, out] -> [M, out] in x's dtype.
 
     A quantized kernel is multiplied as stored (cast to x's dtype) and its output scaled
-    per channel; a LoRA adapter adds (x @ a) @ b. Nothing [in, out]-sized is dequantized.
+    per channel; with an `input_scale`, each row of x is quantized first (scale per row,
+    `quant.qeinsum`). A LoRA adapter adds (x @ a) @ b on the unquantized x, as `Linear`
+    does. Nothing [in, out]-sized is dequantized. `axis_name`: see `quantized_input`.
     """
     if not isinstance(w, ExpertWeight):
         return x @ w.astype(x.dtype)
     if w.scale is not None:
         from mistral_jax.quant import qeinsum
 
-        y = qeinsum("mi,io->mo", x, w.kernel, w.scale)
+        y = qeinsum("mi,io->mo", x, w.kernel, w.scale, w.input_scale, axis_name=axis_name)
     else:
         y = x @ w.kernel.astype(x.dtype)
     if w.lora_a is not None:
@@ -132,12 +165,15 @@ def expert_matmul(x: jax.Array, w: Weight) -> jax.Array:
     return y
 
 
-def expert_ffn(x: jax.Array, w1: Weight, w2: Weight, w3: Weight) -> jax.Array:
+def expert_ffn(x: jax.Array, w1: Weight, w2: Weight, w3: Weight,
+               hidden_axes: AxisNames = ()) -> jax.Array:
     """One expert's SwiGLU: x [M, D], w1/w3 [D, F], w2 [F, D] -> [M, D] in x's dtype.
 
     Each weight is a plain array or one expert's `ExpertWeight` (see `expert_matmul`).
+    `hidden_axes`: mesh axes F is split over (see `moe`).
     """
-    return expert_matmul(jax.nn.silu(expert_matmul(x, w1)) * expert_matmul(x, w3), w2)
+    h = jax.nn.silu(expert_matmul(x, w1)) * expert_matmul(x, w3)
+    return expert_matmul(h, w2, hidden_axes)
 
 
 def _expert(w: Weight, e: jax.Array) -> Weight:
@@ -149,22 +185,32 @@ def _expert(w: Weight, e: jax.Array) -> Weight:
     return take(w)
 
 
-def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
+def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+              hidden_axes: AxisNames = ()) -> jax.Array:
     """Reference path: every expert on every token, mixed by the routing weights.
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     """
-    w1, w2, w3 = (dense_weight(w, x.dtype) for w in (w1, w2, w3))
+    ws = (w1, w2, w3)
+    w1, w2, w3 = (dense_weight(w, x.dtype) for w in ws)
     n_experts = w1.shape[0]
     combine = jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32)
                       * weights[..., None], axis=1)  # [N, E]
     xe = jnp.broadcast_to(x, (n_experts, *x.shape))  # expert as the batch dim of each matmul
-    hidden = jax.nn.silu(jnp.einsum("end,edf->enf", xe, w1)) * jnp.einsum("end,edf->enf", xe, w3)
-    out = jnp.einsum("enf,efd->end", hidden, w2)
+
+    def rows(v, w, axes=()):  # quantized activations (per expert and row), if w has them
+        s = None if not isinstance(w, ExpertWeight) or w.input_scale is None else (
+            w.input_scale[:, None, None])
+        return quantized_input(v, w, s, axes)
+
+    hidden = (jax.nn.silu(jnp.einsum("end,edf->enf", rows(xe, ws[0]), w1))
+              * jnp.einsum("end,edf->enf", rows(xe, ws[2]), w3))
+    out = jnp.einsum("enf,efd->end", rows(hidden, ws[1], hidden_axes), w2)
     return jnp.einsum("end,ne->nd", out, combine.astype(x.dtype))
 
 
-def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
+def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+               hidden_axes: AxisNames = ()) -> jax.Array:
     """Decode path: each (token, slot) reads only its selected expert's weights (for an
     `ExpertWeight`: its quantized kernel slice, scale row and LoRA factors).
 
@@ -178,7 +224,8 @@ def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3)
         row = None
         for j in range(k):
             e = experts[i, j]
-            y = expert_ffn(x[i:i + 1], _expert(w1, e), _expert(w2, e), _expert(w3, e))
+            y = expert_ffn(x[i:i + 1], _expert(w1, e), _expert(w2, e), _expert(w3, e),
+                           hidden_axes)
             y = y * mix[i, j]
             row = y if row is None else row + y
         rows.append(row)
@@ -202,7 +249,7 @@ def grouped_block_size(n_tokens: int, k: int, n_experts: int,
 
 
 def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
-                block_size: int | None = None) -> jax.Array:
+                block_size: int | None = None, hidden_axes: AxisNames = ()) -> jax.Array:
     """Prefill path: assignments sorted by expert, run block by block through their expert.
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
@@ -234,7 +281,8 @@ def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3
 
     def run_block(carry, blk):
         xb, e = blk
-        return carry, expert_ffn(xb, _expert(w1, e), _expert(w2, e), _expert(w3, e))
+        return carry, expert_ffn(xb, _expert(w1, e), _expert(w2, e), _expert(w3, e),
+                                 hidden_axes)
 
     _, ys = jax.lax.scan(run_block, None, (xs.reshape(n_blocks, block, d), block_expert))
     y = ys.reshape(n_blocks * block, d)[dest].reshape(n, k, d)
@@ -245,21 +293,30 @@ def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3
     return out
 
 
-def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3) -> jax.Array:
+def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+               hidden_axes: AxisNames = ()) -> jax.Array:
     """Grouped path through `jax.lax.ragged_dot` (native grouped matmul on TPU).
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     """
     n, k = experts.shape
-    w1, w2, w3 = (dense_weight(w, x.dtype) for w in (w1, w2, w3))
+    ws = (w1, w2, w3)
+    w1, w2, w3 = (dense_weight(w, x.dtype) for w in ws)
     n_experts = w1.shape[0]
     flat = experts.reshape(n * k)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
     xs = x[order // k]
-    hidden = (jax.nn.silu(jax.lax.ragged_dot(xs, w1, sizes))
-              * jax.lax.ragged_dot(xs, w3, sizes))
-    ys = jax.lax.ragged_dot(hidden, w2, sizes)
+    row_expert = flat[order]  # [N*k] the expert of each sorted row
+
+    def rows(v, w, axes=()):  # quantized activations (per row, its expert's scale), if any
+        s = None if not isinstance(w, ExpertWeight) or w.input_scale is None else (
+            w.input_scale[row_expert][:, None])
+        return quantized_input(v, w, s, axes)
+
+    hidden = (jax.nn.silu(jax.lax.ragged_dot(rows(xs, ws[0]), w1, sizes))
+              * jax.lax.ragged_dot(rows(xs, ws[2]), w3, sizes))
+    ys = jax.lax.ragged_dot(rows(hidden, ws[1], hidden_axes), w2, sizes)
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(n, k, -1)
     mix = weights.astype(x.dtype)
     out = y[:, 0] * mix[:, :1]
@@ -269,19 +326,21 @@ def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3)
 
 
 def moe_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
-               interpret: bool = False) -> jax.Array:
+               interpret: bool = False, hidden_axes: AxisNames = ()) -> jax.Array:
     """Decode path as one Pallas kernel pair (`kernels.moe_decode_pallas`): reads each
     selected expert's weights (or int8/fp8 kernel slice and scale row) in place.
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D]. Experts
-    with an unmerged LoRA adapter take `moe_gather` instead (the kernel has no LoRA term).
+    with an unmerged LoRA adapter or quantized activations (`input_scale`) take
+    `moe_gather` instead (the kernel has neither a LoRA term nor activation quantization).
     `interpret` runs the kernels in the Pallas interpreter (any backend).
     """
     from mistral_jax.kernels import moe_decode_pallas
 
     ws = (w1, w2, w3)
-    if any(isinstance(w, ExpertWeight) and w.lora_a is not None for w in ws):
-        return moe_gather(x, weights, experts, w1, w2, w3)
+    if any(isinstance(w, ExpertWeight) and (w.lora_a is not None or w.input_scale is not None)
+           for w in ws):
+        return moe_gather(x, weights, experts, w1, w2, w3, hidden_axes=hidden_axes)
     ws = tuple((w.kernel, w.scale) if isinstance(w, ExpertWeight) else w for w in ws)
     return moe_decode_pallas(x, weights, experts, *ws, interpret=interpret)
 
@@ -296,7 +355,7 @@ def moe_strategy(n_tokens: int, k: int, n_experts: int) -> str:
 
 
 def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
-        strategy: str = "auto") -> jax.Array:
+        strategy: str = "auto", hidden_axes: AxisNames = ()) -> jax.Array:
     """Mix the selected experts' SwiGLU outputs. x [N, D], weights/experts [N, k] -> [N, D].
 
     w1/w3 [E, D, F], w2 [E, F, D]: plain arrays or `ExpertWeight`s (quantized / LoRA).
@@ -304,6 +363,10 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
     `strategy` is one of STRATEGIES; 'auto' picks by `moe_strategy` (static in N), and
     where that is 'gather', MISTRAL_JAX_MOE_KERNEL ('xla', 'pallas', 'pallas-interpret',
     read at trace time) may swap in `moe_pallas`.
+
+    `hidden_axes`: mesh axes that split F inside a shard_map (`sharding.expert_parallel`
+    with tensor > 1), so that the per-row activation scale of w2's input (`input_scale`)
+    is the max over the whole row, as without the split; () elsewhere.
     """
     from mistral_jax.kernels import KERNEL_CHOICES, env_choice
 
@@ -317,7 +380,7 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
     fn = {"gather": moe_gather, "grouped": moe_grouped, "dense": moe_dense,
           "ragged": moe_ragged, "pallas": moe_pallas,
           "pallas-interpret": functools.partial(moe_pallas, interpret=True)}[strategy]
-    return fn(x, weights, experts, w1, w2, w3)
+    return fn(x, weights, experts, w1, w2, w3, hidden_axes=hidden_axes)
 
 
 class MoeFeedForward(nn.Module):
@@ -351,11 +414,17 @@ class MoeFeedForward(nn.Module):
 
     def _expert_weight(self, name: str, w: jax.Array) -> Weight:
         """The stacked weight `name` [E, in, out] as stored: a plain array, or an
-        `ExpertWeight` with its `<name>_scale` (int8/fp8, quant.py) and/or unmerged
-        `<name>_lora_a` / `<name>_lora_b` (lora.py) leaves, for the paths to select from."""
+        `ExpertWeight` with its `<name>_scale` [E, out] and `<name>_input_scale` [E]
+        (int8/fp8, quant.py) and/or unmerged `<name>_lora_a` / `<name>_lora_b` (lora.py)
+        leaves, for the paths to select from."""
         scale = self.get_variable("params", f"{name}_scale")
+        input_scale = self.get_variable("params", f"{name}_input_scale")
         lora_a = self.get_variable("params", f"{name}_lora_a")
         lora_b = self.get_variable("params", f"{name}_lora_b")
+        if input_scale is not None and scale is None:
+            where = "/".join((*self.scope.path, f"{name}_input_scale"))
+            raise UserInputError(f"params {where}: activation scales need a quantized "
+                                 f"{name} (with {name}_scale)")
         if scale is None and lora_a is None:
             return w
-        return ExpertWeight(w, scale, lora_a, lora_b)
+        return ExpertWeight(w, scale, lora_a, lora_b, input_scale)

@@ -195,14 +195,20 @@ def _parse(eqn: str) -> tuple[str, str, str]:
     return x, k, out
 
 
-def quantize_activations(x: jax.Array, contracted: tuple[int, ...], dtype, input_scale: jax.Array):
+def quantize_activations(x: jax.Array, contracted: tuple[int, ...], dtype, input_scale: jax.Array,
+                         axis_name: str | tuple[str, ...] = ()):
     """x -> (x quantized to `dtype` and back to x.dtype, scale broadcastable against x).
 
-    `input_scale` > 0: that static per-tensor scale; 0: per-token, max |x| over the
-    `contracted` axes / qmax.
+    `input_scale` (broadcastable against the scale) > 0: that static per-tensor scale; 0:
+    per-token, max |x| over the `contracted` axes / qmax. `axis_name`: mesh axes the
+    contracted axes are split over inside a shard_map; the max is then taken over them too
+    (`jax.lax.pmax`), so each token's scale is that of its whole row.
     """
     top = qmax(dtype)
-    dynamic = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=contracted, keepdims=True) / top
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=contracted, keepdims=True)
+    if axis_name:
+        amax = jax.lax.pmax(amax, axis_name)
+    dynamic = amax / top
     dynamic = jnp.where(dynamic > 0, dynamic, 1.0)
     s = jnp.where(input_scale > 0, input_scale.astype(jnp.float32), dynamic)
     xq = jnp.clip(x.astype(jnp.float32) / s, -top, top)
@@ -245,11 +251,14 @@ def _pallas_qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
 
 
 def qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
-            input_scale: jax.Array | None = None) -> jax.Array:
+            input_scale: jax.Array | None = None, *,
+            axis_name: str | tuple[str, ...] = ()) -> jax.Array:
     """einsum(eqn, x, dequantized kernel) without materializing the dequantized kernel.
 
     kernel int8/fp8 [in..., out...] (or [lead..., in..., out...]), scale f32 over the kernel
-    dims that reach the output. Accumulates in float32 and returns x.dtype. With
+    dims that reach the output. `input_scale` f32 [] (W8A8): x is quantized too, per token
+    when it is 0 (`quantize_activations`; `axis_name` as there). Accumulates in float32
+    and returns x.dtype. With
     MISTRAL_JAX_QMATMUL=pallas (GPU) few-row weight-only matmuls go through the fused
     `qmatmul_pallas` kernel instead of XLA (off by default: not yet measured on a GPU).
     """
@@ -263,7 +272,7 @@ def qeinsum(eqn: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
         y = jnp.einsum(eqn, x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
     else:  # activations quantized too (compressed-tensors W8A8)
         contracted = tuple(i for i, c in enumerate(xs) if c in ks and c not in out)
-        xq, s = quantize_activations(x, contracted, kernel.dtype, input_scale)
+        xq, s = quantize_activations(x, contracted, kernel.dtype, input_scale, axis_name)
         y = jnp.einsum(eqn, xq, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         s_letters = "".join(c for i, c in enumerate(xs) if i not in contracted)
         y = y * _align(jnp.squeeze(s, contracted), s_letters, out)
@@ -318,9 +327,9 @@ def param_logical_axes(params, args: ModelArgs):
     """PartitionSpecs of logical axis names for a params tree with extra leaves.
 
     Covers quantized weights (`scale`: the kernel's lead and output axes; `input_scale`:
-    replicated) and unmerged LoRA (`lora_a`: lead + input axes + rank; `lora_b`: lead +
-    rank + output axes; the rank axis is never sharded). `params` may hold arrays or
-    ShapeDtypeStructs.
+    the lead (expert) axis, none for a Linear's [] scale) and unmerged LoRA (`lora_a`:
+    lead + input axes + rank; `lora_b`: lead + rank + output axes; the rank axis is never
+    sharded). `params` may hold arrays or ShapeDtypeStructs.
     """
     from mistral_jax.model import logical_axes
 
@@ -343,7 +352,7 @@ def param_logical_axes(params, args: ModelArgs):
         lead, ins, outs = (tuple(spec[i] for i in dims)
                            for dims in split_dims(kernel, len(spec)))
         out[path] = PartitionSpec(*{
-            "input_scale": (),
+            "input_scale": lead,
             "scale": lead + outs,
             "lora_a": lead + ins + (None,),
             "lora_b": lead + (None,) + outs,
@@ -488,8 +497,8 @@ def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
     `weight_scale` quantized (its stored dtype) plus its scale leaves.
 
     Returns (abstract, extra) where `extra` maps paths to leaves the config implies but the
-    files do not store: dynamic activation scales, 0.0, for every quantized Linear (f32 []).
-    With static activation
+    files do not store: dynamic activation scales, 0.0, for every quantized Linear (f32 [])
+    and stacked expert weight (f32 [E], `w1_input_scale`). With static activation
     quantization every quantized Linear must store its `input_scale` (CheckpointError
     naming the missing tensors), and quantized MoE experts are refused.
     """
@@ -521,7 +530,7 @@ def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
                                       "declare static activation quantization")
             if target.expert is not None:
                 raise CheckpointError(f"{f}: tensor {name!r}: static activation scales of MoE "
-                                      "experts are not supported")
+                                      "experts are not supported (dynamic ones are)")
             if base + "_scale" not in headers:
                 raise CheckpointError(f"{f}: tensor {name!r} but its weight {base!r} is not "
                                       "quantized (no weight_scale)")
@@ -536,14 +545,15 @@ def checkpoint_abstract(files: list[Path], layout: str, args: ModelArgs, dtype,
         flat[path] = jax.ShapeDtypeStruct(leaf.shape, scheme.weight_dtype)
         flat[sibling(path, "scale")] = jax.ShapeDtypeStruct(
             tuple(leaf.shape[i] for i in lead + outs), jnp.float32)
-        if scheme.activations == "dynamic" and target.expert is None:
-            extra[sibling(path, "input_scale")] = np.zeros((), np.float32)
+        if scheme.activations == "dynamic":  # per token: experts [E] too, one per expert
+            extra[sibling(path, "input_scale")] = np.zeros(
+                tuple(leaf.shape[i] for i in lead), np.float32)
         elif scheme.activations == "static":
             if target.expert is not None:
                 raise CheckpointError(
                     f"{f}: tensor {name!r}: {scheme.source} declares static activation "
                     "quantization (input_activations dynamic: false), which MoE experts do "
-                    "not support")
+                    "not support (dynamic per-token quantization they do)")
             if base[: -len("weight")] + "input_scale" not in headers:
                 in_path = sibling(path, "input_scale")
                 static_missing[in_path] = checkpoint_name(in_path, None, layout)

@@ -491,12 +491,14 @@ def constrain_cache_layer(layer):
 def _expert_specs(w, spec: PartitionSpec):
     """The shard_map spec of a stacked expert weight: `spec` for a plain [E, in, out]
     array; for a moe.ExpertWeight (kernel, scale [E, out], lora_a [E, in, r],
-    lora_b [E, r, out]) the kernel's spec and, per present field, its axes of it."""
+    lora_b [E, r, out], input_scale [E]) the kernel's spec and, per present field, its
+    axes of it."""
     if not isinstance(w, tuple):
         return spec
     e, i, o = (tuple(spec) + (None,) * 3)[:3]
-    specs = (spec, PartitionSpec(e, o), PartitionSpec(e, i, None), PartitionSpec(e, None, o))
-    return type(w)(*(None if a is None else s for a, s in zip(w, specs)))
+    specs = (spec, PartitionSpec(e, o), PartitionSpec(e, i, None), PartitionSpec(e, None, o),
+             PartitionSpec(e))
+    return type(w)(*(None if a is None else s for a, s in zip(w, specs, strict=True)))
 
 
 def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax.Array,
@@ -504,7 +506,8 @@ def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax
     """`moe_fn(x, weights, experts, w1, w2, w3)` with the experts split along the mesh's `expert` axis.
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D] (plain arrays,
-    or moe.ExpertWeight tuples whose scale / LoRA leaves are split like their kernel). Under an
+    or moe.ExpertWeight tuples whose scale / LoRA / input_scale leaves are split like their
+    kernel; `moe_fn` then takes `hidden_axes` when w2 quantizes its input). Under an
     ambient mesh with expert > 1, each device runs `moe_fn` on its own block of the
     weights: E/n local experts (assignments to other experts get weight 0, as if
     unrouted), its F/tensor slice of the hidden dim (SwiGLU is elementwise in F, so the
@@ -525,11 +528,16 @@ def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax
     local = n_experts // sizes["expert"]  # logical_to_spec checked that it divides
     rows = logical_to_spec(x.shape, ("batch", None), mesh, what="MoE tokens")
     reduce_axes = tuple(a for a in ("expert", "tensor") if a in w_in)
+    # w2 quantizing its input rows per token (moe.ExpertWeight.input_scale) needs the max
+    # over each row's whole F, which the devices along F hold in parts: moe's hidden_axes.
+    f_axes = (tuple(w_in) + (None,) * 3)[2]
+    f_axes = () if f_axes is None else (f_axes,) if isinstance(f_axes, str) else tuple(f_axes)
+    kw = {"hidden_axes": f_axes} if f_axes and getattr(w2, "input_scale", None) is not None else {}
 
     def shard(x, weights, experts, w1, w2, w3):
         ids = experts - jax.lax.axis_index("expert") * local
         mine = (ids >= 0) & (ids < local)
-        out = moe_fn(x, jnp.where(mine, weights, 0), jnp.where(mine, ids, 0), w1, w2, w3)
+        out = moe_fn(x, jnp.where(mine, weights, 0), jnp.where(mine, ids, 0), w1, w2, w3, **kw)
         return jax.lax.psum(out, reduce_axes)
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(rows, rows, rows, _expert_specs(w1, w_in),

@@ -126,9 +126,11 @@ def test_compressed_tensors_source_is_written_as_stored(tmp_path, kind, weights,
     flat = flatten(converted.params)
     want = E4M3 if weights == "float" else np.dtype(np.int8)
     assert flat[("layers_0", "attention", "wq", "kernel")].dtype == want
-    n_input_scales = sum(p[-1] == "input_scale" for p in flat)
-    assert n_input_scales == (0 if activations is None else 4 * args.n_layers if kind == "moe"
-                              else 7 * args.n_layers)
+    n_input_scales = sum(p[-1].endswith("input_scale") for p in flat)  # experts: w1_input_scale
+    assert n_input_scales == (0 if activations is None else 7 * args.n_layers)
+    if kind == "moe":  # dynamic per token, one [E] leaf per stacked weight
+        assert flat[("layers_0", "feed_forward", "w2_input_scale")].shape == (
+            args.moe.num_experts,)
     quantization = stored_quantization(dst)
     assert quantization["mode"] == "compressed-tensors"
     assert quantization["weight_dtype"] == want.name
@@ -250,3 +252,52 @@ def test_quantized_folder_restores_with_orbax_standard_checkpointer(sources, tmp
                           model.params)
     restored = orbax.StandardCheckpointer().restore((dst / "params").absolute(), target)
     assert_same_tree(restored, model.params)
+
+
+W8A8_MESH_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from mistral_jax import Transformer
+    from mistral_jax.checkpoint import flatten
+
+    src, dst = sys.argv[1], sys.argv[2]
+    spec = "data=2,tensor=2,expert=2"
+    one = Transformer.from_folder(src, dtype="float32")
+    direct = Transformer.from_folder(src, dtype="float32", mesh=spec)
+    converted = Transformer.from_folder(dst, dtype="float32", mesh=spec)
+    fc, fd = flatten(converted.params), flatten(direct.params)
+    assert fc.keys() == fd.keys() == flatten(one.params).keys()
+    for p in fc:
+        a, b = fc[p], fd[p]
+        assert a.dtype == b.dtype and a.sharding.is_equivalent_to(b.sharding, a.ndim), (
+            p, a.sharding, b.sharding)
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}")), p
+    s = fc[("layers_0", "feed_forward", "w1_input_scale")]
+    assert s.shape == (4,) and tuple(s.sharding.spec) == ("expert",), s.sharding.spec
+    tokens = np.array([[1, 7, 42, 300, 5, 11, 2]] * 2)
+    want = np.asarray(one.logits(tokens), np.float64)
+    for model in (direct, converted):
+        got = np.asarray(model.logits(tokens), np.float64)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-5, err
+    print("OK")
+""")
+
+
+def test_w8a8_mixtral_folder_on_a_mesh_equals_one_device(tmp_path):
+    """An FP8-dynamic compressed-tensors Mixtral, as stored and converted, on 8 CPU devices
+    (data=2 x tensor=2 x expert=2): the experts' [E] input_scale leaves are split with their
+    experts and the logits equal one device's (each token's scale of w2's input is the
+    max over the F halves the tensor pair holds)."""
+    args = tiny_moe_args()
+    ct, _ = write_compressed_tensors(tmp_path / "ct", args, random_mistral_state(args, seed=5),
+                                     activations="dynamic")
+    dst = tmp_path / "converted"
+    convert(ct, dst, dtype="float32")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", W8A8_MESH_SCRIPT, str(ct), str(dst)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("OK")

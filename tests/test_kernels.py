@@ -90,6 +90,23 @@ def test_lora_experts_take_the_gather_path():
     assert "pallas_call" not in jaxpr
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_experts_quantizing_their_activations_take_the_gather_path(kind):
+    """W8A8 experts (`input_scale`, compressed-tensors dynamic): the kernel has no
+    activation quantization, so moe_pallas gathers, and gives what gathering gives."""
+    x, logits, *ws = _layer(1, 4)
+    weights, experts = route(logits, 2)
+    w8a8 = [ExpertWeight(q, s, input_scale=jnp.zeros((4,), jnp.float32))
+            for q, s, *_ in _quantized(kind, *ws)]
+    want = moe_gather(x, weights, experts, *w8a8)
+    got = moe_pallas(x, weights, experts, *w8a8, interpret=True)
+    assert rel_err(got, want) <= 1e-6
+    assert rel_err(got, moe_gather(x, weights, experts, *_quantized(kind, *ws))) > 1e-4
+    jaxpr = str(jax.make_jaxpr(functools.partial(moe_pallas, interpret=True))(
+        x, weights, experts, *w8a8))
+    assert "pallas_call" not in jaxpr
+
+
 def test_mixed_quantized_and_plain_expert_weights_are_refused():
     x, logits, *ws = _layer(1, 4)
     weights, experts = route(logits, 2)

@@ -404,3 +404,185 @@ def test_static_activation_scales_of_moe_experts_stay_refused(tmp_path):
                                                   "MoE experts"):
             Transformer.from_folder(ct)
 
+
+# ---------------------------------------------------------------------------------------------
+# W8A8 MoE experts: compressed-tensors FP8-dynamic / int8-dynamic Mixtral checkpoints.
+
+
+def fake_quantize_rows(x, axes, weights: str):
+    """x quantized per token over `axes` and back, as the scheme says (written here
+    independently of quant.py): scale max |x| / qmax per row, round (int8) or cast (fp8)."""
+    top = 448.0 if weights == "float" else 127.0
+    s = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / top
+    s = jnp.where(s > 0, s, 1.0)
+    q = jnp.clip(x / s, -top, top)
+    q = jnp.round(q) if weights == "int" else q.astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    return q * s
+
+
+def moe_reference(p, x, args, weights: str):
+    """A Mixtral MoE layer on dequantized weights `p` (w1/w3 [E, D, F], w2 [E, F, D],
+    gate [D, E]) with every expert's input rows fake-quantized. x [N, D] -> [N, D]."""
+    logits = x @ p["gate"]["kernel"]
+    top, idx = jax.lax.top_k(logits.astype(jnp.float32), args.moe.num_experts_per_tok)
+    mix = jax.nn.softmax(top, axis=-1)
+    xq = fake_quantize_rows(x, (-1,), weights)
+    h = (jax.nn.silu(jnp.einsum("nd,nkdf->nkf", xq, p["w1"][idx]))
+         * jnp.einsum("nd,nkdf->nkf", xq, p["w3"][idx]))
+    y = jnp.einsum("nkf,nkfd->nkd", fake_quantize_rows(h, (-1,), weights), p["w2"][idx])
+    return jnp.einsum("nkd,nk->nd", y, mix)
+
+
+def reference_logits(params, args, tokens, weights: str):
+    """The model on dequantized float32 `params`, every quantized Linear's input (not the
+    gate's or the output's) and every expert's input rows fake-quantized per token."""
+    from mistral_jax.layers import Linear
+    from mistral_jax.model import causal_positions, forward
+    from mistral_jax.moe import MoeFeedForward
+
+    def intercept(next_fun, call_args, kwargs, context):
+        m = context.module
+        if context.method_name != "__call__":
+            return next_fun(*call_args, **kwargs)
+        if isinstance(m, Linear) and m.name not in ("gate", "output"):
+            x = call_args[0]
+            axes = tuple(range(x.ndim - m.n_in, x.ndim))
+            return next_fun(fake_quantize_rows(x, axes, weights), **kwargs)
+        if isinstance(m, MoeFeedForward):
+            x = call_args[0]
+            out = moe_reference(m.variables["params"], x.reshape(-1, x.shape[-1]), args, weights)
+            return out.reshape(x.shape)
+        return next_fun(*call_args, **kwargs)
+
+    import flax.linen as nn
+
+    tokens = jnp.asarray(tokens)
+    with nn.intercept_methods(intercept):
+        return forward(params, tokens, causal_positions(tokens), None, args=args)[0]
+
+
+@pytest.fixture(scope="module", params=["float", "int"])
+def dynamic_mixtral(request, tmp_path_factory):
+    """A tiny Mixtral written as an FP8-dynamic (or int8 W8A8) compressed-tensors checkpoint,
+    loaded in float32, and the same weights dequantized as a plain float32 model."""
+    weights = request.param
+    args = tiny_moe_args()
+    root = tmp_path_factory.mktemp(f"w8a8-{weights}")
+    ct, dequantized = write_compressed_tensors(root / "ct", args, random_mistral_state(args, 9),
+                                               weights=weights, activations="dynamic")
+    ref_folder = root / "ref"
+    ref_folder.mkdir()
+    save_file(dequantized, ref_folder / "model.safetensors")
+    (ref_folder / "config.json").write_text(json.dumps(hf_config(args)))
+    return (weights, args, Transformer.from_folder(ct, dtype="float32"),
+            Transformer.from_folder(ref_folder, dtype="float32"))
+
+
+def test_dynamic_activation_mixtral_quantizes_expert_inputs_per_token(dynamic_mixtral):
+    """Every Linear's input and every expert matmul's input rows are quantized per token:
+    the logits equal a reference that fake-quantizes activations and weights per the
+    scheme, and differ from weight-only quantization."""
+    weights, args, model, ref = dynamic_mixtral
+    flat = flatten(model.params)
+    e = args.moe.num_experts
+    for i in range(args.n_layers):
+        for w in ("w1", "w2", "w3"):
+            s = flat[(f"layers_{i}", "feed_forward", f"{w}_input_scale")]
+            assert s.shape == (e,) and s.dtype == np.float32 and not np.any(np.asarray(s))
+    assert sum(p[-1].endswith("input_scale") for p in flat) == 7 * args.n_layers
+    want = reference_logits(ref.params, args, TOKENS, weights)
+    got = model.logits(TOKENS)  # 32 tokens: the grouped path
+    err = rel_err(got, want)
+    weight_only = Transformer(args, drop_activation_quantization(model.params)).logits(TOKENS)
+    experts_weight_only = Transformer(args, {**model.params, **{
+        f"layers_{i}": {**model.params[f"layers_{i}"], "feed_forward": {
+            k: v for k, v in model.params[f"layers_{i}"]["feed_forward"].items()
+            if not k.endswith("input_scale")}} for i in range(args.n_layers)}}).logits(TOKENS)
+    print(f"{weights} W8A8 Mixtral: rel err vs reference {err:.2e}; vs weight-only "
+          f"{rel_err(got, weight_only):.4f}; vs experts weight-only "
+          f"{rel_err(got, experts_weight_only):.4f}")
+    assert err <= 1e-5
+    assert rel_err(got, weight_only) > 1e-3
+    assert rel_err(got, experts_weight_only) > 1e-3  # the experts' own quantization shows
+
+
+def test_dynamic_activation_experts_agree_on_every_moe_strategy(dynamic_mixtral):
+    """A W8A8 layer through every path (Pallas: falls back to gathering) equals the
+    reference layer on the dequantized weights with fake-quantized rows."""
+    from mistral_jax.moe import STRATEGIES, MoeFeedForward
+
+    weights, args, model, ref = dynamic_mixtral
+    ff = model.params["layers_1"]["feed_forward"]
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, 6, args.dim))
+    want = moe_reference(ref.params["layers_1"]["feed_forward"], x[0], args, weights)
+    for strategy in STRATEGIES:
+        got = jax.jit(MoeFeedForward(args, strategy=strategy).apply)({"params": ff}, x)
+        assert rel_err(got[0], want) <= 1e-5, strategy
+
+
+def test_dynamic_activation_expert_scales_get_the_expert_axis(dynamic_mixtral):
+    """Sharding: `w1_input_scale` [E] is split with its experts; a Linear's [] replicated."""
+    from jax.sharding import PartitionSpec
+
+    from mistral_jax.sharding import tree_specs
+
+    _, args, model, _ = dynamic_mixtral
+    axes = flatten(param_logical_axes(model.params, args))
+    assert tuple(axes[("layers_0", "feed_forward", "w2_input_scale")]) == ("expert",)
+    assert tuple(axes[("layers_0", "attention", "wq", "input_scale")]) == ()
+    specs = flatten(tree_specs(model.params, args, {"data": 1, "tensor": 2, "expert": 2}))
+    assert specs[("layers_0", "feed_forward", "w1_input_scale")] == PartitionSpec("expert")
+    assert specs[("layers_0", "feed_forward", "w1_scale")] == PartitionSpec("expert", "tensor")
+
+
+EXPERT_PARALLEL_W8A8 = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from helpers import rel_err
+from mistral_jax.moe import ExpertWeight, moe, route
+from mistral_jax.quant import MODES, quantize_array
+from mistral_jax.sharding import expert_parallel, make_mesh, use_mesh
+assert jax.device_count() == 8
+mesh = make_mesh("expert=4,tensor=2")
+rng = np.random.default_rng(0)
+e, d, f = 8, 32, 64
+ws = []
+for shape in ((e, d, f), (e, f, d), (e, d, f)):
+    q, s = quantize_array(jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[1]),
+                                      jnp.float32), MODES["fp8"], (1,))
+    ws.append(ExpertWeight(q, s, input_scale=jnp.zeros((e,), jnp.float32)))
+for n in (1, 24):  # gather, grouped
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    weights, experts = route(jnp.asarray(rng.standard_normal((n, e)), jnp.float32), 2)
+    want = jax.jit(moe)(x, weights, experts, *ws)
+    with use_mesh(mesh):
+        got = jax.jit(lambda *a: expert_parallel(moe, *a))(x, weights, experts, *ws)
+        # the same without the max over the row's F halves held by the two tensor devices
+        local = jax.jit(lambda *a: expert_parallel(lambda *b, **kw: moe(*b), *a))(
+            x, weights, experts, *ws)
+    print(n, float(rel_err(got, want)), float(rel_err(local, want)))
+"""
+
+
+def test_expert_parallel_w8a8_experts_scale_each_row_over_its_whole_hidden_dim(tmp_path):
+    """8 host devices, expert=4 x tensor=2: each device holds half of F of its experts, so
+    the per-token scale of w2's input takes the max across the tensor pair (`hidden_axes`):
+    equal to one device; without that max the result differs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "w8a8_expert_parallel.py"
+    script.write_text(EXPERT_PARALLEL_W8A8)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    print(proc.stdout)
+    assert [n for n, *_ in lines] == ["1", "24"]
+    for _, err, local_err in lines:
+        assert float(err) <= 1e-5 and float(local_err) > 1e-4
