@@ -26,6 +26,7 @@ Two modes, one pure `forward`:
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -84,9 +85,27 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _adapter_config(file: Path, args: ModelArgs) -> tuple[float, int | None]:
-    """(scaling, rank or None) from peft's adapter_config.json, a params.json lora block
-    beside the adapter, the base model's args.lora, or the default."""
+def _field(source: Path, block: dict, key: str, kind: str, where: str = "") -> Any:
+    """block[key] checked as a positive 'int' or a finite 'float' (an int is a float too;
+    a bool is neither); ConfigError naming the file, the field and the value."""
+    name = f"{where}{key}"
+    if key not in block:
+        raise ConfigError(f"{source}: required field {name!r} is missing")
+    v = block[key]
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{source}: {name} must be a positive integer, got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{source}: {name} must be a number, got {v!r}")
+    return float(v)
+
+
+def _adapter_config(file: Path, args: ModelArgs) -> tuple[float, int | None, str]:
+    """(scaling, rank or None, where they came from) from peft's adapter_config.json
+    (lora_alpha / r), a params.json lora block beside the adapter (rank and scaling, both
+    required as in mistral-inference's LoraArgs), the base model's args.lora, or the
+    default 2.0."""
     peft = file.parent / "adapter_config.json"
     if peft.is_file():
         cfg = _read_json(peft)
@@ -96,19 +115,23 @@ def _adapter_config(file: Path, args: ModelArgs) -> tuple[float, int | None]:
                         ("bias", lambda v: v in (None, "none"))):
             if not ok(cfg.get(key)):
                 raise ConfigError(f"{peft}: {key} = {cfg.get(key)!r} is not supported")
-        if "r" not in cfg:
-            raise ConfigError(f"{peft}: required field 'r' is missing")
-        r = int(cfg["r"])
-        alpha = float(cfg.get("lora_alpha", r))
-        return (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r), r
+        r = _field(peft, cfg, "r", "int")
+        alpha = _field(peft, cfg, "lora_alpha", "float") if "lora_alpha" in cfg else float(r)
+        return (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r), r, str(peft)
     params = file.parent / "params.json"
     if params.is_file():
-        lora = _read_json(params).get("lora")
-        if isinstance(lora, dict) and lora.get("rank") is not None:
-            return float(lora.get("scaling", DEFAULT_SCALING)), int(lora["rank"])
+        data = _read_json(params)
+        if data.get("lora") is not None:
+            lora = data["lora"]
+            if not isinstance(lora, dict):
+                raise ConfigError(f"{params}: lora must be an object with rank and scaling, "
+                                  f"got {lora!r}")
+            return (_field(params, lora, "scaling", "float", "lora."),
+                    _field(params, lora, "rank", "int", "lora."), str(params))
     if args.lora is not None:
-        return float(args.lora.scaling), int(args.lora.rank)
-    return DEFAULT_SCALING, None
+        return (float(args.lora.scaling), int(args.lora.rank),
+                "the base model's params.json lora block")
+    return DEFAULT_SCALING, None, "the default"
 
 
 def _read_tensors(file: Path) -> dict[str, tuple[tuple[int, ...], str, np.ndarray | None]]:
@@ -138,14 +161,16 @@ def load_lora(path: str | Path, args: ModelArgs, *, dtype: Any = jnp.float32,
     from mistral_jax.model import abstract_params
 
     file = _adapter_file(Path(path))
-    scale, cfg_rank = _adapter_config(file, args)
+    scale, cfg_rank, cfg_source = _adapter_config(file, args)
     if scaling is not None:
         scale = float(scaling)
     tensors = _read_tensors(file)
     if not tensors:
         raise CheckpointError(f"{file}: the adapter holds no tensors")
     expected = flatten(abstract_params(args))
-    first = next(iter(tensors))
+    # The dtype most keys have is the adapter's; a key with another is the one named.
+    dtypes = collections.Counter(dt for _, dt, _ in tensors.values())
+    common = dtypes.most_common(1)[0][0]
     pairs: dict[tuple[ParamPath, int | None], dict[str, str]] = {}
     targets = {}
     for name, (_, dt, _) in tensors.items():
@@ -156,9 +181,11 @@ def load_lora(path: str | Path, args: ModelArgs, *, dtype: Any = jnp.float32,
         if dt not in _FLOAT_DTYPES:
             raise CheckpointError(f"{file}: key {name!r} has dtype {dt}; LoRA weights must be "
                                   "float32, float16 or bfloat16")
-        if dt != tensors[first][1]:
-            raise CheckpointError(f"{file}: key {name!r} has dtype {dt} but {first!r} has "
-                                  f"{tensors[first][1]}; all LoRA weights must share one dtype")
+        if dt != common:
+            example = next(k for k, (_, d, _) in tensors.items() if d == common)
+            raise CheckpointError(f"{file}: key {name!r} has dtype {dt} but {example!r} (and "
+                                  f"{dtypes[common] - 1} other keys) have {common}; all LoRA "
+                                  "weights must share one dtype")
         base = m["base"]
         layout = "hf" if base.startswith(("model.", "lm_head")) else "mistral"
         target = tensor_target(base + ".weight", layout, args)
@@ -175,32 +202,53 @@ def load_lora(path: str | Path, args: ModelArgs, *, dtype: Any = jnp.float32,
         slot[m["ab"]] = name
         targets[key] = target
 
-    rank = None
-    flat: dict[ParamPath, np.ndarray] = {}
+    # Each pair on its own first: lora_A [r, in] and lora_B [out, r] of its layer.
+    ranks: dict[tuple[ParamPath, int | None], int] = {}
     for key, slot in pairs.items():
-        path, expert = key
+        path, _ = key
         for ab, other in (("A", "B"), ("B", "A")):
             if ab not in slot:
                 raise CheckpointError(f"{file}: key {slot[other]!r} has no matching "
                                       f"lora_{ab} tensor")
         a_name, b_name = slot["A"], slot["B"]
         shape = expected[path].shape
-        lead, ins, outs = split_dims(path, len(shape))
+        _, ins, outs = split_dims(path, len(shape))
         n_in = math.prod(shape[i] for i in ins)
         n_out = math.prod(shape[i] for i in outs)
-        a_shape, b_shape = tensors[a_name][0], tensors[b_name][0]
-        r = a_shape[0] if len(a_shape) == 2 else None
-        if rank is None:
-            rank = r
-        if len(a_shape) != 2 or r != rank or a_shape[1] != n_in:
-            raise CheckpointError(f"{file}: key {a_name!r} has shape {list(a_shape)}, expected "
-                                  f"[{rank}, {n_in}] (rank, in_features)")
-        if tuple(b_shape) != (n_out, rank):
-            raise CheckpointError(f"{file}: key {b_name!r} has shape {list(b_shape)}, expected "
-                                  f"[{n_out}, {rank}] (out_features, rank)")
-        if cfg_rank is not None and rank != cfg_rank:
-            raise ConfigError(f"{file}: key {a_name!r} has rank {rank} but the config says "
-                              f"rank {cfg_rank}")
+        a_shape, b_shape = list(tensors[a_name][0]), list(tensors[b_name][0])
+        if len(a_shape) != 2 or a_shape[1] != n_in:
+            raise CheckpointError(f"{file}: key {a_name!r} has shape {a_shape}, expected "
+                                  f"[rank, {n_in}] (rank, in_features)")
+        if len(b_shape) != 2 or b_shape[0] != n_out:
+            raise CheckpointError(f"{file}: key {b_name!r} has shape {b_shape}, expected "
+                                  f"[{n_out}, rank] (out_features, rank)")
+        if a_shape[0] != b_shape[1]:
+            raise CheckpointError(
+                f"{file}: keys {a_name!r} {a_shape} and {b_name!r} {b_shape} disagree on the "
+                f"rank ({a_shape[0]} vs {b_shape[1]}): lora_A is [rank, in_features], lora_B "
+                "[out_features, rank]")
+        ranks[key] = a_shape[0]
+    # Then one rank for every pair: the one most pairs have; the others are named.
+    counts = collections.Counter(ranks.values())
+    rank = counts.most_common(1)[0][0]
+    odd = [pairs[k]["A"] for k, r in ranks.items() if r != rank]
+    if odd:
+        example = next(pairs[k]["A"] for k, r in ranks.items() if r == rank)
+        listed = ", ".join(f"{n!r} has rank {tensors[n][0][0]}" for n in odd[:4])
+        raise CheckpointError(
+            f"{file}: key {listed}{' ...' if len(odd) > 4 else ''} but {example!r} (and "
+            f"{counts[rank] - 1} other pairs) have rank {rank}; all LoRA pairs must share one "
+            "rank")
+    if cfg_rank is not None and rank != cfg_rank:
+        first = next(iter(pairs.values()))["A"]
+        raise ConfigError(f"{file}: key {first!r} has rank {rank} but {cfg_source} says "
+                          f"rank {cfg_rank}")
+    flat: dict[ParamPath, np.ndarray] = {}
+    for key, slot in pairs.items():
+        path, expert = key
+        a_name, b_name = slot["A"], slot["B"]
+        shape = expected[path].shape
+        lead, ins, _ = split_dims(path, len(shape))
         A = tensors[a_name][2].astype(np.float32)
         B = tensors[b_name][2].astype(np.float32) * np.float32(scale)
         transform = targets[key].transform

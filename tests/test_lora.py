@@ -257,5 +257,97 @@ def test_bad_adapters_are_rejected_naming_the_key(case, tmp_path):
 def test_adapter_rank_must_match_the_params_json_lora_rank(tmp_path):
     args = tiny_args(vocab_size=512, lora=LoraArgs(rank=RANK + 4, scaling=2.0))
     path = write_adapter(tmp_path / "lora.safetensors", random_adapter(args))
-    with pytest.raises(ConfigError, match=r"lora_A\.weight'.*rank 4 but the config says rank 8"):
+    with pytest.raises(ConfigError, match=r"lora_A\.weight'.*rank 4 but the base model's "
+                                          r"params\.json lora block says rank 8"):
         load_lora(path, args)
+
+
+def _with_rank(tensors: dict, module: str, rank: int, which: str = "AB") -> dict:
+    """A copy of an adapter whose `module` pair (e.g. 'layers.0.attention.wk') has `rank`
+    in lora_A and/or lora_B (`which`)."""
+    t = dict(tensors)
+    rng = np.random.default_rng(9)
+    for ab in which:
+        key = f"{module}.lora_{ab}.weight"
+        n0, n1 = t[key].shape
+        shape = (rank, n1) if ab == "A" else (n0, rank)
+        t[key] = rng.standard_normal(shape).astype(np.float32)
+    return t
+
+
+def test_mixed_ranks_name_the_pair_whose_rank_differs(tmp_path):
+    """One pair of rank 6 among rank-4 pairs: the error names that pair (the rank most
+    pairs share is the adapter's), not the first pair in key order."""
+    args = tiny_args(vocab_size=512)
+    for module in ("layers.0.attention.wk", "layers.0.attention.wo"):  # wo sorts first
+        tensors = _with_rank(random_adapter(args), module, RANK + 2)
+        path = write_adapter(tmp_path / module / "lora.safetensors", tensors)
+        with pytest.raises(CheckpointError) as error:
+            load_lora(path, args)
+        message = str(error.value)
+        assert f"'{module}.lora_A.weight' has rank 6" in message, message
+        assert "have rank 4" in message and "share one rank" in message
+        others = [k for k in tensors if k.endswith("lora_A.weight") and not k.startswith(module)]
+        assert not any(f"{k!r} has rank" in message for k in others)
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_a_pair_disagreeing_with_itself_names_both_keys_and_shapes(tmp_path, which):
+    """Only wk's lora_A (or lora_B) has rank 6: the error names wk's two keys and their
+    shapes, not another pair."""
+    args = tiny_args(vocab_size=512)
+    module = "layers.0.attention.wk"
+    tensors = _with_rank(random_adapter(args), module, RANK + 2, which)
+    path = write_adapter(tmp_path / "lora.safetensors", tensors)
+    with pytest.raises(CheckpointError) as error:
+        load_lora(path, args)
+    message = str(error.value)
+    a, b = (list(tensors[f"{module}.lora_{ab}.weight"].shape) for ab in "AB")
+    assert f"'{module}.lora_A.weight' {a} and '{module}.lora_B.weight' {b}" in message, message
+    assert "disagree on the rank" in message
+    rest = message.split(": ", 1)[1]  # after the file name
+    assert "wo" not in rest and "wq" not in rest
+
+
+@pytest.mark.parametrize("lora,field,shown", [
+    ({"scaling": 0.5}, "'lora.rank' is missing", None),
+    ({"rank": 4}, "'lora.scaling' is missing", None),
+    ({"rank": "four", "scaling": 2.0}, "lora.rank must be a positive integer", "'four'"),
+    ({"rank": True, "scaling": 2.0}, "lora.rank must be a positive integer", "True"),
+    ({"rank": 4.0, "scaling": 2.0}, "lora.rank must be a positive integer", "4.0"),
+    ({"rank": 0, "scaling": 2.0}, "lora.rank must be a positive integer", "0"),
+    ({"rank": 4, "scaling": "2"}, "lora.scaling must be a number", "'2'"),
+    ({"rank": 4, "scaling": False}, "lora.scaling must be a number", "False"),
+    ([4, 2.0], "lora must be an object with rank and scaling", "[4, 2.0]"),
+])
+def test_params_json_lora_block_needs_an_int_rank_and_a_float_scaling(tmp_path, lora, field,
+                                                                      shown):
+    """As mistral-inference's LoraArgs(rank: int, scaling: float): a params.json lora block
+    beside the adapter without either, or with a value of another type, is a ConfigError
+    naming the file, the field and the value (a block without rank used to be ignored, and
+    scaling 2.0 used)."""
+    args = tiny_args(vocab_size=512)
+    path = write_adapter(tmp_path / "lora.safetensors", random_adapter(args))
+    (tmp_path / "params.json").write_text(json.dumps({**args_json(args), "lora": lora}))
+    with pytest.raises(ConfigError) as error:
+        load_lora(path, args)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'params.json'}: ") and field in message, message
+    if shown is not None:
+        assert message.endswith(f"got {shown}")
+
+
+def test_peft_config_r_and_lora_alpha_are_checked(tmp_path):
+    args = tiny_args(vocab_size=512)
+    path = write_adapter(tmp_path / "lora.safetensors", random_adapter(args))
+    for cfg, message in (({"r": "4"}, "r must be a positive integer, got '4'"),
+                         ({"r": 4, "lora_alpha": "8"}, "lora_alpha must be a number, got '8'")):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ConfigError, match=re.escape(f"adapter_config.json: {message}")):
+            load_lora(path, args)
+
+
+def args_json(args) -> dict:
+    from mistral_jax.args import args_to_params_json
+
+    return args_to_params_json(args)
