@@ -657,39 +657,75 @@ PROMPTS = (
 )
 
 
+def text_prompts(tok, n: int, length: int) -> np.ndarray:
+    """[n, length] token ids of the fixed texts PROMPTS (BOS first): prompt i is text i,
+    continued by the texts after it (one per line, wrapping around) until it has `length`
+    tokens, then cut to `length`. UserInputError for more prompts than texts."""
+    if not 1 <= n <= len(PROMPTS):
+        raise UserInputError(f"--prompts must be in [1, {len(PROMPTS)}] (the fixed texts) with "
+                             f"--ckpt, got {n}")
+    if length < 2:
+        raise UserInputError(f"--prompt-len must be at least 2 (BOS and one token), got {length}")
+    rows = []
+    for i in range(n):
+        text, j = PROMPTS[i], i
+        ids = tok.encode(text)
+        while len(ids) < length:
+            j += 1
+            text += "\n" + PROMPTS[j % len(PROMPTS)]
+            ids = tok.encode(text)
+        rows.append(ids[:length])
+    return np.array(rows, np.int32)
+
+
 def main(argv=None) -> int:
     """`python -m mistral_jax.quant`: quality of int8 / fp8 against bfloat16, one JSON line each."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m mistral_jax.quant", description=main.__doc__)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", type=Path, help="a model folder (prompts: fixed texts, tokenized)")
+    src.add_argument("--ckpt", type=Path,
+                     help="a model folder (prompts: the fixed texts, tokenized, each continued "
+                          "by the next texts to --prompt-len tokens)")
     src.add_argument("--preset", default="tiny",
                      help="random weights of a mistral_jax.bench preset (prompts: random tokens)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=8,
+                   help=f"how many prompts (at most {len(PROMPTS)} with --ckpt)")
+    p.add_argument("--prompt-len", type=int, default=16, help="tokens per prompt, BOS included")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
 
+    import sys
+
+    from mistral_jax.errors import MistralJaxError
     from mistral_jax.transformer import Transformer, jit_forward
 
-    if ns.ckpt is not None:
-        from mistral_jax.tokenizer import load_tokenizer
+    try:
+        if ns.ckpt is not None:
+            from mistral_jax.tokenizer import load_tokenizer
 
-        model = Transformer.from_folder(ns.ckpt, dtype="bfloat16")
-        args, params, name = model.args, model.params, str(ns.ckpt)
-        tok = load_tokenizer(ns.ckpt)
-        ids = [tok.encode(t) for t in PROMPTS[: ns.prompts]]
-        prompts = np.array([i[: min(ns.prompt_len, min(map(len, ids)))] for i in ids], np.int32)
-    else:
-        from mistral_jax.bench import PRESETS
+            tok = load_tokenizer(ns.ckpt)
+            prompts = text_prompts(tok, ns.prompts, ns.prompt_len)
+            model = Transformer.from_folder(ns.ckpt, dtype="bfloat16")
+            args, params, name = model.args, model.params, str(ns.ckpt)
+        else:
+            from mistral_jax.bench import PRESETS
 
-        args, name = PRESETS[ns.preset], ns.preset
-        params = Transformer.random(args, seed=ns.seed, dtype="bfloat16").params
-        prompts = np.random.default_rng(ns.seed).integers(
-            0, args.vocab_size, (ns.prompts, ns.prompt_len)).astype(np.int32)
+            if ns.preset not in PRESETS:
+                raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, "
+                                     f"got {ns.preset!r}")
+            if ns.prompts < 1 or ns.prompt_len < 2:
+                raise UserInputError(f"--prompts must be >= 1 and --prompt-len >= 2, got "
+                                     f"{ns.prompts} and {ns.prompt_len}")
+            args, name = PRESETS[ns.preset], ns.preset
+            params = Transformer.random(args, seed=ns.seed, dtype="bfloat16").params
+            prompts = np.random.default_rng(ns.seed).integers(
+                0, args.vocab_size, (ns.prompts, ns.prompt_len)).astype(np.int32)
+    except MistralJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def fwd(tree):
         return lambda t, pos: jit_forward(tree, jnp.asarray(t), jnp.asarray(pos), None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -586,3 +587,56 @@ def test_expert_parallel_w8a8_experts_scale_each_row_over_its_whole_hidden_dim(t
     assert [n for n, *_ in lines] == ["1", "24"]
     for _, err, local_err in lines:
         assert float(err) <= 1e-5 and float(local_err) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained demo model (mistral_jax/demo_model): quality of int8 / fp8 against its weights.
+
+DEMO = Path(__file__).resolve().parents[1] / "mistral_jax" / "demo_model"
+# Measured (CPU, this checkout): int8 greedy 0.914, top-1 0.969, rel err 0.016, rms 0.0054;
+# fp8 greedy 0.695, top-1 0.945, rel err 0.038, rms 0.014. Bounds leave about one more
+# prompt diverging early (16 of the 128 greedy tokens) and about twice the errors.
+DEMO_BOUNDS = {"int8": {"greedy_agreement": 0.75, "top1_agreement": 0.9,
+                        "rel_err": 0.03, "rms_rel_err": 0.01},
+               "fp8": {"greedy_agreement": 0.5, "top1_agreement": 0.88,
+                       "rel_err": 0.07, "rms_rel_err": 0.025}}
+
+
+def test_quantized_demo_model_stays_close_to_its_weights(capsys):
+    """The shipped trained demo model (bfloat16, as stored) against itself quantized at
+    int8 / fp8, on the 8 fixed text prompts of 16 tokens and 16 greedy tokens each
+    (`python -m mistral_jax.quant --ckpt`): greedy agreement >= 0.75 (int8) / 0.5 (fp8),
+    teacher-forced top-1 agreement >= 0.9 / 0.88, max relative logit error <= 0.03 / 0.07,
+    rms relative error <= 0.01 / 0.025 (measured values beside DEMO_BOUNDS)."""
+    assert quant_main(["--ckpt", str(DEMO), "--modes", "int8", "fp8"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    reports = {r["mode"]: r for r in map(json.loads, out.splitlines())}
+    assert sorted(reports) == ["fp8", "int8"]
+    for mode, bounds in DEMO_BOUNDS.items():
+        r = reports[mode]
+        assert r["prompts"] == [8, 16] and r["new_tokens"] == 16
+        assert r["greedy_agreement"] >= bounds["greedy_agreement"], r
+        assert r["top1_agreement"] >= bounds["top1_agreement"], r
+        assert r["rel_err"] <= bounds["rel_err"] and r["rms_rel_err"] <= bounds["rms_rel_err"], r
+
+
+def test_text_prompts_have_exactly_the_asked_length(capsys):
+    """--prompt-len is honoured: a text shorter than it is continued by the next texts
+    (its own tokens first), longer ones are cut; more prompts than texts is an error."""
+    from mistral_jax.quant import PROMPTS, text_prompts
+    from mistral_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(DEMO)
+    shortest = min(len(tok.encode(t)) for t in PROMPTS)
+    for length in (4, shortest + 7, 60):
+        prompts = text_prompts(tok, 8, length)
+        assert prompts.shape == (8, length) and np.all(prompts[:, 0] == tok.bos_id)
+        for i, row in enumerate(prompts):
+            own = tok.encode(PROMPTS[i])
+            n = min(len(own), length)
+            assert list(row[:n - 1]) == own[:n - 1]  # (the last may merge with a newline)
+    with pytest.raises(UserInputError, match=r"--prompts must be in \[1, 8\]"):
+        text_prompts(tok, 9, 16)
+    assert quant_main(["--ckpt", str(DEMO), "--prompts", "9"]) == 2
+    assert "error: --prompts must be in [1, 8]" in capsys.readouterr().err
