@@ -11,9 +11,26 @@ adapter_config.json and adapter_model.safetensors, names like
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) load too; their
 q/k rows are in HF's rotate-half order, which the checkpoint transforms undo.
 
-scaling: the `scaling` argument, else peft's lora_alpha / r, else the lora block of a
-params.json beside the adapter, else the base model's params.json lora block
-(`args.lora`), else 2.0 (mistral-inference's default).
+dtype: every LoRA tensor of a file must have one float dtype (float32, float16 or
+bfloat16; the key with another dtype than most is named). The factors are combined in
+float32 (scaling folded into B) and cast to the model's dtype (`load_lora(dtype=)`,
+which `Transformer.from_folder` sets to its own); a merged delta is added in float32
+and cast to the weight's dtype (requantized per output channel for int8 / fp8 weights).
+
+rank: lora_A [r, in] and lora_B [out, r] of each layer must agree, and every pair must
+have one rank (the pair whose rank differs from most is named); a rank given by the
+config (peft `r`, a params.json lora block) must equal it.
+
+scaling (delta W = scaling * B @ A), first found of:
+1. the `scaling` argument (`Transformer.from_folder(lora_scaling=...)`);
+2. peft's adapter_config.json: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora);
+3. the lora block of a params.json beside the adapter, {"lora": {"rank": 8,
+   "scaling": 2.0}}: both fields required, rank a positive int and scaling a number,
+   as mistral-inference's LoraArgs (ConfigError naming the file, field and value);
+4. the base model's params.json lora block (`args.lora`);
+5. 2.0, mistral-inference's default.
+A lora block in the base model's params.json also means the adapter stays unmerged
+(mistral-inference's convention); `lora_merge=True/False` overrides that.
 
 Two modes, one pure `forward`:
 - merged (`merge_lora`): W + scaling * B @ A written into the kernels; no runtime cost.

@@ -16,7 +16,29 @@ compute dtype (the gate decides routing; the output projection is ~2% of a 7B mo
 Activations stay in the compute dtype (weight-only quantization), except for
 compressed-tensors checkpoints whose config quantizes them: those Linear layers also
 carry `input_scale` f32 []: > 0 is a static per-tensor scale from the checkpoint, 0
-means a dynamic per-token scale (max |x| over the contracted dims / qmax).
+means a dynamic per-token scale (max |x| over the contracted dims / qmax). Stacked MoE
+experts carry `<name>_input_scale` f32 [E] (`w1_input_scale`), 0 for dynamic: every
+expert matmul quantizes its input rows per token (x for w1/w3, each SwiGLU row for w2;
+moe.py), on every MoE path.
+
+compressed-tensors checkpoints (`read_compressed_tensors`, `checkpoint_abstract`):
+
+- supported: quant_method 'compressed-tensors', format float-quantized / int-quantized /
+  naive-quantized; weights num_bits 8, type float (fp8 e4m3) or int (int8), symmetric,
+  strategy channel or tensor, dynamic false; activations (input_activations) none
+  (weight-only), dynamic per token (strategy token, dynamic true: FP8-dynamic, int8
+  W8A8) for every quantized Linear and MoE expert, or static per tensor (strategy
+  tensor, dynamic false) for attention and dense feed-forward layers, each of which must
+  then store its `input_scale` (CheckpointError naming the missing tensors). Every
+  config group must use the one scheme; a layer is quantized where the files hold its
+  `weight_scale` (so `ignore` lists, e.g. lm_head or the MoE gate, need nothing more).
+- refused with a ConfigError naming the field: other quant_methods (gptq, awq, ...) and
+  formats (pack-quantized, marlin-24, ...), num_bits other than 8 (W4A16 ...),
+  asymmetric, group / block strategies, dynamic weights, activations of another type
+  than the weights, output_activations, kv_cache_scheme, groups with different schemes.
+- refused with a CheckpointError: static activation quantization of MoE experts (their
+  dynamic quantization is supported), a missing `input_scale` under a static scheme, an
+  int8/fp8 weight without `weight_scale`, scales of no weight or of the wrong shape.
 
 Loading: `Transformer.from_folder(..., quantize='int8' | 'fp8' | 'fp8-tensor')` quantizes
 each weight as soon as it is read (the `finish` hook of `lora.load_hooks`), so the full-precision model
