@@ -239,7 +239,8 @@ def test_bench_cli_reports_every_figure_for_each_batch_size(tmp_path, capsys):
     assert meta["matmul_tflops_measured"] == max(meta["matmul_tflops_probes"])
     assert meta["peak_tflops"] == meta["matmul_tflops_measured"]
     assert meta["peak_source"] == "measured 128^3 float32 matmul"
-    assert meta["torch_threads"] >= 1
+    # on a CPU without --torch-threads: torch's own thread count and one thread, the faster kept
+    assert 1 in meta["torch_threads"] and all(n >= 1 for n in meta["torch_threads"])
     assert "peak mem GB (XLA est.)" in printed  # the CPU reports no allocator peak
     assert meta["jax"] == jax.__version__ and meta["device"] and meta["date"]
     assert meta["command"].startswith("python -m mistral_jax.bench --preset tiny")
@@ -261,6 +262,9 @@ def test_bench_cli_reports_every_figure_for_each_batch_size(tmp_path, capsys):
         assert row["prefill_above_peak"] == (row["prefill_mfu_pct"] > 100)
         low, high = row["hf_ttft_ms_range"]
         assert low <= row["hf_ttft_ms"] <= high
+        assert sorted(map(int, row["hf_by_threads"])) == meta["torch_threads"]
+        assert row["hf_by_threads"][str(row["hf_torch_threads"])]["hf_generate_tok_s"] == (
+            row["hf_generate_tok_s"])
         assert meta["rows_above_peak"] == sum(r["prefill_above_peak"] for r in result["results"])
 
 
@@ -310,6 +314,27 @@ def test_table_marks_noisy_transformers_timings_and_estimated_memory():
     # where the device reports its allocator's peak, the header says nothing of an estimate
     device = dict(rows[0], memory_source="device peak_bytes_in_use")
     assert "(XLA est.)" not in bench.format_table([device])
+
+
+def test_transformers_keeps_its_faster_thread_setting(monkeypatch):
+    torch = pytest.importorskip("torch")
+    speed = {1: 50.0, 2: 20.0}  # as on a busy CPU: two threads stall
+
+    def fake(model, tokens, gen_len, repeats):
+        n = torch.get_num_threads()
+        return {"hf_ttft_ms": 100.0 / speed[n], "hf_generate_tok_s": speed[n],
+                "hf_noisy": False, "hf_tokens": None}
+
+    monkeypatch.setattr(bench, "bench_transformers", fake)
+    before = torch.get_num_threads()
+    try:
+        out = bench.bench_transformers_threads(None, None, 3, 1, [1, 2])
+        assert out["hf_torch_threads"] == 1 and out["hf_generate_tok_s"] == 50.0
+        assert out["hf_by_threads"]["2"]["hf_generate_tok_s"] == 20.0
+        speed.update({1: 20.0, 2: 50.0})  # a quiet CPU: the threads help
+        assert bench.bench_transformers_threads(None, None, 3, 1, [1, 2])["hf_torch_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_mfu_peak_is_the_stated_one_where_there_is_one():
