@@ -263,8 +263,9 @@ def test_bench_cli_reports_every_figure_for_each_batch_size(tmp_path, capsys):
         low, high = row["hf_ttft_ms_range"]
         assert low <= row["hf_ttft_ms"] <= high
         assert sorted(map(int, row["hf_by_threads"])) == meta["torch_threads"]
-        assert row["hf_by_threads"][str(row["hf_torch_threads"])]["hf_generate_tok_s"] == (
-            row["hf_generate_tok_s"])
+        by = row["hf_by_threads"]
+        assert by[str(row["hf_torch_threads"])]["hf_generate_tok_s"] == row["hf_generate_tok_s"]
+        assert by[str(row["hf_ttft_torch_threads"])]["hf_ttft_ms"] == row["hf_ttft_ms"]
         assert meta["rows_above_peak"] == sum(r["prefill_above_peak"] for r in result["results"])
 
 
@@ -322,8 +323,8 @@ def test_transformers_keeps_its_faster_thread_setting(monkeypatch):
 
     def fake(model, tokens, gen_len, repeats):
         n = torch.get_num_threads()
-        return {"hf_ttft_ms": 100.0 / speed[n], "hf_generate_tok_s": speed[n],
-                "hf_noisy": False, "hf_tokens": None}
+        return {"hf_ttft_ms": 100.0 / speed[n] if n == 1 else 1.0, "hf_ttft_ms_range": [n, n],
+                "hf_generate_tok_s": speed[n], "hf_noisy": False, "hf_tokens": None}
 
     monkeypatch.setattr(bench, "bench_transformers", fake)
     before = torch.get_num_threads()
@@ -331,6 +332,9 @@ def test_transformers_keeps_its_faster_thread_setting(monkeypatch):
         out = bench.bench_transformers_threads(None, None, 3, 1, [1, 2])
         assert out["hf_torch_threads"] == 1 and out["hf_generate_tok_s"] == 50.0
         assert out["hf_by_threads"]["2"]["hf_generate_tok_s"] == 20.0
+        # the first token came faster with two threads: that figure is taken from there
+        assert out["hf_ttft_torch_threads"] == 2 and out["hf_ttft_ms"] == 1.0
+        assert out["hf_ttft_ms_range"] == [2, 2]
         speed.update({1: 20.0, 2: 50.0})  # a quiet CPU: the threads help
         assert bench.bench_transformers_threads(None, None, 3, 1, [1, 2])["hf_torch_threads"] == 2
     finally:
