@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +119,43 @@ def check_moe(num_experts: Any, num_experts_per_tok: Any, *,
     return MoeArgs(num_experts, num_experts_per_tok)
 
 
+def config_field(source: Path, block: dict, key: str, kind: str, where: str = "") -> Any:
+    """block[key] checked as a positive 'int' or a finite 'float' (an int is a float too;
+    a bool is neither); ConfigError naming the file, the field and the value."""
+    name = f"{where}{key}"
+    if block.get(key) is None:
+        raise ConfigError(f"{source}: required field {name!r} is missing")
+    v = block[key]
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{source}: {name} must be a positive integer, got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{source}: {name} must be a number, got {v!r}")
+    return float(v)
+
+
+def _optional(cfg: dict, key: str, source: Path, kind: str) -> Any:
+    """cfg[key] checked as `config_field` does, or None when absent or null."""
+    return None if cfg.get(key) is None else config_field(source, cfg, key, kind)
+
+
+def lora_args(block: Any, source: Path) -> LoraArgs:
+    """A params.json `lora` block: `rank` (positive int) and `scaling` (number), both
+    required as in mistral-inference's LoraArgs; else a ConfigError naming file and field."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: lora must be an object with rank and scaling, got {block!r}")
+    return LoraArgs(config_field(source, block, "rank", "int", "lora."),
+                    config_field(source, block, "scaling", "float", "lora."))
+
+
 def _require(cfg: dict, key: str, source: Path) -> Any:
     if key not in cfg or cfg[key] is None:
         raise ConfigError(f"{source}: required field {key!r} is missing")
     return cfg[key]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -145,11 +176,12 @@ def _build(source: Path, **kwargs: Any) -> ModelArgs:
 def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
     """Parse a Mistral `params.json` (mistral-inference's TransformerArgs)."""
     path = Path(path)
-    cfg = _read_json(path)
-    req = {k: _require(cfg, k, path) for k in (
-        "dim", "n_layers", "hidden_dim", "n_heads", "norm_eps", "vocab_size")}
-    n_kv_heads = cfg.get("n_kv_heads") or req["n_heads"]
-    head_dim = cfg.get("head_dim") or req["dim"] // req["n_heads"]
+    cfg = read_json(path)
+    req = {k: config_field(path, cfg, k, "int") for k in (
+        "dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")}
+    req["norm_eps"] = config_field(path, cfg, "norm_eps", "float")
+    n_kv_heads = _optional(cfg, "n_kv_heads", path, "int") or req["n_heads"]
+    head_dim = _optional(cfg, "head_dim", path, "int") or req["dim"] // req["n_heads"]
     moe = None
     if cfg.get("moe") is not None:  # an empty block is incomplete, as in mistral-inference
         m = cfg["moe"]
@@ -163,15 +195,12 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
             moe = check_moe(m["num_experts"], m["num_experts_per_tok"])
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    lora = None
-    if cfg.get("lora"):
-        lora = LoraArgs(int(_require(cfg["lora"], "rank", path)),
-                        float(cfg["lora"].get("scaling", 2.0)))
+    lora = None if cfg.get("lora") is None else lora_args(cfg["lora"], path)
     kwargs = dict(
         req,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        rope_theta=float(cfg.get("rope_theta") or MISTRAL_DEFAULT_ROPE_THETA),
+        rope_theta=_optional(cfg, "rope_theta", path, "float") or MISTRAL_DEFAULT_ROPE_THETA,
         sliding_window=cfg.get("sliding_window"),
         moe=moe,
         lora=lora,
@@ -184,7 +213,7 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
 def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
     """Parse a Hugging Face `config.json` of MistralForCausalLM or MixtralForCausalLM."""
     path = Path(path)
-    cfg = _read_json(path)
+    cfg = read_json(path)
     arch = cfg.get("architectures") or []
     if arch and not any(a in ("MistralForCausalLM", "MixtralForCausalLM") for a in arch):
         raise ConfigError(
@@ -193,8 +222,9 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
         )
     if cfg.get("tie_word_embeddings"):
         raise ConfigError(f"{path}: tie_word_embeddings=true is not supported by Mistral models")
-    n_heads = _require(cfg, "num_attention_heads", path)
-    dim = _require(cfg, "hidden_size", path)
+    # Checked and named as config.json names them.
+    n_heads = config_field(path, cfg, "num_attention_heads", "int")
+    dim = config_field(path, cfg, "hidden_size", "int")
     rope = cfg.get("rope_parameters") or {}
     theta = cfg.get("rope_theta") or rope.get("rope_theta") or HF_DEFAULT_ROPE_THETA
     if rope.get("rope_type", "default") != "default":
@@ -208,13 +238,13 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
             raise ConfigError(f"{path}: {e}") from None
     kwargs = dict(
         dim=dim,
-        n_layers=_require(cfg, "num_hidden_layers", path),
-        head_dim=cfg.get("head_dim") or dim // n_heads,
-        hidden_dim=_require(cfg, "intermediate_size", path),
+        n_layers=config_field(path, cfg, "num_hidden_layers", "int"),
+        head_dim=_optional(cfg, "head_dim", path, "int") or dim // n_heads,
+        hidden_dim=config_field(path, cfg, "intermediate_size", "int"),
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        norm_eps=float(_require(cfg, "rms_norm_eps", path)),
-        vocab_size=_require(cfg, "vocab_size", path),
+        n_kv_heads=_optional(cfg, "num_key_value_heads", path, "int") or n_heads,
+        norm_eps=config_field(path, cfg, "rms_norm_eps", "float"),
+        vocab_size=config_field(path, cfg, "vocab_size", "int"),
         rope_theta=float(theta),
         sliding_window=cfg.get("sliding_window"),
         moe=moe,

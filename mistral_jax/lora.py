@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import math
 import re
 from pathlib import Path
@@ -56,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from mistral_jax.args import ModelArgs
+from mistral_jax.args import ModelArgs, config_field, lora_args, read_json
 from mistral_jax.checkpoint import flatten, tensor_target, unflatten
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 from mistral_jax.quant import (
@@ -92,32 +91,6 @@ def _adapter_file(path: Path) -> Path:
     raise CheckpointError(f"{path}: no such LoRA adapter file or folder")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at top level")
-    return data
-
-
-def _field(source: Path, block: dict, key: str, kind: str, where: str = "") -> Any:
-    """block[key] checked as a positive 'int' or a finite 'float' (an int is a float too;
-    a bool is neither); ConfigError naming the file, the field and the value."""
-    name = f"{where}{key}"
-    if key not in block:
-        raise ConfigError(f"{source}: required field {name!r} is missing")
-    v = block[key]
-    if kind == "int":
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{source}: {name} must be a positive integer, got {v!r}")
-        return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{source}: {name} must be a number, got {v!r}")
-    return float(v)
-
-
 def _adapter_config(file: Path, args: ModelArgs) -> tuple[float, int | None, str]:
     """(scaling, rank or None, where they came from) from peft's adapter_config.json
     (lora_alpha / r), a params.json lora block beside the adapter (rank and scaling, both
@@ -125,26 +98,22 @@ def _adapter_config(file: Path, args: ModelArgs) -> tuple[float, int | None, str
     default 2.0."""
     peft = file.parent / "adapter_config.json"
     if peft.is_file():
-        cfg = _read_json(peft)
+        cfg = read_json(peft)
         for key, ok in (("peft_type", lambda v: v in (None, "LORA")),
                         ("rank_pattern", lambda v: not v), ("alpha_pattern", lambda v: not v),
                         ("use_dora", lambda v: not v), ("fan_in_fan_out", lambda v: not v),
                         ("bias", lambda v: v in (None, "none"))):
             if not ok(cfg.get(key)):
                 raise ConfigError(f"{peft}: {key} = {cfg.get(key)!r} is not supported")
-        r = _field(peft, cfg, "r", "int")
-        alpha = _field(peft, cfg, "lora_alpha", "float") if "lora_alpha" in cfg else float(r)
+        r = config_field(peft, cfg, "r", "int")
+        alpha = config_field(peft, cfg, "lora_alpha", "float") if "lora_alpha" in cfg else float(r)
         return (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r), r, str(peft)
     params = file.parent / "params.json"
     if params.is_file():
-        data = _read_json(params)
+        data = read_json(params)
         if data.get("lora") is not None:
-            lora = data["lora"]
-            if not isinstance(lora, dict):
-                raise ConfigError(f"{params}: lora must be an object with rank and scaling, "
-                                  f"got {lora!r}")
-            return (_field(params, lora, "scaling", "float", "lora."),
-                    _field(params, lora, "rank", "int", "lora."), str(params))
+            lora = lora_args(data["lora"], params)
+            return lora.scaling, lora.rank, str(params)
     if args.lora is not None:
         return (float(args.lora.scaling), int(args.lora.rank),
                 "the base model's params.json lora block")

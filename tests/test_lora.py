@@ -23,7 +23,7 @@ from helpers import (
 from safetensors.numpy import save_file
 
 from mistral_jax import CheckpointError, ConfigError, Transformer
-from mistral_jax.args import LoraArgs
+from mistral_jax.args import LoraArgs, args_from_params_json
 from mistral_jax.checkpoint import flatten, tensor_target
 from mistral_jax.lora import attach_lora, detach_lora, load_lora, merge_lora
 from mistral_jax.quant import quantize_params, sibling
@@ -331,10 +331,13 @@ def test_params_json_lora_block_needs_an_int_rank_and_a_float_scaling(tmp_path, 
     (tmp_path / "params.json").write_text(json.dumps({**args_json(args), "lora": lora}))
     with pytest.raises(ConfigError) as error:
         load_lora(path, args)
-    message = str(error.value)
-    assert message.startswith(f"{tmp_path / 'params.json'}: ") and field in message, message
-    if shown is not None:
-        assert message.endswith(f"got {shown}")
+    # The base model's own params.json is read by the same rule (args.lora_args).
+    with pytest.raises(ConfigError) as base_error:
+        args_from_params_json(tmp_path / "params.json")
+    for message in (str(error.value), str(base_error.value)):
+        assert message.startswith(f"{tmp_path / 'params.json'}: ") and field in message, message
+        if shown is not None:
+            assert message.endswith(f"got {shown}")
 
 
 def test_peft_config_r_and_lora_alpha_are_checked(tmp_path):

@@ -279,6 +279,34 @@ def test_params_json_missing_field_names_it(good_folder):
         Transformer.from_folder(folder)
 
 
+@pytest.mark.parametrize("layout,field,value,shown", [
+    ("mistral", "dim", "64", "'64'"),
+    ("mistral", "n_kv_heads", 2.5, "2.5"),
+    ("mistral", "head_dim", True, "True"),
+    ("mistral", "norm_eps", "1e-5", "'1e-5'"),
+    ("hf", "hidden_size", "64", "'64'"),
+    ("hf", "num_key_value_heads", 2.0, "2.0"),
+    ("hf", "intermediate_size", 0, "0"),
+    ("hf", "rms_norm_eps", "1e-5", "'1e-5'"),
+])
+def test_bad_size_field_is_named_as_its_file_names_it(tmp_path, layout, field, value, shown):
+    """A size that is not a positive integer (or an epsilon that is not a number) is a
+    ConfigError naming the file and the field by the file's own name (config.json's
+    hidden_size, not params.json's dim), never an int()/float() traceback."""
+    args = tiny_args(vocab_size=100)
+    write = write_mistral_folder if layout == "mistral" else write_hf_folder
+    folder = write(tmp_path / layout, args, random_mistral_state(args))
+    name = "params.json" if layout == "mistral" else "config.json"
+    cfg = json.loads((folder / name).read_text())
+    cfg[field] = value
+    (folder / name).write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as error:
+        Transformer.from_folder(folder)
+    message = str(error.value)
+    assert message.startswith(f"{folder / name}: {field} must be a "), message
+    assert message.endswith(f"got {shown}"), message
+
+
 def test_truncated_safetensors_names_the_file(good_folder):
     folder, _ = good_folder
     f = folder / "consolidated.safetensors"
