@@ -8,6 +8,9 @@ the two loaders are checked independently against transformers' implementation.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +162,20 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def fake_devices_env(n: int = 8) -> dict[str, str]:
+    """This process's environment with JAX on `n` fake CPU devices (XLA reads the flag
+    when it starts, so it only takes effect in a new process)."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+            "JAX_PLATFORMS": "cpu"}
+
+
+def run_on_cpu_devices(*argv: str, devices: int = 8, timeout: int = 600,
+                       cwd: Path | None = None) -> str:
+    """`python *argv` in a new process with `devices` fake CPU devices; asserts it exits 0
+    (showing the end of its stderr otherwise) and returns its stdout."""
+    proc = subprocess.run([sys.executable, *argv], env=fake_devices_env(devices), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

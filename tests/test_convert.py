@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from helpers import (
     random_mistral_state,
+    run_on_cpu_devices,
     tiny_args,
     tiny_moe_args,
     write_hf_folder,
@@ -192,12 +193,8 @@ def test_restore_onto_a_mesh_reads_only_each_devices_shard(sources, tmp_path):
     """8 CPU devices as data=2 x tensor=2 x expert=2; every leaf arrives with its sharding."""
     src, dst = sources["moe", "hf"], tmp_path / "out"
     convert(src, dst, dtype="float32")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(src), str(dst)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("OK")
+    out = run_on_cpu_devices("-c", MESH_SCRIPT, str(src), str(dst), cwd=ROOT, timeout=300)
+    assert out.startswith("OK")
 
 
 def test_verify_rejects_a_written_tensor_that_differs_from_the_source(sources, tmp_path,

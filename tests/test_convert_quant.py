@@ -6,9 +6,6 @@ folders written before quantization existed still load."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 from helpers import (
     random_mistral_state,
+    run_on_cpu_devices,
     tiny_args,
     tiny_moe_args,
     write_hf_folder,
@@ -234,12 +232,8 @@ def test_quantized_folder_restores_onto_a_mesh_with_the_shardings_of_quantize_at
     arrives with the sharding loading the source with quantize='int8' gives it."""
     src, dst = sources["moe"], tmp_path / "q"
     convert(src, dst, dtype="float32", quantize="int8")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(src), str(dst)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("OK")
+    out = run_on_cpu_devices("-c", MESH_SCRIPT, str(src), str(dst), cwd=ROOT, timeout=300)
+    assert out.startswith("OK")
 
 
 def test_quantized_folder_restores_with_orbax_standard_checkpointer(sources, tmp_path):
@@ -295,9 +289,5 @@ def test_w8a8_mixtral_folder_on_a_mesh_equals_one_device(tmp_path):
                                      activations="dynamic")
     dst = tmp_path / "converted"
     convert(ct, dst, dtype="float32")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", W8A8_MESH_SCRIPT, str(ct), str(dst)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("OK")
+    out = run_on_cpu_devices("-c", W8A8_MESH_SCRIPT, str(ct), str(dst), cwd=ROOT, timeout=300)
+    assert out.startswith("OK")

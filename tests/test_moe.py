@@ -17,6 +17,7 @@ from helpers import (
     both_layouts,
     random_mistral_state,
     rel_err,
+    run_on_cpu_devices,
     tiny_moe_args,
     torch_logits,
     write_hf_folder,
@@ -451,19 +452,12 @@ for kind in ("int8", "lora", "mixed"):
 def test_expert_parallel_splits_scales_and_lora_factors_with_their_experts(tmp_path):
     """sharding.expert_parallel on 8 host devices (expert=4, tensor=2) with int8, LoRA and
     mixed (plain beside ExpertWeight) weights: each device's scale rows / factors follow its experts and F slice."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = tmp_path / "expert_parallel.py"
     script.write_text(EXPERT_PARALLEL_SCRIPT)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.splitlines()) == 6  # every case ran
+    out = run_on_cpu_devices(str(script), str(Path(__file__).parent))
+    assert len(out.splitlines()) == 6  # every case ran
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -14,7 +14,6 @@ their output.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import random_mistral_state, rel_err, write_mistral_folder
+from helpers import fake_devices_env, random_mistral_state, rel_err, write_mistral_folder
 from sharding_worker import MULTIHOST_MESHES, batch, run, sample_cli, tiny_models
 
 from mistral_jax.transformer import Transformer
@@ -42,8 +41,7 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
     args = dict(tiny_models())["moe"]
     folder = write_mistral_folder(tmp_path / "moe", args, random_mistral_state(args, 0))
     out = tmp_path / "out.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
+    env = fake_devices_env(4)
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
     coordinator = f"127.0.0.1:{_free_port()}"

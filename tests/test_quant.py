@@ -18,6 +18,7 @@ from helpers import (
     mistral_to_hf_state,
     random_mistral_state,
     rel_err,
+    run_on_cpu_devices,
     tiny_args,
     tiny_moe_args,
     write_mistral_folder,
@@ -570,20 +571,13 @@ def test_expert_parallel_w8a8_experts_scale_each_row_over_its_whole_hidden_dim(t
     """8 host devices, expert=4 x tensor=2: each device holds half of F of its experts, so
     the per-token scale of w2's input takes the max across the tensor pair (`hidden_axes`):
     equal to one device; without that max the result differs."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = tmp_path / "w8a8_expert_parallel.py"
     script.write_text(EXPERT_PARALLEL_W8A8)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line.split() for line in proc.stdout.splitlines()]
-    print(proc.stdout)
+    out = run_on_cpu_devices(str(script), str(Path(__file__).parent))
+    lines = [line.split() for line in out.splitlines()]
+    print(out)
     assert [n for n, *_ in lines] == ["1", "24"]
     for _, err, local_err in lines:
         assert float(err) <= 1e-5 and float(local_err) > 1e-4

@@ -13,14 +13,19 @@ import fcntl
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import random_mistral_state, rel_err, tiny_args, tiny_moe_args, write_mistral_folder
+from helpers import (
+    random_mistral_state,
+    rel_err,
+    run_on_cpu_devices,
+    tiny_args,
+    tiny_moe_args,
+    write_mistral_folder,
+)
 from jax.sharding import Mesh, PartitionSpec
 from sharding_worker import DECODE_HLO_MESHES, DENSE_MESHES, MOE_MESHES, tiny_models
 
@@ -199,12 +204,8 @@ def eight_devices(tmp_path_factory):
     with open(shared / "sharding_eight_devices.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.is_file():
-            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                   "JAX_PLATFORMS": "cpu"}
             partial = out.with_suffix(".partial")
-            proc = subprocess.run([sys.executable, str(WORKER), "meshes", str(partial)],
-                                  env=env, capture_output=True, text=True, timeout=900)
-            assert proc.returncode == 0, proc.stderr[-4000:]
+            run_on_cpu_devices(str(WORKER), "meshes", str(partial), timeout=900)
             partial.rename(out)
     return json.loads(out.read_text())
 
