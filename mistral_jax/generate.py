@@ -405,7 +405,8 @@ def generate_stream(
 ) -> Iterator[int]:
     """Yield the ids generated after one prompt, one at a time (for interactive chat).
 
-    Same tokens as `generate([prompt], ...)`, but dispatches one jitted step per token.
+    Same tokens as `generate([prompt], ...)`, but dispatches one jitted step per token,
+    each before the previous token is read back (the host round trip overlaps a step).
     Inputs are validated and the prompt prefilled when this is called, not on first `next`.
     """
     strategy = make_strategy(temperature, top_p, top_k)
@@ -424,13 +425,19 @@ def generate_stream(
     )
 
     def tokens(state: SamplingState) -> Iterator[int]:
+        # Step i+1 is dispatched before token i is read back, so the device computes the
+        # next token while the host waits for, decodes and prints this one (one step is
+        # computed in vain when a row stops at eos_id).
+        pending = state.tokens[0, 0]  # a device scalar, sliced before `state` is donated
         for i in range(max_tokens):
-            if i > 0:
+            if i + 1 < max_tokens:
                 with use_mesh(mesh_of(model.params)):
                     state = decode_step_jit(model.params, state, eos, **static)
-            token = int(state.tokens[0, i])
+                following = state.tokens[0, i + 1]
+            token = int(pending)
             if eos_id is not None and token == eos_id:
                 return
             yield token
+            pending = following
 
     return tokens(state)

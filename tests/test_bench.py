@@ -516,7 +516,7 @@ def test_gpu_suite_list_shows_the_tiny_commands_with_tiny(capsys):
     assert "--qmatmul pallas-interpret" in tiny
 
 
-@pytest.mark.parametrize("script", ["moe_bytes.py", "kernel_sweep.py"])
+@pytest.mark.parametrize("script", ["moe_bytes.py", "kernel_sweep.py", "stream_latency.py"])
 def test_benchmark_scripts_import_this_checkout(tmp_path, script):
     """Run from elsewhere with another `mistral_jax` first on the path, a script still
     imports the one of the checkout it sits in (BENCHMARKS.md's commands, as written)."""
@@ -527,3 +527,15 @@ def test_benchmark_scripts_import_this_checkout(tmp_path, script):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--help"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_stream_latency_times_the_demo_model():
+    """benchmarks/stream_latency.py runs generate_stream on the demo model and prints one
+    line with a positive ms/token figure."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "stream_latency.py"),
+                           "--max-tokens", "4", "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("demo_model: ") and float(line.split()[1]) > 0, line
+    assert "4 tokens, float32" in line

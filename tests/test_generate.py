@@ -303,6 +303,26 @@ def test_generate_stream_yields_the_batch_tokens():
     assert streamed == ref[0]
 
 
+def test_generate_stream_dispatches_the_next_step_before_reading_a_token(monkeypatch):
+    """Token i is read back only once step i+1 is in flight (the host round trip overlaps
+    device work), no step is dispatched past max_tokens, and the tokens stay the same."""
+    gen = importlib.import_module("mistral_jax.generate")  # the package's `generate` is the function
+
+    s = _toy()
+    prompt = _prompts(23, [7], seed=12)[0]
+    ref, _ = s.run([prompt], max_tokens=5)
+    calls = []
+    step = gen.decode_step_jit
+    monkeypatch.setattr(gen, "decode_step_jit", lambda *a, **k: calls.append(1) or step(*a, **k))
+    stream = generate_stream(prompt, ToyModel(s.params, s.args), max_tokens=5,
+                             forward=toy_forward, init_cache=toy_init_cache)
+    got = []
+    for i, token in enumerate(stream):
+        got.append(token)
+        assert len(calls) == min(i + 1, 4), (i, len(calls))  # step i+1 already dispatched
+    assert got == ref[0] and len(calls) == 4
+
+
 def test_generate_uses_model_params_args_and_dtype(setup, ragged):
     from mistral_jax.transformer import Transformer
 
