@@ -30,7 +30,7 @@ import numpy as np
 from mistral_jax.errors import UserInputError
 from mistral_jax.model import forward as model_forward
 from mistral_jax.model import init_cache as model_init_cache
-from mistral_jax.sampling import Strategy, make_strategy
+from mistral_jax.sampling import Strategy, check_seed, make_strategy, prng_key
 from mistral_jax.sharding import gather, mesh_of, use_mesh
 
 MIN_BUCKET = 16
@@ -218,17 +218,42 @@ def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _as_batch(prompts: Any) -> Sequence[Sequence[int]]:
+    """prompts as a sequence of prompts: a list (or tuple) of token-id sequences, or a 2-D
+    integer array [B, T] (its rows). A flat list of ids is refused: wrap one prompt as [ids]."""
+    if hasattr(prompts, "__array__") and not isinstance(prompts, Sequence):
+        arr = np.asarray(prompts)
+        if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer) and arr.size > 0:
+            return arr.tolist()
+        if arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer):
+            raise UserInputError(
+                "prompts must be a batch of prompts, got a 1-D array of token ids: wrap one "
+                "prompt as [ids]")
+        raise UserInputError(
+            f"prompts must be a batch of prompts (a list of token-id lists, or a 2-D integer "
+            f"array [B, T]), got an array of shape {arr.shape} and dtype {arr.dtype}")
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or not prompts:
+        raise UserInputError("prompts must be a non-empty list of token-id lists")
+    if all(_is_int(p) or isinstance(p, np.integer) for p in prompts):
+        raise UserInputError(
+            "prompts must be a batch of prompts (a list of token-id lists), got a flat list "
+            "of ints: wrap one prompt as [ids]")
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
+            raise UserInputError(f"prompts[{i}] must be a flat list of integer token ids, "
+                                 f"got {type(p).__name__}")
+    return prompts
+
+
 def _validate(prompts, max_tokens, args, eos_id, chunk_size, seed) -> None:
+    """Raise UserInputError for a bad argument; `prompts` already went through `_as_batch`."""
     if not _is_int(max_tokens) or max_tokens < 1:
         raise UserInputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or len(prompts) == 0:
-        raise UserInputError("prompts must be a non-empty list of token-id lists")
     if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
         raise UserInputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
     if eos_id is not None and not _is_int(eos_id):
         raise UserInputError(f"eos_id must be None or an integer token id, got {eos_id!r}")
-    if not _is_int(seed):
-        raise UserInputError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     vocab, max_len = args.vocab_size, getattr(args, "max_seq_len", None)
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -263,6 +288,7 @@ def _start(
     init_cache,
 ):
     """Validate, bucket, pad and prefill. Returns (state, eos, static kwargs for decoding)."""
+    prompts = _as_batch(prompts)
     _validate(prompts, max_tokens, args, eos_id, chunk_size, seed)
     lengths = [len(p) for p in prompts]
     n_rows = bucket(len(prompts), minimum=1)
@@ -291,7 +317,7 @@ def _start(
             tokens,
             positions,
             done,
-            jax.random.key(seed),
+            prng_key(seed),
             eos,
             init_cache=init_cache,
             cache_len=cache_len,
@@ -326,6 +352,7 @@ def generate_from_params(
     with the same contract works, e.g. a toy model in tests. `on_first_token()` is called
     once the prefill has produced every row's first token (e.g. to time it).
     """
+    prompts = _as_batch(prompts)
     strategy = make_strategy(temperature, top_p, top_k)
     state, eos, static = _start(
         params,
@@ -369,9 +396,12 @@ def generate(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generate up to `max_tokens` ids after each prompt with a `Transformer`.
 
-    Returns, per prompt, the generated ids (stopped at that row's `eos_id`, which is
-    excluded) and their logprobs (log_softmax of the untempered logits). temperature 0
-    is greedy; `chunk_size` feeds the prompts through the cache that many tokens at a time.
+    `prompts` is a batch of B prompts: a list of token-id lists (one prompt: `[ids]`) or
+    a 2-D integer array [B, T]. Returns, per prompt, the generated ids (stopped at that
+    row's `eos_id`, which is excluded) and their logprobs (log_softmax of the untempered
+    logits). temperature 0 is greedy; `seed` is any integer in [-2**63, 2**63) (see
+    `sampling.prng_key`); `chunk_size` feeds the prompts through the cache that many
+    tokens at a time (None: the whole prompt at once).
     """
     return generate_from_params(
         model.params,

@@ -7,6 +7,9 @@ on/off) combination; a new temperature or top_p value reuses the compiled progra
 Strategies built from Python numbers are also hashable and compare by value. Build one
 from user-facing values with `make_strategy`, which validates them and picks `Greedy` at
 temperature 0.
+
+Seeds: `prng_key(seed)` turns any seed in [-2**63, 2**63) into a PRNG key, a distinct
+key for each seed (`check_seed` refuses others).
 """
 
 from __future__ import annotations
@@ -100,6 +103,35 @@ def make_strategy(
         top_p=float(top_p),
         top_k=None if top_k is None else int(top_k),
     )
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer
+
+
+def check_seed(seed: object) -> int:
+    """`seed` if it is an integer in [SEED_MIN, SEED_MAX]; else UserInputError naming `seed`."""
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        raise UserInputError(f"seed must be an integer, got {seed!r}")
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise UserInputError(
+            f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (-2**63 to 2**63 - 1), "
+            f"got {seed}")
+    return int(seed)
+
+
+def prng_key(seed: int) -> jax.Array:
+    """The PRNG key of a seed in [-2**63, 2**63) (checked): a typed key, shape [].
+
+    Seeds in [0, 2**32) give `jax.random.key(seed)`, unchanged. JAX without x64 keeps
+    only a seed's low 32 bits (2**32 and 0 would share a key; -1 and 2**32 - 1 too), so
+    every other seed, taken as an unsigned 64-bit number hi * 2**32 + lo, gives
+    `fold_in(key(lo), hi)` with hi >= 1: a distinct key per seed, the same with or
+    without x64.
+    """
+    unsigned = check_seed(seed) % 2**64
+    low, high = unsigned & 0xFFFFFFFF, unsigned >> 32
+    key = jax.random.key(low)
+    return key if high == 0 else jax.random.fold_in(key, high)
 
 
 def _is_real(x: object) -> bool:

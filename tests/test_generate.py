@@ -247,6 +247,30 @@ def test_same_seed_same_output_different_seed_differs():
     assert a[0] != c[0]
 
 
+def test_every_seed_in_range_gives_its_own_key_and_small_seeds_keep_theirs():
+    """JAX without x64 keeps a seed's low 32 bits: 0 and 2**32 (or -1 and 2**32 - 1) would
+    sample alike. Each seed here samples differently; seeds below 2**32 keep jax's key."""
+    from mistral_jax.sampling import prng_key
+
+    s = _toy()
+    prompts = _prompts(23, [5, 9], seed=7)
+    seeds = [0, 2**32, -1, 2**32 - 1, 2**63 - 1, -(2**63), 2**32 + 1]
+    runs = [s.run(prompts, max_tokens=16, temperature=1.0, seed=seed)[0] for seed in seeds]
+    for i in range(len(seeds)):
+        for j in range(i):
+            assert runs[i] != runs[j], (seeds[i], seeds[j])
+    for seed in (0, 1, 12345, 2**31, 2**32 - 1):
+        assert np.array_equal(jax.random.key_data(prng_key(seed)),
+                              jax.random.key_data(jax.random.key(seed)))
+
+
+def test_generate_accepts_a_2d_integer_array_as_a_batch():
+    s = _toy()
+    prompts = _prompts(23, [6, 6], seed=3)
+    assert s.run(np.array(prompts), max_tokens=4) == s.run(prompts, max_tokens=4)
+    assert s.run(tuple(map(tuple, prompts)), max_tokens=4) == s.run(prompts, max_tokens=4)
+
+
 def test_new_prompt_length_in_same_bucket_does_not_retrace():
     s = dataclasses.replace(_toy(), forward=counting_forward)
     s.run(_prompts(23, [5, 3, 7], seed=8), max_tokens=7)
@@ -344,6 +368,15 @@ def test_generate_uses_model_params_args_and_dtype(setup, ragged):
         ([[1, 2, 3]], dict(max_tokens=8), r"prompts\[0\] has 3 tokens.*max_seq_len=10"),
         ([[1, 99]], {}, r"prompts\[0\] holds token id 99 outside \[0, vocab_size=23\)"),
         ([[1, 2]], dict(chunk_size=0), "chunk_size must be None or an integer >= 1"),
+        ([1, 2, 3], {}, r"prompts must be a batch .*flat list of ints: wrap one prompt as \[ids\]"),
+        (np.array([1, 2, 3]), {}, r"1-D array of token ids: wrap one prompt as \[ids\]"),
+        (np.ones((2, 2), np.float32), {}, r"2-D integer array \[B, T\].*shape \(2, 2\)"),
+        ([[1, 2], 3], {}, r"prompts\[1\] must be a flat list of integer token ids, got int"),
+        ([[1, 2]], dict(seed=2**63), r"seed must be an integer in \[-9223372036854775808, "
+         r"9223372036854775807\].*got 9223372036854775808"),
+        ([[1, 2]], dict(seed=2**70), r"seed must be an integer in .*2\*\*63"),
+        ([[1, 2]], dict(seed=-(2**63) - 1), r"seed must be an integer in "),
+        ([[1, 2]], dict(seed=1.0), r"seed must be an integer, got 1.0"),
         ([[1, 2]], dict(temperature=-1.0), "temperature must be >= 0"),
         ([[1, 2]], dict(temperature=1.0, top_p=2.0), r"top_p must be in \(0, 1\]"),
         ([[1, 2]], dict(temperature=1.0, top_k=0), "top_k must be None or an integer >= 1"),

@@ -128,3 +128,13 @@ def test_make_strategy_rejects_bad_values(kwargs, message):
 def test_sampling_rejects_zero_temperature():
     with pytest.raises(UserInputError, match="temperature must be > 0"):
         Sampling(temperature=0.0)
+
+
+def test_check_seed_takes_signed_64_bit_integers_only():
+    from mistral_jax.sampling import check_seed
+
+    assert check_seed(2**63 - 1) == 2**63 - 1 and check_seed(-(2**63)) == -(2**63)
+    assert check_seed(np.int64(7)) == 7
+    for bad in (2**63, -(2**63) - 1, True, 1.0, "3"):
+        with pytest.raises(UserInputError, match="seed must be an integer"):
+            check_seed(bad)
