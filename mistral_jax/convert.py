@@ -257,6 +257,8 @@ def _create_array(folder: Path, path: ParamPath, shape, chunks, dtype: np.dtype,
     spec = _zarr_spec(folder, path)
     spec["metadata"] = {"shape": list(shape), "chunks": list(chunks), "dtype": _zarr_dtype(dtype),
                         "compressor": None, "fill_value": None, "dimension_separator": "."}
+    # Every chunk gets its file, all-zero ones too (restore_params refuses missing chunk files).
+    spec["store_data_equal_to_fill_value"] = True
     return ts.open(spec, create=True, context=context).result()
 
 
@@ -273,6 +275,45 @@ def _open_array(folder: Path, path: ParamPath, context):
     except ValueError as e:
         raise CheckpointError(f"{folder / _leaf_name(path)}: cannot open the array of "
                               f"{'/'.join(path)} ({e})") from None
+
+
+def _chunk_keys(shape, chunks) -> Iterator[str]:
+    """The zarr v2 chunk file names ('.' separator) of an array of `shape`, in C order."""
+    if not shape:
+        yield "0"
+        return
+    grid = (range(-(-n // c)) for n, c in zip(shape, chunks))
+    for idx in itertools.product(*grid):
+        yield ".".join(map(str, idx))
+
+
+def _check_chunk_files(ckpt: Path, manifest_path: Path, leaves: dict) -> None:
+    """CheckpointError unless every chunk file of every leaf (shape and chunks as the manifest
+    records them) is on disk: a missing one would read back as zeros (no fill value kept)."""
+    for name, v in sorted(leaves.items()):
+        shape, chunks = v.get("shape"), v.get("chunks")
+        if not (isinstance(shape, list) and isinstance(chunks, list) and len(shape) == len(chunks)
+                and all(isinstance(n, int) and n >= 0 for n in shape)
+                and all(isinstance(c, int) and c > 0 for c in chunks)):
+            raise CheckpointError(f"{manifest_path}: leaf {name} has no valid shape and chunks "
+                                  f"({shape!r}, {chunks!r})")
+        folder = ckpt / name
+        try:
+            present = set(os.listdir(folder))
+        except FileNotFoundError:
+            raise CheckpointError(f"{folder}: missing: the array of leaf {name} is not there; "
+                                  "the folder is incomplete (convert it again, or copy it "
+                                  "again)") from None
+        except OSError as e:
+            raise CheckpointError(f"{folder}: cannot list the chunks of leaf {name} "
+                                  f"({e.strerror or e})") from None
+        missing = [k for k in _chunk_keys(shape, chunks) if k not in present]
+        if missing:
+            n = math.prod(-(-s // c) for s, c in zip(shape, chunks))
+            shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+            raise CheckpointError(
+                f"{folder}: {len(missing)} of the {n} chunk files of leaf {name} are missing "
+                f"({shown}); the folder is incomplete (convert it again, or copy it again)")
 
 
 def _orbax_metadata(paths: list[ParamPath]) -> dict:
@@ -890,6 +931,7 @@ def restore_params(folder: str | Path, args: ModelArgs, dtype: Any = None, shard
     paths = sorted(flat)
     flat_shardings = _flat_shardings(shardings, flat, owners, args)
     ckpt = folder / manifest.get("orbax_dir", ORBAX_DIR)
+    _check_chunk_files(ckpt, folder / MANIFEST, manifest["leaves"])  # before reading any
     context = _ts_context()
 
     def restore(path: ParamPath):

@@ -36,6 +36,7 @@ import mistral_jax.convert as convert_mod
 from convert.benchmark import convert_in_child, synthetic_args, write_synthetic
 from convert.safetensors_to_orbax import main
 from mistral_jax import CheckpointError, MistralJaxError, ModelArgs, Transformer
+from mistral_jax.args import args_from_params_json
 from mistral_jax.convert import MANIFEST, convert, is_converted, read_manifest, restore_params
 from mistral_jax.model import abstract_params
 
@@ -69,6 +70,10 @@ def _leaves_equal(a, b) -> bool:
         if not np.array_equal(x.view(f"u{x.dtype.itemsize}"), y.view(f"u{y.dtype.itemsize}")):
             return False
     return True
+
+
+def read_args(folder: Path) -> ModelArgs:
+    return args_from_params_json(folder / "params.json")
 
 
 def _no_leftovers(dst: Path) -> bool:
@@ -396,6 +401,46 @@ def test_restore_rejects_args_that_do_not_match_and_incomplete_folders(sources, 
     (dst / MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         Transformer.from_folder(dst)
+
+
+def test_restore_refuses_a_folder_with_missing_chunk_files(sources, tmp_path):
+    """A chunk file gone (a partial copy) would read back as zeros: refused before reading,
+    naming the leaf and the chunk; so is a leaf whose whole array folder is gone."""
+    dst = tmp_path / "out"
+    convert(sources["dense", "mistral"], dst, dtype="float32")
+    assert sorted(p.name for p in (dst / "params" / "embedding").iterdir()) == [
+        ".zarray", *(f"{i}.0" for i in range(8))]
+    (dst / "params" / "embedding" / "3.0").unlink()
+    (dst / "params" / "embedding" / "5.0").unlink()
+    with pytest.raises(CheckpointError, match=r"params/embedding: 2 of the 8 chunk files of leaf "
+                                              r"embedding are missing \(3\.0, 5\.0\); the "
+                                              r"folder is incomplete"):
+        Transformer.from_folder(dst)
+    dst2 = tmp_path / "out2"
+    convert(sources["dense", "mistral"], dst2, dtype="float32")
+    shutil.rmtree(dst2 / "params" / "norm.weight")
+    with pytest.raises(CheckpointError, match=r"params/norm\.weight: missing.*incomplete"):
+        restore_params(dst2, read_args(dst2))
+
+
+def test_all_zero_tensors_keep_their_chunk_files_and_round_trip(tmp_path):
+    """tensorstore may skip writing chunks equal to the fill value; the converter writes them
+    all, so the missing-chunk check never rejects a good checkpoint (zero norm, zero wq)."""
+    args = tiny_args(vocab_size=512)
+    state = random_mistral_state(args, seed=5)
+    state["norm.weight"][:] = 0
+    state["layers.1.attention.wq.weight"][:] = 0
+    src = write_mistral_folder(tmp_path / "src", args, state)
+    for quantize in (None, "int8"):
+        dst = tmp_path / f"out_{quantize}"
+        convert(src, dst, dtype="bfloat16", quantize=quantize)
+        for name, leaf in read_manifest(dst)["leaves"].items():
+            files = {p.name for p in (dst / "params" / name).iterdir()}
+            assert set(convert_mod._chunk_keys(leaf["shape"], leaf["chunks"])) <= files, name
+        direct = Transformer.from_folder(src, dtype="bfloat16", quantize=quantize)
+        converted = Transformer.from_folder(dst, dtype="bfloat16")
+        assert not np.asarray(converted.params["norm"]["weight"], np.float32).any()
+        assert _leaves_equal(converted.params, direct.params)
 
 
 def test_converting_a_converted_folder_is_refused(sources, tmp_path, capsys):
