@@ -33,12 +33,13 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from mistral_jax.errors import TokenizerError
+from mistral_jax.errors import TokenizerError, UserInputError
 
 __all__ = [
     "StreamDecoder",
     "Tokenizer",
     "ToolCall",
+    "check_utf8",
     "find_tokenizer_file",
     "infer_spm_version",
     "load_tokenizer",
@@ -54,6 +55,39 @@ _SPM_INSTRUCT = {
     TokenizerVersion.v3: InstructTokenizerV3,
     TokenizerVersion.v7: InstructTokenizerV7,
 }
+
+
+def check_utf8(text: str, name: str) -> str:
+    """`text` if it can be written as UTF-8; else UserInputError naming `name` and the byte.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates U+DC80..U+DCFF (the
+    'surrogateescape' of command-line arguments, and of stdin in a C locale), which the
+    tokenizers cannot encode (sentencepiece raised "Unable to cast Python instance").
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = (f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF
+                else f"a lone surrogate U+{code:04X}")
+        raise UserInputError(
+            f"{name} is not valid UTF-8 text: {what} at character {e.start}; give UTF-8 "
+            "text") from None
+    return text
+
+
+def _check_strings(value: Any, name: str) -> None:
+    """`check_utf8` on every string in nested dicts / lists (a chat message, a tool)."""
+    if isinstance(value, str):
+        check_utf8(value, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(item, f"{name}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_strings(item, f"{name}[{i}]")
+    elif hasattr(value, "model_dump"):  # a mistral-common (pydantic) message or tool
+        _check_strings(value.model_dump(), name)
 
 
 def _is_tokenizer_name(name: str) -> bool:
@@ -181,7 +215,8 @@ class Tokenizer:
         return (self.eos_id,)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return self._raw.encode(text, bos=bos, eos=eos)
+        """Token ids of `text` (UTF-8 text: see `check_utf8`)."""
+        return self._raw.encode(check_utf8(text, "text"), bos=bos, eos=eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids to text, skipping bos/eos and other control tokens."""
@@ -198,6 +233,10 @@ class Tokenizer:
         tools: Sequence[dict[str, Any] | Tool] | None = None,
     ) -> list[int]:
         """Prompt ids for a chat (OpenAI-style dicts or mistral-common messages), ready to generate."""
+        _check_strings(list(messages), "messages")
+        if system is not None:
+            check_utf8(system, "system")
+        _check_strings(list(tools or []), "tools")
         try:
             msgs = [convert_openai_messages([m])[0] if isinstance(m, dict) else m for m in messages]
             if system is not None:
@@ -225,6 +264,8 @@ class Tokenizer:
             raise TokenizerError(
                 f"FIM is not supported by {self._name()}: FIM needs a v3 or later tokenizer"
             )
+        check_utf8(prefix, "prefix")
+        check_utf8(suffix, "suffix")
         try:
             return self.mistral.encode_fim(FIMRequest(prompt=prefix, suffix=suffix)).tokens
         except (MistralCommonException, ValueError, AssertionError) as e:

@@ -14,8 +14,14 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_jax.errors import TokenizerError
-from mistral_jax.tokenizer import StreamDecoder, Tokenizer, find_tokenizer_file, load_tokenizer
+from mistral_jax.errors import TokenizerError, UserInputError
+from mistral_jax.tokenizer import (
+    StreamDecoder,
+    Tokenizer,
+    check_utf8,
+    find_tokenizer_file,
+    load_tokenizer,
+)
 
 DATA = Path(mistral_common.__file__).parent / "data"
 SPM_FILES = {
@@ -228,6 +234,32 @@ def test_chat_errors_name_the_parameter(tok) -> None:
         t.encode_chat([{"role": "robot", "content": "x"}])
     with pytest.raises(TokenizerError, match="v3"):
         t.encode_chat([])
+
+
+@pytest.mark.parametrize("name", ["mistral_v3", "tekken_v3"])
+def test_text_that_is_not_utf8_is_a_user_error_naming_it(tok, name: str) -> None:
+    """Bytes that are not UTF-8 arrive as lone surrogates (surrogateescape); sentencepiece
+    raised "Unable to cast Python instance of type <class 'str'>" on them."""
+    t = tok(name)
+    user = {"role": "user", "content": "hi"}
+    cases = [
+        (lambda: t.encode("\udcff\udcfe bad bytes"), "text is not valid UTF-8 text: byte 0xff "
+         "at character 0"),
+        (lambda: t.encode_chat([user, {"role": "assistant", "content": "ok"},
+                                {"role": "user", "content": "caf\udce9"}]),
+         r"messages\[2\].content is not valid UTF-8 text: byte 0xe9 at character 3"),
+        (lambda: t.encode_chat([user], system="\ud800"),
+         "system is not valid UTF-8 text: a lone surrogate U\\+D800"),
+        (lambda: t.encode_chat([user], tools=[{**TOOLS[0], "function": {
+            **TOOLS[0]["function"], "description": "\udc80"}}]),
+         r"tools\[0\].function.description is not valid UTF-8 text: byte 0x80"),
+        (lambda: t.encode_fim("def f(\udcff", ""), "prefix is not valid UTF-8 text: byte 0xff"),
+        (lambda: t.encode_fim("a", "\udcfe"), "suffix is not valid UTF-8 text: byte 0xfe"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UserInputError, match=message):
+            call()
+    assert check_utf8("café ✓", "x") == "café ✓"
 
 
 # -------------------------------------------------------------------- tools
