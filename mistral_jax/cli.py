@@ -27,13 +27,16 @@ import numpy as np
 
 from mistral_jax.args import ModelArgs, load_args
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
-from mistral_jax.sampling import make_strategy
+from mistral_jax.sampling import check_seed, make_strategy
 from mistral_jax.sharding import initialize_distributed, parse_mesh_spec
-from mistral_jax.tokenizer import Tokenizer, load_tokenizer
+from mistral_jax.tokenizer import Tokenizer, check_utf8, load_tokenizer
 from mistral_jax.transformer import DTYPES, Transformer
 
 EXIT_USER_ERROR = 2
 COMPILE_CACHE_ENV = "MISTRAL_JAX_COMPILE_CACHE"  # a folder, or 'off'
+# Prompts longer than this (or than the model's smallest sliding window) are prefilled in
+# chunks of that many tokens unless --chunk-size says otherwise (see `auto_chunk_size`).
+AUTO_CHUNK_LIMIT = 4096
 
 
 # ----------------------------------------------------------------------------- flags
@@ -117,12 +120,47 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens: int | Non
                         help="nucleus sampling mass, in (0, 1] (default: 1, off)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample among the k most likely tokens, k >= 1 (default: off)")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="PRNG seed, an integer in [-2**63, 2**63) (default: 0)")
+
+
+def add_chunk_flag(parser: argparse.ArgumentParser) -> None:
+    """--chunk-size (see `chunk_size_for`)."""
+    parser.add_argument(
+        "--chunk-size", metavar="N", type=int_at_least(1), default=None,
+        help="prefill the prompt through the KV cache N tokens at a time, which bounds the "
+        "memory of long prompts (default: a prompt longer than "
+        f"{AUTO_CHUNK_LIMIT} tokens, or than the model's smallest sliding window if that is "
+        "less, goes in chunks of that many tokens; a shorter one at once)")
+
+
+def auto_chunk_size(args: ModelArgs, prompt_len: int) -> int | None:
+    """The default --chunk-size: None (the prompt at once) for a prompt of at most
+    min(AUTO_CHUNK_LIMIT, smallest sliding window) tokens, else that bound.
+
+    Unchunked, prefill's attention builds [T, T] scores per head (34 GB for a 22.5k-token
+    chat on the demo model); a chunk of C tokens attends over the cache plus itself, [C,
+    S + C] with S the window on windowed layers. mistral-inference's `generate` prefills
+    in one chunk unless given a chunk_size; this bounds the memory of long prompts only.
+    """
+    windows = [w for w in args.layer_windows if w is not None]
+    limit = min([AUTO_CHUNK_LIMIT, *windows])
+    return limit if prompt_len > limit else None
+
+
+def chunk_size_for(ns: argparse.Namespace, args: ModelArgs,
+                   prompts: Sequence[Sequence[int]]) -> int | None:
+    """The chunk_size to prefill `prompts` with: --chunk-size, else `auto_chunk_size`."""
+    if getattr(ns, "chunk_size", None) is not None:
+        return ns.chunk_size
+    return auto_chunk_size(args, max(len(p) for p in prompts))
 
 
 def check_sampling(ns: argparse.Namespace) -> None:
-    """Raise UserInputError for a temperature < 0, top_p outside (0, 1] or top_k < 1."""
+    """Raise UserInputError for a temperature < 0, top_p outside (0, 1], top_k < 1 or a
+    seed outside [-2**63, 2**63)."""
     make_strategy(ns.temperature, ns.top_p, ns.top_k)
+    check_seed(ns.seed)
 
 
 def sampling_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
@@ -132,7 +170,9 @@ def sampling_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_text(text: str, flag: str) -> str:
-    """A prompt given on the command line: anything but empty or only whitespace."""
+    """A prompt given on the command line: UTF-8 text (see `check_utf8`), not empty or only
+    whitespace."""
+    check_utf8(text, flag)
     if not text.strip():
         raise UserInputError(f"{flag} is empty: give a non-empty text")
     return text
@@ -333,7 +373,7 @@ class GenStats:
 
 def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
-                   seed: int = 0, eos_id: int | None = None
+                   seed: int = 0, eos_id: int | None = None, chunk_size: int | None = None
                    ) -> tuple[list[list[int]], GenStats]:
     """`generate.generate`, timed: stopped once after the prompts' first token.
 
@@ -351,7 +391,7 @@ def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_
 
         out, _ = generate(prompts, model, max_tokens=max_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id,
-                          on_first_token=first_token)
+                          chunk_size=chunk_size, on_first_token=first_token)
         total = time.perf_counter() - start
     stats = GenStats(n_tokens=sum(len(o) for o in out),
                      first_token_s=marks["first"] - marks["compile_first"],
@@ -373,12 +413,34 @@ def log_stats(stats: GenStats) -> None:
     log(stats.summary())
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """For XLA's out-of-memory error (a JaxRuntimeError saying RESOURCE_EXHAUSTED or Out of
+    memory), one line saying so and what to lower; None for any other error."""
+    text = str(e)
+    if not isinstance(e, jax.errors.JaxRuntimeError) or not (
+            "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()):
+        return None
+    first = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return (f"out of memory ({first}): prefill a long prompt in smaller pieces with a lower "
+            "--chunk-size, or lower --max-tokens or the prompt's length")
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None) -> int:
-    """Run a command; a MistralJaxError becomes `error: ...` on stderr and exit status 2."""
+    """Run a command; a MistralJaxError, or running out of device memory, becomes one line
+    `error: ...` on stderr and exit status 2."""
     try:
         return main(argv) or 0
     except MistralJaxError as e:
         message = " ".join(str(e).split())
+        sys.stdout.flush()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except jax.errors.JaxRuntimeError as e:
+        message = out_of_memory(e)
+        if message is None:
+            raise
         sys.stdout.flush()
         print(f"error: {message}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

@@ -23,7 +23,7 @@ from mistral_common.tokens.tokenizers.base import TokenizerVersion
 
 from mistral_jax import cli
 from mistral_jax.errors import TokenizerError, UserInputError
-from mistral_jax.tokenizer import Tokenizer, ToolCall
+from mistral_jax.tokenizer import Tokenizer, ToolCall, check_utf8
 
 SEPARATOR = "====================="
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fim-suffix", metavar="TEXT", default=None,
                    help="fill in the middle: the code after the gap")
     cli.add_sampling_flags(p, max_tokens=128, temperature=0.0)
+    cli.add_chunk_flag(p)
     return p
 
 
@@ -77,6 +78,9 @@ def check_flags(ns: argparse.Namespace) -> None:
     cli.check_sampling(ns)
     fim = ns.fim_prefix is not None or ns.fim_suffix is not None
     if fim:
+        for flag, text in (("--fim-prefix", ns.fim_prefix), ("--fim-suffix", ns.fim_suffix)):
+            if text is not None:
+                check_utf8(text, flag)
         if ns.prompt or ns.instruct:
             raise UserInputError("--fim-prefix/--fim-suffix cannot be combined with --prompt "
                                  "or --instruct: a fill-in-the-middle request is one prompt")
@@ -93,6 +97,8 @@ def check_flags(ns: argparse.Namespace) -> None:
     if (ns.tools is not None or ns.system is not None) and not ns.instruct:
         raise UserInputError("--tools and --system need --instruct (they are part of the "
                              "chat template)")
+    if ns.system is not None:
+        cli.check_text(ns.system, "--system")
 
 
 def encode_prompts(ns: argparse.Namespace, tok: Tokenizer,
@@ -153,6 +159,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     model = cli.load_model(ns, folder)
     outputs, stats = cli.timed_generate(prompts, model, eos_id=tok.eos_id,
+                                        chunk_size=cli.chunk_size_for(ns, args, prompts),
                                         **cli.sampling_kwargs(ns))
     plain = not ns.instruct and ns.fim_prefix is None and ns.fim_suffix is None
     for prompt, ids in zip(prompts, outputs):

@@ -11,6 +11,7 @@ can be produced on purpose.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -345,6 +346,22 @@ BAD_SAMPLE_ARGS = [
     (["--instruct", "--prompt", "hi", "--tools", "{bad_tools_json}"], "not valid JSON"),
     (["--instruct", "--prompt", "hi", "--tools", "{missing}"], "cannot read it"),
     (["--prompt", "hi", "--fim-prefix", "a"], "cannot be combined with --prompt"),
+    (["--prompt", "hi", "--seed", str(2**63)], "seed must be an integer in "
+     "[-9223372036854775808, 9223372036854775807] (-2**63 to 2**63 - 1), got 9223372036854775808"),
+    (["--prompt", "hi", "--seed", "99999999999999999999"], "seed must be an integer in "),
+    (["--prompt", "hi", "--seed", str(-(2**63) - 1)], "seed must be an integer in "),
+    # Bytes that are not UTF-8 reach argv as lone surrogates (surrogateescape).
+    (["--prompt", "\udcff\udcfe bad bytes"],
+     "--prompt is not valid UTF-8 text: byte 0xff at character 0"),
+    (["--prompt", "ok", "--prompt", "caf\udce9"], "--prompt #2 is not valid UTF-8 text: byte 0xe9"),
+    (["--instruct", "--system", "\udc80", "--prompt", "hi"],
+     "--system is not valid UTF-8 text: byte 0x80"),
+    (["--fim-prefix", "def f(\udcff"], "--fim-prefix is not valid UTF-8 text: byte 0xff at "
+     "character 6"),
+    (["--fim-prefix", "a", "--fim-suffix", "\udcfe"], "--fim-suffix is not valid UTF-8 text"),
+    (["--instruct", "--system", "", "--prompt", "hi"], "--system is empty: give a non-empty text"),
+    (["--instruct", "--system", "  ", "--prompt", "hi"], "--system is empty"),
+    (["--prompt", "hi", "--chunk-size", "0"], "--chunk-size: must be an integer >= 1"),
 ]
 
 
@@ -583,3 +600,244 @@ def test_non_numeric_expert_count_is_one_line_exit_2(tmp_path, capsys, layout):
     code, out, err = run_main(sample.main, ["--ckpt", folder, "--prompt", "hi"], capsys)
     assert code == 2 and out == ""
     assert err.splitlines() == [f"error: {file}: {field} must be a positive integer, got 'two'"]
+
+
+# ----------------------------------------------------------------------------- chat input
+
+
+def chat_run(folder, stdin, capsys, monkeypatch, *argv) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
+    return run_main(chat.main, ["--ckpt", folder, *argv], capsys)
+
+
+def test_chat_with_stdin_closed_exits_as_at_end_of_input(folders, capsys, monkeypatch):
+    # `python -m mistral_jax.chat <&-`: Python sets sys.stdin to None.
+    code, out, err = chat_run(folders["text"], None, capsys, monkeypatch)
+    assert code == 0 and out == "", err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("io_encoding", [None, "utf-8:strict"])
+def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(folders, tok, io_encoding):
+    # A real process, bytes on stdin: the bad line is reported, the next one answered.
+    # Python reads stdin with surrogateescape in a C / C.UTF-8 locale, strictly in others
+    # (as PYTHONIOENCODING=utf-8:strict asks): chat must take both.
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if io_encoding is not None:
+        env["PYTHONIOENCODING"] = io_encoding
+    res = subprocess.run(
+        [sys.executable, "-m", "mistral_jax.chat", "--ckpt", str(folders["text"]),
+         "--max-tokens", "20"], input=b"caf\xe9\nhello\n/quit\n", capture_output=True,
+        cwd=REPO, timeout=300, env=env)
+    err = res.stderr.decode()
+    assert res.returncode == 0, err
+    assert res.stdout.decode().splitlines() == [expected(tok, ANSWER)]
+    assert "error: the message is not valid UTF-8 text: byte 0xe9 at character 3" in err
+    assert "Traceback" not in err
+
+
+def test_chat_bad_system_prompt_is_one_line_before_loading(folders, capsys, monkeypatch):
+    for system, message in (("\udcff", "--system is not valid UTF-8 text: byte 0xff"),
+                            ("", "--system is empty")):
+        code, out, err = chat_run(folders["text"], "hi\n", capsys, monkeypatch,
+                                  "--system", system)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert "loaded" not in err
+
+
+def test_chat_unknown_slash_word_is_not_sent_and_double_slash_sends_it(folders, tok, capsys,
+                                                                        monkeypatch):
+    prompts = []
+
+    def record(prompt, *a, **kw):
+        prompts.append(prompt)
+        return real(prompt, *a, **kw)
+
+    real = chat.generate_stream
+    monkeypatch.setattr(chat, "generate_stream", record)
+    code, out, err = chat_run(folders["text"], "/unknown-command\n /rest \n//etc\n"
+                              "/usr/bin is a folder\n//quit\n/quit\n", capsys, monkeypatch)
+    assert code == 0, err
+    for word in ("/unknown-command", "/rest"):
+        assert (f"{word}: not a command, not sent; commands: /reset, /quit (to send a line "
+                "starting with '/', begin it with '//')") in err
+    # Sent: '//etc' as "/etc", then a line of several words (the answer is added to the chat).
+    assert [tok.decode(p) for p in prompts[:2]] == [
+        tok.decode(tok.encode_chat([{"role": "user", "content": "/etc"}])),
+        tok.decode(tok.encode_chat([{"role": "user", "content": "/etc"},
+                                    {"role": "assistant", "content": expected(tok, ANSWER)},
+                                    {"role": "user", "content": "/usr/bin is a folder"}]))]
+    assert len(prompts) == 3 and tok.decode(prompts[2]).endswith("/quit")  # sent, not obeyed
+    assert out.splitlines() == [expected(tok, ANSWER)] * 3
+
+
+def test_chat_parse_line_and_turn_seed():
+    assert chat.parse_line("  ") == ("skip", "")
+    assert chat.parse_line(" /reset ") == ("command", "/reset")
+    assert chat.parse_line("/rest") == ("unknown", "/rest")
+    assert chat.parse_line("/") == ("unknown", "/")
+    assert chat.parse_line("//reset") == ("send", "/reset")
+    assert chat.parse_line("/a b") == ("send", "/a b")
+    assert chat.turn_seed(5, 2) == 7
+    assert chat.turn_seed(2**63 - 1, 1) == -(2**63)  # wraps inside the seed range
+
+
+def test_chat_max_tokens_must_leave_room_for_a_one_token_message(folders, tok, capsys,
+                                                                 monkeypatch):
+    shortest = len(tok.encode_chat([{"role": "user", "content": "a"}]))
+    with_system = len(tok.encode_chat([{"role": "user", "content": "a"}], system="Be brief."))
+    assert with_system > shortest
+    for extra, most in (([], MAX_SEQ_LEN - shortest),
+                        (["--system", "Be brief."], MAX_SEQ_LEN - with_system)):
+        code, out, err = chat_run(folders["text"], "a\n", capsys, monkeypatch,
+                                  "--max-tokens", most + 1, *extra)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"--max-tokens {most + 1} leaves no room for a message" in err
+        assert f"use at most {most}" in err and "loaded" not in err
+        code, out, err = chat_run(folders["text"], "a\n", capsys, monkeypatch,
+                                  "--max-tokens", most, *extra)
+        assert code == 0 and out.splitlines() == [expected(tok, ANSWER)], err
+        assert "error" not in err
+    code, out, err = chat_run(folders["text"], "a\n", capsys, monkeypatch,
+                              "--system", "word " * 300)
+    assert code == 2 and "shorten --system" in err and "loaded" not in err
+
+
+def test_chat_says_when_an_answer_is_cut_at_the_context(folders, tok, capsys, monkeypatch):
+    answer_len = len(tok.encode(ANSWER, bos=False))
+    n = 1
+    while len(tok.encode_chat([{"role": "user", "content": "word " * n}])) < MAX_SEQ_LEN - 4:
+        n += 1
+    room = MAX_SEQ_LEN - len(tok.encode_chat([{"role": "user", "content": "word " * n}]))
+    assert 0 < room < answer_len  # the answer cannot end within the context
+    code, out, err = chat_run(folders["text"], f"{'word ' * n}\n", capsys, monkeypatch)
+    assert code == 0, err
+    assert out == tok.decode(tok.encode(ANSWER, bos=False)[:room]) + "\n"
+    assert (f"(answer cut at the model's context of {MAX_SEQ_LEN} tokens; /reset starts a new "
+            "conversation)") in err
+    code, out, err = chat_run(folders["text"], "hello\n", capsys, monkeypatch)
+    assert code == 0 and "answer cut" not in err  # ended by eos
+
+
+# ----------------------------------------------------------------------------- chunked prefill
+
+
+@pytest.fixture(scope="module")
+def windowed_folder(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> Path:
+    """A random dense model with a sliding window of 8 and no max_seq_len."""
+    args = tiny_args(n_layers=2, vocab_size=tok.n_words, sliding_window=8)
+    folder = write_mistral_folder(tmp_path_factory.mktemp("windowed") / "w", args,
+                                  random_mistral_state(args, seed=9))
+    shutil.copy(V3, folder / "tokenizer.model.v3")
+    return folder
+
+
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps on the mat"
+
+
+def spy_chunks(monkeypatch) -> list[tuple[int, int]]:
+    """Record (prompt columns T, chunk_size) of every prefill."""
+    gen = importlib.import_module("mistral_jax.generate")
+    seen = []
+    real = gen.prefill_jit
+
+    def spy(params, tokens, *a, **kw):
+        seen.append((tokens.shape[1], kw["chunk_size"]))
+        return real(params, tokens, *a, **kw)
+
+    monkeypatch.setattr(gen, "prefill_jit", spy)
+    return seen
+
+
+def test_auto_chunk_size_rule():
+    assert cli.auto_chunk_size(tiny_args(), 4096) is None
+    assert cli.auto_chunk_size(tiny_args(), 4097) == cli.AUTO_CHUNK_LIMIT == 4096
+    assert cli.auto_chunk_size(tiny_args(sliding_window=256), 256) is None
+    assert cli.auto_chunk_size(tiny_args(sliding_window=256), 257) == 256
+    assert cli.auto_chunk_size(tiny_args(sliding_window=(6, None)), 7) == 6
+    assert cli.auto_chunk_size(tiny_args(sliding_window=8192), 5000) == 4096
+
+
+def test_sample_prefills_a_long_prompt_in_window_sized_chunks(windowed_folder, tok, capsys,
+                                                              monkeypatch):
+    prompt = tok.encode(LONG_PROMPT, bos=True)
+    assert 16 < len(prompt) <= 32  # prompt bucket 32: 4 chunks of the window, 8
+    seen = spy_chunks(monkeypatch)
+    argv = ["--ckpt", windowed_folder, "--prompt", LONG_PROMPT, "--dtype", "float32"]
+    chunked, out, _ = sample_ids(argv, capsys, monkeypatch)
+    assert seen == [(32, 8)]
+    whole, whole_out, _ = sample_ids([*argv, "--chunk-size", "1000"], capsys, monkeypatch)
+    assert seen[1:] == [(32, 32)]  # --chunk-size beyond the prompt: one chunk
+    assert chunked == whole and out == whole_out and len(chunked) == N_TOKENS
+    model = Transformer.from_folder(windowed_folder, dtype="float32")
+    assert chunked == generate([prompt], model, max_tokens=N_TOKENS, eos_id=2)[0][0]
+    del seen[:]
+    sample_ids([*argv, "--chunk-size", "5"], capsys, monkeypatch)
+    assert seen == [(35, 5)]
+    sample_ids(["--ckpt", windowed_folder, "--prompt", "The cat", "--dtype", "float32"], capsys,
+               monkeypatch)
+    assert seen[1:] == [(16, 16)]  # a short prompt: at once, as before
+
+
+def test_chat_prefills_a_long_message_in_chunks(windowed_folder, tok, capsys, monkeypatch):
+    seen = spy_chunks(monkeypatch)
+    argv = ["--temperature", "0", "--max-tokens", N_TOKENS, "--dtype", "float32"]
+    code, chunked, err = chat_run(windowed_folder, f"{LONG_PROMPT}\n", capsys, monkeypatch, *argv)
+    assert code == 0, err
+    assert seen == [(32, 8)]
+    code, whole, err = chat_run(windowed_folder, f"{LONG_PROMPT}\n", capsys, monkeypatch, *argv,
+                                "--chunk-size", "64")
+    assert code == 0, err
+    assert seen[1:] == [(32, 32)] and chunked == whole
+
+
+def test_full_attention_model_chunks_beyond_the_limit(random_folders, tok, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "AUTO_CHUNK_LIMIT", 16)
+    seen = spy_chunks(monkeypatch)
+    sample_ids(["--ckpt", random_folders["dense"], "--prompt", LONG_PROMPT], capsys, monkeypatch)
+    assert seen == [(32, 16)]
+
+
+OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34359738368 bytes."
+
+
+def test_out_of_memory_is_one_line_suggesting_a_smaller_chunk_size(folders, tok, capsys,
+                                                                   monkeypatch):
+    import jax
+
+    def oom(*a, **kw):
+        raise jax.errors.JaxRuntimeError(f"{OOM}\nBufferAssignment OOM Debugging.\n...")
+
+    monkeypatch.setattr(cli, "timed_generate", oom)
+    code, out, err = run_main(sample.main, ["--ckpt", folders["text"], "--prompt", "hi"], capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1] == (
+        f"error: out of memory ({OOM}): prefill a long prompt in smaller pieces with a lower "
+        "--chunk-size, or lower --max-tokens or the prompt's length")
+    assert "Traceback" not in err
+
+    def other(*a, **kw):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(cli, "timed_generate", other)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        sample.main(["--ckpt", str(folders["text"]), "--prompt", "hi"])
+
+
+def test_chat_out_of_memory_ends_the_turn_not_the_chat(folders, tok, capsys, monkeypatch):
+    import jax
+
+    calls = []
+
+    def first_fails(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise jax.errors.JaxRuntimeError(OOM)
+        return real(*a, **kw)
+
+    real = chat.generate_stream
+    monkeypatch.setattr(chat, "generate_stream", first_fails)
+    code, out, err = chat_run(folders["text"], "hello\nhello\n/quit\n", capsys, monkeypatch)
+    assert code == 0, err
+    assert out.splitlines() == [expected(tok, ANSWER)]
+    assert f"error: out of memory ({OOM})" in err and "--chunk-size" in err
