@@ -29,7 +29,7 @@ from mistral_jax.args import ModelArgs, load_args
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
 from mistral_jax.sampling import check_seed, make_strategy
 from mistral_jax.sharding import initialize_distributed, parse_mesh_spec
-from mistral_jax.tokenizer import Tokenizer, check_utf8, load_tokenizer
+from mistral_jax.tokenizer import Tokenizer, check_utf8, load_tokenizer, tokenizer_files
 from mistral_jax.transformer import DTYPES, Transformer
 
 EXIT_USER_ERROR = 2
@@ -219,9 +219,13 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, ModelArgs, Tokenizer]:
             raise
         raise TokenizerError(f"{e}; pass --tokenizer PATH") from None
     if tok.n_words > args.vocab_size:
+        others = ([] if ns.tokenizer is not None or not Path(folder).is_dir()
+                  else [f.name for f in tokenizer_files(Path(folder)) if f != Path(tok.path)])
+        hint = (f"; this folder also has {', '.join(others)}: pass --tokenizer PATH to use it"
+                if others else "")
         raise TokenizerError(
             f"tokenizer {tok.path} has {tok.n_words} tokens but the model in {folder} has "
-            f"vocab_size={args.vocab_size}: they do not belong together")
+            f"vocab_size={args.vocab_size}: they do not belong together{hint}")
     return folder, args, tok
 
 

@@ -95,6 +95,18 @@ def _is_tokenizer_name(name: str) -> bool:
     return tekken or name.endswith(".model") or _SPM_VERSIONED.search(name) is not None
 
 
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files of a model folder, in the order `find_tokenizer_file` prefers
+    them: `tekken*.json` (last name first), then `tokenizer.model.vN[mM]` (highest first),
+    then a plain `tokenizer.model`."""
+    tekken = sorted((p for p in folder.glob("tekken*.json") if p.is_file()), reverse=True)
+    versioned = sorted(
+        (p for p in folder.glob("*.model.v*") if p.is_file() and _SPM_VERSIONED.search(p.name)),
+        key=lambda p: (int(_SPM_VERSIONED.search(p.name).group(1)), p.name), reverse=True)
+    plain = [folder / "tokenizer.model"] if (folder / "tokenizer.model").is_file() else []
+    return [*tekken, *versioned, *plain]
+
+
 def find_tokenizer_file(folder: str | Path) -> Path:
     """Return the tokenizer file of a model folder (or `folder` itself if it is a tokenizer file).
 
@@ -113,16 +125,9 @@ def find_tokenizer_file(folder: str | Path) -> Path:
         raise TokenizerError(
             f"tokenizer path {path} does not exist (expected a model folder or file)"
         )
-    tekken = sorted(p for p in path.glob("tekken*.json") if p.is_file())
-    if tekken:
-        return tekken[-1]
-    versioned = [
-        p for p in path.glob("*.model.v*") if p.is_file() and _SPM_VERSIONED.search(p.name)
-    ]
-    if versioned:
-        return max(versioned, key=lambda p: (int(_SPM_VERSIONED.search(p.name).group(1)), p.name))
-    if (path / "tokenizer.model").is_file():
-        return path / "tokenizer.model"
+    found = tokenizer_files(path)
+    if found:
+        return found[0]
     hint = (
         " (tokenizer.json of HF `tokenizers` is not supported)"
         if (path / "tokenizer.json").exists()

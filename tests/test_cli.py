@@ -396,6 +396,19 @@ def test_bad_folders_and_tokenizers_fail_before_loading(folders, capsys, tmp_pat
     assert code == 2 and "no tokenizer file in" in err and "--tokenizer PATH" in err
 
 
+def test_a_mismatched_tokenizer_names_the_other_tokenizer_files_of_the_folder(folders, capsys,
+                                                                               tmp_path):
+    """With tekken.json beside the matching tokenizer.model.v3, tekken is found first (as
+    documented) and refused for its vocabulary; the error names the v3 file and --tokenizer."""
+    both = tmp_path / "both"
+    shutil.copytree(folders["text"], both)
+    shutil.copy(DATA / "tekken_240718.json", both / "tekken.json")
+    code, _, err = run_main(sample.main, ["--ckpt", both, "--prompt", "hi"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "tekken.json has 131072 tokens" in err
+    assert "this folder also has tokenizer.model.v3: pass --tokenizer PATH" in err
+
+
 # ----------------------------------------------------------------------------- random weights
 # Random tiny models with the v3 tokenizer: Mixtral in both layouts, a dense model and a
 # LoRA adapter for it. Each command's tokens are checked against the Python API.
