@@ -8,8 +8,9 @@ DST then loads with `Transformer.from_folder(DST)`. With --quantize the attentio
 feed-forward weights are written quantized (int8 / fp8 kernels + float32 scales), as
 `Transformer.from_folder(SRC, quantize=...)` would hold them; a compressed-tensors (fp8 /
 int8) source is written quantized as stored, without --quantize. Exit status 0 on success, 2 on bad
-input (a one-line error naming the file at fault), 130 when interrupted; in every failure
-DST is left as it was (absent, or the previous checkpoint).
+input (a one-line error naming the file at fault), 130 when interrupted (SIGINT, Ctrl-C), 143
+when terminated (SIGTERM); in every failure DST is left as it was (absent, or the previous
+checkpoint). A signal is acted on at the next tensor or chunk (mistral_jax.convert.convert).
 """
 
 from __future__ import annotations
@@ -46,17 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum, frame):  # SIGTERM: unwind so the partial output is removed
-    raise SystemExit(128 + signum)
+class _Terminated(BaseException):
+    """SIGTERM: unwinds like KeyboardInterrupt, so that the partial output is removed."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     opts = _parser().parse_args(argv)
-    from mistral_jax.convert import convert
-
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        from mistral_jax.convert import convert
+
         stats = convert(opts.src, opts.dst, dtype=opts.dtype, layout=opts.format,
                         quantize=opts.quantize, force=opts.force, verify=opts.verify,
                         progress=not opts.quiet)
@@ -65,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; the destination was left as it was", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print("terminated; the destination was left as it was", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(stats.summary())

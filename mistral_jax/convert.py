@@ -65,10 +65,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import struct
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -198,12 +200,19 @@ def _read_tensor(f, path: Path, name: str, loc: _Loc) -> np.ndarray:
     return buf.view(loc.dtype).reshape(loc.shape)
 
 
-def _iter_source(plan: list[PlannedTensor], locs: dict[Path, dict[str, _Loc]]
+def _no_check() -> None:
+    pass
+
+
+def _iter_source(plan: list[PlannedTensor], locs: dict[Path, dict[str, _Loc]],
+                 check: Callable[[], None] = _no_check
                  ) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
-    """Each planned tensor transformed to the params layout (not yet cast), in file order."""
+    """Each planned tensor transformed to the params layout (not yet cast), in file order;
+    `check()` (`_Interrupts.check`) before each read."""
     handles: dict[Path, Any] = {}
     try:
         for p in plan:
+            check()
             if p.file not in handles:
                 for f in handles.values():
                     f.close()
@@ -341,8 +350,9 @@ class _Writer:
     waiting for disk never add more than `window` bytes to resident memory.
     """
 
-    def __init__(self, where: Path, window: int = WRITE_WINDOW):
-        self.where, self.window = where, window
+    def __init__(self, where: Path, window: int = WRITE_WINDOW,
+                 check: Callable[[], None] = _no_check):
+        self.where, self.window, self.check = where, window, check
         self.pending: collections.deque = collections.deque()
         self.bytes = 0
         self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
@@ -350,6 +360,7 @@ class _Writer:
     def write(self, store, value: np.ndarray, dtype: np.dtype, chunks: list[int]) -> None:
         """Cast and write `value` into `store`, one chunk at a time."""
         for box in _chunk_boxes(value.shape, chunks):
+            self.check()
             need = math.prod(s.stop - s.start for s in box) * dtype.itemsize
             while self.pending and self.bytes + need > self.window:
                 self._wait_one()
@@ -497,7 +508,105 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
     `Transformer.from_folder(src, dtype=dtype, quantize=quantize)` would hold them. A
     compressed-tensors source is written as stored (quantized) and refuses `quantize`.
     Raises ConfigError / CheckpointError / UserInputError naming the file at fault.
+
+    SIGINT and SIGTERM (from the main thread): their handlers run at once while the
+    source is checked, and once the partial output exists are only recorded, and acted on
+    at the next tensor or chunk: the partial output is removed (a signal during that
+    removal is recorded too, never cutting it short), then the signal's previous handler
+    runs (KeyboardInterrupt for SIGINT; under the default action the signal is raised
+    again, ending the process). One that arrives once `dst` is in place is too late: the
+    conversion is complete.
     """
+    with _Interrupts() as interrupts:
+        return _convert(Path(src), Path(dst), dtype, layout, quantize, force, verify, progress,
+                        interrupts)
+
+
+class _Interrupted(BaseException):
+    """A signal whose default action is to end the process: unwinds, then it is raised again."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _in_gc_callback(frame) -> bool:
+    """Whether `frame` runs inside a garbage-collection callback (jax has one)."""
+    import gc
+
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _Interrupts:
+    """Records SIGINT / SIGTERM instead of letting their handlers raise wherever Python is
+    (a KeyboardInterrupt raised in a garbage-collection callback is printed and dropped, and
+    one raised while the partial output is removed would leave it behind). `check()` acts on
+    a recorded signal at a point of the conversion's choosing. Until `defer()` (while there
+    is nothing to clean up) the handler also runs at once, unless Python is inside a
+    garbage-collection callback (the next `check()` acts on it then). Outside the main
+    thread, or for a signal that was ignored, it changes nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.saved: dict[int, Any] = {}
+        self.pending: int | None = None
+        self.immediate = True
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous not in (signal.SIG_IGN, None):
+                    self.saved[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.pending is None:
+            self.pending = signum
+        if not self.immediate:
+            return
+        if _in_gc_callback(frame):  # what it raised would be printed and dropped:
+            return  # the next check() acts on it
+        self._act(signum)
+        self.pending = None
+
+    def defer(self) -> None:
+        """From now on only record signals (after acting on one already recorded)."""
+        self.immediate = False
+        self.check()
+
+    def check(self) -> None:
+        """Act on a recorded signal: call its previous handler (which raises, as Python's
+        SIGINT handler and the CLI's SIGTERM handler do), or for the default action raise
+        _Interrupted. A handler that returns lets the conversion go on."""
+        signum, self.pending = self.pending, None
+        if signum is not None:
+            self._act(signum)
+
+    def _act(self, signum: int) -> None:
+        handler = self.saved[signum]
+        if handler == signal.SIG_DFL:
+            raise _Interrupted(signum)
+        handler(signum, None)
+
+    def __exit__(self, kind, exc, tb) -> None:
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)
+        if isinstance(exc, _Interrupted):
+            signal.raise_signal(exc.signum)  # the default action: the process ends here
+            raise SystemExit(128 + exc.signum)
+        if isinstance(exc, Exception):
+            self.check()  # a signal recorded while an error unwound: the signal wins
+
+
+def _convert(src: Path, dst: Path, dtype: Any, layout: str, quantize: str | None, force: bool,
+             verify: bool, progress: bool, interrupts: _Interrupts) -> ConvertStats:
     from mistral_jax.model import abstract_params
     from mistral_jax.quant import (
         checkpoint_abstract,
@@ -508,7 +617,6 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
     from mistral_jax.transformer import resolve_dtype
 
     start = time.perf_counter()
-    src, dst = Path(src), Path(dst)
     np_dtype = np.dtype(resolve_dtype(dtype))
     mode = None if quantize is None else resolve_mode(quantize)
     if is_converted(src):
@@ -520,10 +628,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
                              f"{scheme.weight_dtype.name} weights); convert it without "
                              "--quantize: it is written as stored")
     files = safetensors_files(src, layout)
+    check = interrupts.check  # (a signal dropped in a GC callback while tracing the model)
     if scheme is None:
         abstract, implied = abstract_params(args, np_dtype), {}
     else:  # int8 / fp8 kernels with their scales, as `checkpoint.load_params` holds them
         abstract, implied = checkpoint_abstract(files, layout, args, np_dtype, scheme)
+    check()
     plan = plan_checkpoint(files, layout, args, abstract)  # every header checked before any data
     file_info = {f: tensor_locations(f) for f in files}
     locs = {f: info[0] for f, info in file_info.items()}
@@ -547,6 +657,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
         raise UserInputError(f"{dst}: would overwrite the source folder {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise UserInputError(f"{dst}: already exists (pass --force to replace it)")
+    check()
     leaves = _leaves(abstract, args)
     total = sum(_leaf_bytes(v) for v in leaves.values())
     try:
@@ -558,13 +669,15 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
     if free < total:
         raise CheckpointError(f"{dst}: needs {total / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
                               f"on that disk")
+    interrupts.defer()  # from here on there is partial output to remove first
     tmp = _hidden_sibling(dst_abs, "partial")
     try:
         tmp.mkdir()
     except OSError as e:
         raise CheckpointError(f"{dst}: cannot write here ({e.strerror or e})") from None
     try:
-        source = _Source(plan, locs, leaves, np_dtype, mode, implied)
+        check()
+        source = _Source(plan, locs, leaves, np_dtype, mode, implied, check=check)
         source.find_amax(progress)
         _convert_into(tmp, src, source, total, progress)
         if verify:
@@ -582,9 +695,10 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
             _fsync_path(tmp)
         except OSError as e:
             raise CheckpointError(f"{dst}: writing the checkpoint failed ({e.strerror or e})") from None
+        check()  # the last point to stop at: after the rename the checkpoint is complete
         _replace(tmp, dst_abs, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # signals only recorded meanwhile (_Interrupts)
         raise
     return ConvertStats(dst, len(plan), total, time.perf_counter() - start, verify,
                         None if quantization is None else quantization["mode"])
@@ -629,6 +743,7 @@ class _Source:
     mode: Any = None  # quant.QuantMode, or None
     implied: dict = dataclasses.field(default_factory=dict)
     amax: dict = dataclasses.field(default_factory=dict)  # 'fp8-tensor' stacked experts: max |w|
+    check: Callable[[], None] = _no_check  # `_Interrupts.check`, before each tensor and chunk
 
     def _quantized(self, p: PlannedTensor) -> bool:
         from mistral_jax.quant import should_quantize
@@ -642,7 +757,7 @@ class _Source:
         if self.mode is None or not self.mode.per_tensor:
             return
         todo = [p for p in self.plan if p.target.expert is not None and self._quantized(p)]
-        items = _iter_source(todo, self.locs)
+        items = _iter_source(todo, self.locs, self.check)
         if progress and todo:
             from tqdm import tqdm
 
@@ -659,7 +774,7 @@ class _Source:
 
         from mistral_jax.quant import on_host, quantize_array, quantize_leaf, sibling, split_dims
 
-        for p, value in _iter_source(self.plan, self.locs):
+        for p, value in _iter_source(self.plan, self.locs, self.check):
             path, expert = p.target.path, p.target.expert
             if not self._quantized(p):  # cast by the writer, block by block
                 yield path, expert, value, p
@@ -688,14 +803,17 @@ def _convert_into(tmp: Path, src: Path, source: _Source, total: int, progress: b
     ckpt = tmp / ORBAX_DIR
     context = _ts_context()
     leaves = source.leaves
+    stores = {}
     try:
         ckpt.mkdir()
-        stores = {tuple(v["path"]): _create_array(ckpt, tuple(v["path"]), v["shape"], v["chunks"],
-                                                  v["dtype"], context) for v in leaves.values()}
+        for v in leaves.values():
+            source.check()
+            stores[tuple(v["path"])] = _create_array(ckpt, tuple(v["path"]), v["shape"],
+                                                     v["chunks"], v["dtype"], context)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{tmp}: cannot create the checkpoint arrays ({e})") from None
     bar = _bar(progress, total, f"converting {src.name}")
-    writer = _Writer(ckpt)
+    writer = _Writer(ckpt, check=source.check)
     n = len(source.plan)
     try:
         # no enumerate(): its reused result tuple would keep the last tensor alive
@@ -738,6 +856,7 @@ def _verify(tmp: Path, source: _Source, progress: bool) -> None:
             chunks = leaf["chunks"][0 if expert is None else 1:]
             what = "an implied leaf" if p is None else f"source tensor {p.name!r} in {p.file}"
             for box in _chunk_boxes(value.shape, chunks):
+                source.check()
                 want = np.array(value[box], dtype=dtype, order="C")
                 try:
                     got = store[box].read().result()

@@ -248,6 +248,117 @@ def test_cli_runs_as_a_module_and_exits_2_on_bad_input(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
+# ----------------------------------------------------------------------------- signals
+
+
+@pytest.fixture
+def signal_in_gc_callback():
+    """arm(signum) then gc.collect(): the signal arrives inside a GC callback, as when jax's
+    `_xla_gc_callback` runs, where a KeyboardInterrupt is printed and dropped."""
+    import gc
+
+    armed = []
+
+    def callback(phase, info):
+        if phase == "start" and armed:
+            signal.raise_signal(armed.pop())  # Python's handler runs here, in the callback
+
+    gc.callbacks.append(callback)
+
+    def fire(signum):
+        armed.append(signum)
+        gc.collect()
+
+    yield fire
+    gc.callbacks.remove(callback)
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("phase", ["checking the source", "writing"])
+def test_a_signal_dropped_in_a_gc_callback_still_stops_the_conversion(
+        sources, tmp_path, monkeypatch, capsys, signal_in_gc_callback, signum, status, phase):
+    """The signal is recorded and acted on at the next tensor / chunk: exit 130 (SIGINT) or
+    143 (SIGTERM), no destination, no partial folder (it used to run to the end, exit 0)."""
+    import mistral_jax.model
+
+    if phase == "writing":
+        copy, calls = convert_mod._copy, []
+
+        def copy_then_signal(value, dtype, pool):
+            calls.append(1)
+            if len(calls) == 3:
+                signal_in_gc_callback(signum)
+            return copy(value, dtype, pool)
+
+        monkeypatch.setattr(convert_mod, "_copy", copy_then_signal)
+    else:
+        abstract = mistral_jax.model.abstract_params
+
+        def abstract_then_signal(*a, **k):
+            out = abstract(*a, **k)
+            signal_in_gc_callback(signum)
+            return out
+
+        monkeypatch.setattr(mistral_jax.model, "abstract_params", abstract_then_signal)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    dst = tmp_path / "out"
+    assert main([str(sources["dense", "mistral"]), str(dst), "--quiet"]) == status
+    err = capsys.readouterr().err
+    assert "the destination was left as it was" in err and "Exception ignored" not in err, err
+    assert not dst.exists() and _no_leftovers(dst)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_sigterm_with_its_default_action_ends_the_process_after_the_clean_up(sources, tmp_path):
+    """convert() called from a script that leaves SIGTERM's default action: the partial
+    folder is removed first, then the process ends by SIGTERM as it would have."""
+    script = textwrap.dedent("""
+        import signal, sys
+        import mistral_jax.convert as c
+        copy, calls = c._copy, []
+        def copy_then_signal(value, dtype, pool):
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGTERM)
+            return copy(value, dtype, pool)
+        c._copy = copy_then_signal
+        c.convert(sys.argv[1], sys.argv[2])
+        print("finished")
+    """)
+    dst = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", script, str(sources["dense", "mistral"]),
+                           str(dst)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert "finished" not in done.stdout and not dst.exists() and _no_leftovers(dst)
+
+
+def test_a_second_signal_does_not_cut_the_clean_up_short(sources, tmp_path, monkeypatch, capsys):
+    """Ctrl-C twice: the second one arrives while the partial folder is being removed; the
+    removal still finishes (it used to leave the hidden .out.partial-* folder behind)."""
+    copy, calls = convert_mod._copy, []
+
+    def copy_then_signal(value, dtype, pool):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return copy(value, dtype, pool)
+
+    rmtree, removed = shutil.rmtree, []
+
+    def signal_then_rmtree(path, *a, **k):
+        if Path(path).name.startswith(".out.partial-"):
+            signal.raise_signal(signal.SIGINT)  # the second Ctrl-C
+            removed.append(path)
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(convert_mod, "_copy", copy_then_signal)
+    monkeypatch.setattr(convert_mod.shutil, "rmtree", signal_then_rmtree)
+    dst = tmp_path / "out"
+    assert main([str(sources["dense", "mistral"]), str(dst), "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(removed) == 1 and not dst.exists() and _no_leftovers(dst)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
