@@ -30,6 +30,18 @@ from mistral_jax.errors import CheckpointError
 ParamPath = tuple[str, ...]
 # Names some exporters add that carry nothing the model needs.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# The safetensors dtypes a weight may have (-> numpy dtype name): floats, and the int8 / fp8
+# of compressed-tensors weights, which must come with their scales (quant.py).
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I8": "int8", "F8_E4M3": "float8_e4m3fn"}
+
+
+def check_dtype(path: Path, name: str, dtype: str) -> None:
+    """CheckpointError unless `dtype` (a safetensors dtype such as 'BF16') may hold a weight:
+    the one check of the loader (`plan_checkpoint`) and the converter (`tensor_locations`)."""
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; expected one of "
+                              f"{sorted(SAFETENSORS_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,7 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
                 raise CheckpointError(
                     f"{path}: unexpected tensor {name!r} for a {layout}-layout model with "
                     f"n_layers={args.n_layers}, moe={args.moe}")
+            check_dtype(path, name, dt)
             leaf = expected[target.path]
             param_shape = leaf.shape[1:] if target.expert is not None else leaf.shape
             if dt in STORAGE_DTYPES and not is_quantized(leaf):

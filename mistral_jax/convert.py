@@ -84,7 +84,13 @@ from mistral_jax.args import (
     args_to_params_json,
     load_args,
 )
-from mistral_jax.checkpoint import PlannedTensor, plan_checkpoint, safetensors_files
+from mistral_jax.checkpoint import (
+    SAFETENSORS_DTYPES,
+    PlannedTensor,
+    check_dtype,
+    plan_checkpoint,
+    safetensors_files,
+)
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 
 __all__ = ["ConvertStats", "MANIFEST", "convert", "is_converted", "load_converted",
@@ -99,8 +105,6 @@ WRITE_WINDOW = 64 << 20  # bytes of blocks waiting for disk
 _SPLIT_AXES = {"vocab": 8, "q_heads": 8, "kv_heads": 8, "mlp": 8, "expert": None}
 _TOKENIZER_FILES = ("tekken*.json", "tokenizer.model*", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "generation_config.json")
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I8": "int8", "F8_E4M3": "float8_e4m3fn"}  # int8 / fp8: compressed-tensors
 # dtypes a manifest may name for a leaf
 _LEAF_DTYPES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn")
 _QUANTIZED = ("int8", "float8_e4m3fn")  # dtypes of quantized kernels
@@ -163,10 +167,8 @@ def tensor_locations(path: Path) -> tuple[dict[str, _Loc], str]:
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if dtype_name not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}; "
-                                  f"expected one of {sorted(_ST_DTYPES)}")
-        dtype = _np_dtype(_ST_DTYPES[dtype_name])
+        check_dtype(path, name, dtype_name)
+        dtype = _np_dtype(SAFETENSORS_DTYPES[dtype_name])
         if not 0 <= begin <= end or end > data_len:
             raise CheckpointError(f"{path}: tensor {name!r} has offsets [{begin}, {end}) past the "
                                   f"end of the data ({data_len} bytes): truncated or corrupt")

@@ -356,6 +356,33 @@ def test_unknown_extra_tensor_is_named(good_folder):
         Transformer.from_folder(folder)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_integer_weight_is_refused_like_the_converter_refuses_it(good_folder, tmp_path, dtype):
+    """A norm stored as I32 (etc.) used to load, cast to floats; the loader and the
+    converter now give the same error (int8 / fp8 only as compressed-tensors weights)."""
+    from mistral_jax.convert import convert
+
+    folder, args = good_folder
+    _rewrite(folder, args, lambda s: s.update({"norm.weight": np.ones(args.dim, dtype)}))
+    with pytest.raises(CheckpointError) as loading:
+        Transformer.from_folder(folder)
+    with pytest.raises(CheckpointError) as converting:
+        convert(folder, tmp_path / "out")
+    name = {np.int32: "I32", np.int64: "I64", np.uint8: "U8", np.bool_: "BOOL"}[dtype]
+    assert str(loading.value) == str(converting.value) == (
+        f"{folder / 'consolidated.safetensors'}: tensor 'norm.weight' has dtype {name}; expected "
+        "one of ['BF16', 'F16', 'F32', 'F64', 'F8_E4M3', 'I8']")
+    assert not (tmp_path / "out").exists()
+
+
+def test_int8_weight_without_its_scale_is_refused(good_folder):
+    folder, args = good_folder
+    _rewrite(folder, args, lambda s: s.update({"norm.weight": np.ones(args.dim, np.int8)}))
+    with pytest.raises(CheckpointError, match="'norm.weight' is stored as I8 but the checkpoint "
+                                              "has no weight_scale"):
+        Transformer.from_folder(folder)
+
+
 def test_missing_shard_in_index_is_named(tmp_path):
     args = tiny_args(vocab_size=100)
     hf = write_hf_folder(tmp_path / "h", args, random_mistral_state(args), shards=2)
