@@ -159,9 +159,40 @@ def safetensors_files(folder: Path, layout: str) -> list[Path]:
     else:
         files = sorted(folder.glob("consolidated*.safetensors"))
     if not files:
-        pattern = "model*.safetensors" if layout == "hf" else "consolidated*.safetensors"
-        raise CheckpointError(f"{folder}: no weight files ({pattern})")
+        raise CheckpointError(_no_weights(folder, layout))
     return files
+
+
+_LAYOUTS = {  # layout -> (name, config file, weight files)
+    "mistral": ("Mistral", "params.json", "consolidated*.safetensors"),
+    "hf": ("HF", "config.json", "model*.safetensors"),
+}
+
+
+def _names(paths: list[Path], most: int = 3) -> str:
+    return ", ".join(p.name for p in paths[:most]) + (" ..." if len(paths) > most else "")
+
+
+def _no_weights(folder: Path, layout: str) -> str:
+    """Why a folder has no weight files for `layout`: what else is there, and what to do."""
+    name, config, pattern = _LAYOUTS[layout]
+    msg = f"{folder}: no weight files ({pattern}) for the {name} layout"
+    other = "hf" if layout == "mistral" else "mistral"
+    other_name, other_config, other_pattern = _LAYOUTS[other]
+    found = sorted(folder.glob(other_pattern))
+    if found and (folder / other_config).is_file():
+        msg += (f"; the folder also has {other_config} and {_names(found)} ({other_name} "
+                f"layout): to read those, pass --format {other} to mistral-jax-convert")
+        if layout == "mistral":  # what load_args picks when both are there
+            msg += (", or move params.json out of the folder for Transformer.from_folder "
+                    "(which reads params.json when both configs are there)")
+    elif found:
+        msg += f"; {_names(found)} ({other_name} layout) would need {other_config}"
+    torch = sorted(p for ext in ("*.pth", "*.pt", "*.bin") for p in folder.glob(ext))
+    if torch:
+        msg += (f"; {_names(torch)}: PyTorch pickle checkpoints are not read, only "
+                f"safetensors files ({pattern})")
+    return msg
 
 
 def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -239,8 +270,14 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
                 missing.append(param if name == param else f"{name} ({param})")
     if missing:
         names = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        folder = files[0].parent
+        index = folder / "model.safetensors.index.json"
+        unlisted = (sorted(set(folder.glob("model*.safetensors")) - set(files))
+                    if layout == "hf" and index.is_file() else [])
+        hint = (f"; {index.name} does not list {_names(unlisted)}, which the folder has (an "
+                "index from another download?)" if unlisted else "")
         raise CheckpointError(
-            f"{files[0].parent}: {len(missing)} weights missing from the checkpoint: {names}")
+            f"{folder}: {len(missing)} weights missing from the checkpoint: {names}{hint}")
     return plan
 
 

@@ -443,6 +443,16 @@ def test_format_that_does_not_match_the_folder_exits_2(sources, tmp_path, capsys
     assert "config.json" in capsys.readouterr().err
 
 
+def test_hf_folder_with_a_params_json_too_names_format_hf(sources, tmp_path, capsys):
+    src = shutil.copytree(sources["dense", "hf"], tmp_path / "src")
+    shutil.copy(sources["dense", "mistral"] / "params.json", src / "params.json")
+    assert main([str(src), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no weight files (consolidated*.safetensors)" in err and "config.json and " \
+        "model-00001-of-00002.safetensors" in err and "pass --format hf" in err, err
+    assert main([str(src), str(tmp_path / "out"), "--quiet", "--format", "hf"]) == 0
+
+
 def test_unwritable_destination_exits_2(sources, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -22,7 +22,7 @@ from helpers import (
 )
 
 from mistral_jax import CheckpointError, ConfigError, Transformer, forward, init_cache
-from mistral_jax.args import args_from_hf_config, args_from_params_json
+from mistral_jax.args import args_from_hf_config, args_from_params_json, args_to_params_json
 from mistral_jax.model import causal_positions
 
 # (n_heads, n_kv_heads): GQA ratios 1, 2 and 4; windows on and off; both rope thetas and vocabs.
@@ -388,6 +388,50 @@ def test_missing_shard_in_index_is_named(tmp_path):
     hf = write_hf_folder(tmp_path / "h", args, random_mistral_state(args), shards=2)
     (hf / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="lists shard model-00002-of-00002.safetensors, which is missing"):
+        Transformer.from_folder(hf)
+
+
+def test_hf_weights_hidden_by_a_params_json_are_named_with_the_way_out(tmp_path):
+    """params.json + config.json + HF weights: params.json wins, and the error says that the
+    HF files are there and how to read them (it said only 'no weight files')."""
+    args = tiny_args(vocab_size=100)
+    hf = write_hf_folder(tmp_path / "h", args, random_mistral_state(args), shards=2)
+    (hf / "params.json").write_text(json.dumps(args_to_params_json(args)))
+    with pytest.raises(CheckpointError) as error:
+        Transformer.from_folder(hf)
+    assert str(error.value) == (
+        f"{hf}: no weight files (consolidated*.safetensors) for the Mistral layout; the folder "
+        "also has config.json and model-00001-of-00002.safetensors, "
+        "model-00002-of-00002.safetensors (HF layout): to read those, pass --format hf to "
+        "mistral-jax-convert, or move params.json out of the folder for "
+        "Transformer.from_folder (which reads params.json when both configs are there)")
+    (hf / "params.json").rename(tmp_path / "params.json")
+    Transformer.from_folder(hf)  # as the message says
+
+
+def test_pytorch_checkpoint_is_named_as_not_read(tmp_path):
+    folder = tmp_path / "pth"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps(args_to_params_json(tiny_args())))
+    (folder / "consolidated.00.pth").write_bytes(b"PK\x03\x04")
+    with pytest.raises(CheckpointError, match=r"pth: no weight files \(consolidated\*\.safetensors"
+                                              r"\) for the Mistral layout; consolidated\.00\.pth: "
+                                              r"PyTorch pickle checkpoints are not read, only "
+                                              r"safetensors files"):
+        Transformer.from_folder(folder)
+
+
+def test_shard_missing_from_the_index_is_named_when_weights_are_missing(tmp_path):
+    args = tiny_args(vocab_size=100)
+    hf = write_hf_folder(tmp_path / "h", args, random_mistral_state(args), shards=2)
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items()
+                           if v == "model-00001-of-00002.safetensors"}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"weights missing from the checkpoint: .*; "
+                                              r"model\.safetensors\.index\.json does not list "
+                                              r"model-00002-of-00002\.safetensors, which the "
+                                              r"folder has"):
         Transformer.from_folder(hf)
 
 
