@@ -254,11 +254,18 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
     return _build(path, **kwargs)
 
 
-def load_args(folder: str | Path, **overrides: Any) -> tuple[ModelArgs, str]:
-    """Read the args of a model folder; returns (args, layout) with layout 'mistral' or 'hf'."""
+def check_folder(folder: str | Path) -> Path:
+    """`folder` as a Path; ConfigError if it does not exist or is not a directory."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"{folder}: not a directory")
+        what = "it does not exist" if not folder.exists() else "it is a file"
+        raise ConfigError(f"{folder}: not a directory ({what})")
+    return folder
+
+
+def load_args(folder: str | Path, **overrides: Any) -> tuple[ModelArgs, str]:
+    """Read the args of a model folder; returns (args, layout) with layout 'mistral' or 'hf'."""
+    folder = check_folder(folder)
     if (folder / "params.json").is_file():
         return args_from_params_json(folder / "params.json", **overrides), "mistral"
     if (folder / "config.json").is_file():

@@ -82,6 +82,7 @@ from mistral_jax.args import (
     args_from_hf_config,
     args_from_params_json,
     args_to_params_json,
+    check_folder,
     load_args,
 )
 from mistral_jax.checkpoint import (
@@ -447,6 +448,7 @@ class ConvertStats:
 
 
 def _source_args(src: Path, layout: str) -> tuple[ModelArgs, str]:
+    check_folder(src)
     if layout == "auto":
         return load_args(src)
     if layout not in ("mistral", "hf"):
@@ -456,6 +458,14 @@ def _source_args(src: Path, layout: str) -> tuple[ModelArgs, str]:
         raise ConfigError(f"{src}: no {cfg.name}, needed for --format {layout}")
     reader = args_from_params_json if layout == "mistral" else args_from_hf_config
     return reader(cfg), layout
+
+
+def _in_the_way(dst: Path) -> str | None:
+    """'PATH is a file' for the first of dst's parents that exists and is not a directory."""
+    for parent in reversed(dst.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -667,7 +677,8 @@ def _convert(src: Path, dst: Path, dtype: Any, layout: str, quantize: str | None
         _remove_stale(dst_abs)
         free = shutil.disk_usage(dst_abs.parent).free
     except OSError as e:
-        raise CheckpointError(f"{dst}: cannot write here ({e.strerror or e})") from None
+        raise CheckpointError(f"{dst}: cannot write here ({_in_the_way(dst_abs) or e.strerror or e})"
+                              ) from None
     if free < total:
         raise CheckpointError(f"{dst}: needs {total / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
                               f"on that disk")

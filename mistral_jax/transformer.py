@@ -37,7 +37,12 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
         if dtype not in DTYPES:
             raise UserInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    dt = jnp.dtype(dtype)
+    if dtype is None:  # (numpy reads None as float64)
+        raise UserInputError("dtype must be bfloat16, float16 or float32, got None")
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise UserInputError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}") from None
     if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)):
         raise UserInputError(f"dtype must be bfloat16, float16 or float32, got {dt}")
     return dt

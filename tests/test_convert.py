@@ -456,9 +456,10 @@ def test_hf_folder_with_a_params_json_too_names_format_hf(sources, tmp_path, cap
 def test_unwritable_destination_exits_2(sources, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert main([str(sources["dense", "mistral"]), str(blocker / "out"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "cannot write here" in err and str(blocker / "out") in err
+    for dst in (blocker / "out", blocker / "a" / "b" / "out"):  # the file in the way is named
+        assert main([str(sources["dense", "mistral"]), str(dst), "--quiet"]) == 2
+        assert capsys.readouterr().err == (f"error: {dst}: cannot write here ({blocker} is a "
+                                           "file, not a folder)\n")
     assert blocker.read_text() == ""
 
 

@@ -23,6 +23,7 @@ from helpers import (
 
 from mistral_jax import CheckpointError, ConfigError, Transformer, forward, init_cache
 from mistral_jax.args import args_from_hf_config, args_from_params_json, args_to_params_json
+from mistral_jax.errors import UserInputError
 from mistral_jax.model import causal_positions
 
 # (n_heads, n_kv_heads): GQA ratios 1, 2 and 4; windows on and off; both rope thetas and vocabs.
@@ -268,6 +269,22 @@ def good_folder(tmp_path):
 def test_folder_without_params_or_config(tmp_path):
     with pytest.raises(ConfigError, match="no params.json .* or config.json"):
         Transformer.from_folder(tmp_path)
+
+
+def test_folder_that_does_not_exist_or_is_a_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nowhere: not a directory \(it does not exist\)$"):
+        Transformer.from_folder(tmp_path / "nowhere")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"a_file: not a directory \(it is a file\)$"):
+        Transformer.from_folder(tmp_path / "a_file")
+
+
+@pytest.mark.parametrize("dtype, shown", [(None, "None"), (3.5, "3.5"), (object, "object"),
+                                          (np.int32, "int32")])
+def test_bad_dtype_is_shown_as_given(good_folder, dtype, shown):
+    with pytest.raises(UserInputError) as error:
+        Transformer.from_folder(good_folder[0], dtype=dtype)
+    assert str(error.value) == f"dtype must be bfloat16, float16 or float32, got {shown}"
 
 
 def test_params_json_missing_field_names_it(good_folder):
