@@ -11,6 +11,7 @@ int8) source is written quantized as stored, without --quantize. Exit status 0 o
 input (a one-line error naming the file at fault), 130 when interrupted (SIGINT, Ctrl-C), 143
 when terminated (SIGTERM); in every failure DST is left as it was (absent, or the previous
 checkpoint). A signal is acted on at the next tensor or chunk (mistral_jax.convert.convert).
+--force replaces only a converted checkpoint or an empty folder, once the new one is complete.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="weight dtype: bfloat16 (default), "
                    "float16 or float32")
     p.add_argument("--format", default="auto", choices=("auto", "mistral", "hf"),
-                   help="source layout (auto: params.json -> mistral, config.json -> hf)")
+                   help="source layout (auto: params.json -> mistral, else config.json -> "
+                        "hf; params.json wins when both are there)")
     p.add_argument("--quantize", default=None, choices=("int8", "fp8", "fp8-tensor"),
                    help="write the attention / feed-forward weights quantized: int8 or fp8 "
                         "(e4m3) with a float32 scale per output channel, or fp8-tensor (one "
                         "scale per weight); the other weights stay in --dtype. Not for "
                         "compressed-tensors sources, which are written quantized as stored")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it is a converted checkpoint (it has "
+                        "mistral_jax_checkpoint.json) or an empty folder; anything else at DST "
+                        "is never deleted (remove it yourself)")
     p.add_argument("--verify", action="store_true",
                    help="read every tensor back and compare it with the source (cast, and "
                         "quantized again with --quantize) before finishing")

@@ -519,6 +519,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
     weights quantized (int8 / fp8 kernel + float32 scale), exactly as
     `Transformer.from_folder(src, dtype=dtype, quantize=quantize)` would hold them. A
     compressed-tensors source is written as stored (quantized) and refuses `quantize`.
+    An existing `dst` is a UserInputError, unless `force` and it is a converted checkpoint
+    (it has the manifest) or an empty folder, which the finished output then replaces.
     Raises ConfigError / CheckpointError / UserInputError naming the file at fault.
 
     SIGINT and SIGTERM (from the main thread): their handlers run at once while the
@@ -667,8 +669,7 @@ def _convert(src: Path, dst: Path, dtype: Any, layout: str, quantize: str | None
     dst_abs, src_abs = dst.absolute(), src.resolve()
     if dst_abs.resolve() == src_abs or src_abs.is_relative_to(dst_abs.resolve()):
         raise UserInputError(f"{dst}: would overwrite the source folder {src}")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise UserInputError(f"{dst}: already exists (pass --force to replace it)")
+    _check_replaceable(dst, force)
     check()
     leaves = _leaves(abstract, args)
     total = sum(_leaf_bytes(v) for v in leaves.values())
@@ -915,13 +916,33 @@ def _manifest(src: Path, layout: str, file_info, dtype: np.dtype, quantization: 
     }
 
 
+def _check_replaceable(dst: Path, force: bool) -> None:
+    """UserInputError unless `dst` is absent, or `force` and it is a converted checkpoint (it
+    has the manifest) or an empty folder: --force never deletes anything else."""
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not force:
+        raise UserInputError(f"{dst}: already exists (pass --force to replace it, if it is a "
+                             "converted checkpoint or an empty folder)")
+    if (dst / MANIFEST).is_file():
+        return
+    try:
+        if dst.is_dir() and not any(dst.iterdir()):
+            return
+    except OSError as e:
+        raise UserInputError(f"{dst}: cannot look inside ({e.strerror or e}); --force replaces "
+                             "only a converted checkpoint or an empty folder") from None
+    what = "a folder that is not a converted checkpoint" if dst.is_dir() else "not a folder"
+    raise UserInputError(f"{dst}: {what} (no {MANIFEST}); --force replaces only a converted "
+                         "checkpoint or an empty folder: remove it yourself if it should go")
+
+
 def _replace(tmp: Path, dst: Path, force: bool) -> None:
     """Atomically move the finished `tmp` to `dst` (replacing it under `force`)."""
     old = None
     try:
         if dst.exists() or dst.is_symlink():
-            if not force:  # appeared while converting
-                raise UserInputError(f"{dst}: already exists (pass --force to replace it)")
+            _check_replaceable(dst, force)  # again: it may have appeared while converting
             old = _hidden_sibling(dst, "old")
             os.rename(dst, old)
         os.rename(tmp, dst)

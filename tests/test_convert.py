@@ -223,12 +223,52 @@ def test_verify_rejects_a_written_tensor_that_differs_from_the_source(sources, t
 
 def test_existing_destination_is_kept_unless_force(sources, tmp_path, capsys):
     src, dst = sources["dense", "mistral"], tmp_path / "out"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("mine")
+    dst.mkdir()  # an empty folder: --force may replace it
     assert main([str(src), str(dst), "--quiet"]) == 2
-    assert "already exists" in capsys.readouterr().err and (dst / "keep.txt").exists()
+    assert "already exists (pass --force" in capsys.readouterr().err
     assert main([str(src), str(dst), "--quiet", "--force"]) == 0
-    assert not (dst / "keep.txt").exists() and is_converted(dst) and _no_leftovers(dst)
+    assert is_converted(dst) and _no_leftovers(dst)
+    assert read_manifest(dst)["dtype"] == "bfloat16"
+    assert main([str(src), str(dst), "--quiet", "--force", "--dtype", "float32"]) == 0
+    assert read_manifest(dst)["dtype"] == "float32" and _no_leftovers(dst)  # replaced
+
+
+@pytest.mark.parametrize("what", ["folder with a file", "file", "folder with a manifest folder"])
+def test_force_never_deletes_what_is_not_a_converted_checkpoint(sources, tmp_path, capsys, what):
+    """--force used to delete any DST (a folder with notes.txt went); now only a converted
+    checkpoint or an empty folder, else exit 2 and DST as it was."""
+    dst = tmp_path / "out"
+    if what == "file":
+        dst.write_text("mine")
+    else:
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+        if what == "folder with a manifest folder":
+            (dst / MANIFEST).mkdir()
+    assert main([str(sources["dense", "mistral"]), str(dst), "--quiet", "--force"]) == 2
+    err = capsys.readouterr().err
+    kind = "not a folder" if what == "file" else "a folder that is not a converted checkpoint"
+    assert err == (f"error: {dst}: {kind} (no {MANIFEST}); --force replaces only a converted "
+                   "checkpoint or an empty folder: remove it yourself if it should go\n")
+    assert (dst.read_text() if what == "file" else (dst / "notes.txt").read_text()) == "mine"
+    assert _no_leftovers(dst)
+
+
+def test_force_checks_a_destination_that_appeared_while_converting(sources, tmp_path,
+                                                                   monkeypatch):
+    dst = tmp_path / "out"
+    write = convert_mod._write_json
+
+    def write_and_race(path, obj):
+        write(path, obj)
+        if path.name == MANIFEST:  # someone else's folder appears at dst meanwhile
+            dst.mkdir(exist_ok=True)
+            (dst / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(convert_mod, "_write_json", write_and_race)
+    with pytest.raises(MistralJaxError, match="not a converted checkpoint"):
+        convert(sources["dense", "mistral"], dst, force=True)
+    assert (dst / "notes.txt").read_text() == "mine" and _no_leftovers(dst)
 
 
 def test_cli_shows_progress_and_a_final_throughput_line(sources, tmp_path, capsys):
