@@ -38,6 +38,9 @@ the expert axis in single experts, then the largest axis is halved until a chunk
 16 MiB. A device restoring an (up to 8-way) tensor-parallel shard thus reads only the chunks
 of its shard, and each MoE expert is written as it arrives without building the stacked leaf.
 
+Every chunk has its file (all-zero ones too), and restoring first checks that each chunk file
+the manifest implies is there: a missing one (a partial copy) would otherwise read as zeros.
+
 `params/` is a plain Orbax checkpoint: `ocp.StandardCheckpointer().restore(dst / "params",
 abstract_params_with_shardings)` works too (orbax-checkpoint 0.12.4 and 0.12.8 checked).
 `restore_params` reads it with tensorstore directly, which needs neither Orbax's reader nor
