@@ -1,5 +1,7 @@
 """mistral_jax: Mistral and Mixtral inference as pure JAX functions."""
 
+import warnings
+
 from mistral_jax.args import LoraArgs, ModelArgs, MoeArgs, load_args
 from mistral_jax.cache import init_cache
 from mistral_jax.errors import (
@@ -20,3 +22,9 @@ __all__ = [
     "generate", "generate_stream", "init_cache", "init_params", "load_args", "load_tokenizer",
     "logical_axes",
 ]
+
+# `python -m mistral_jax.sharding` (or .quant, .bench ...) runs a module imported above;
+# runpy warns about that after this package is imported, before every such command.
+warnings.filterwarnings("ignore", category=RuntimeWarning,
+                        message=r"'mistral_jax\.\w+' found in sys\.modules after import of "
+                                r"package 'mistral_jax'")

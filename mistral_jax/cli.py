@@ -28,7 +28,7 @@ import numpy as np
 from mistral_jax.args import ModelArgs, load_args
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
 from mistral_jax.sampling import check_seed, make_strategy
-from mistral_jax.sharding import initialize_distributed, parse_mesh_spec
+from mistral_jax.sharding import initialize_distributed, make_mesh
 from mistral_jax.tokenizer import Tokenizer, check_utf8, load_tokenizer, tokenizer_files
 from mistral_jax.transformer import DTYPES, Transformer
 
@@ -208,7 +208,10 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, ModelArgs, Tokenizer]:
     initialize_distributed(getattr(ns, "coordinator", None), getattr(ns, "num_processes", None),
                            getattr(ns, "process_id", None))
     if getattr(ns, "mesh", None) not in (None, "auto"):
-        parse_mesh_spec(ns.mesh)
+        try:  # the spec and the device count, before anything is read
+            make_mesh(ns.mesh)
+        except UserInputError as e:
+            raise UserInputError(f"--mesh: {e}") from None
     folder = resolve_ckpt(ns)
     args, _ = load_args(folder)
     tok_path = ns.tokenizer if ns.tokenizer is not None else folder

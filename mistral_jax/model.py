@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.cache import Cache, init_cache
+from mistral_jax.errors import UserInputError
 from mistral_jax.layers import Dtype, Linear, RMSNorm, TransformerBlock
 
 __all__ = ["MistralModel", "forward", "init_cache", "init_params", "abstract_params",
@@ -69,9 +70,45 @@ def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
     `fresh_prefill=True` (static) promises an empty cache and positions counting up from
     each row's first token with right padding only (a sampler's first prefill): attention
     then skips the empty cache slots and, on GPUs, runs the fused kernel unconditionally.
+
+    Shapes and dtypes are checked (UserInputError); token values are not, as this runs
+    under jit: an id outside [0, vocab_size) gives NaN logits (`Transformer.logits` and
+    `generate` check ids first).
     """
+    check_inputs(tokens, positions, cache, args)
     return MistralModel(args).apply({"params": params}, tokens, positions, cache, logits_index,
                                     fresh_prefill)
+
+
+def check_inputs(tokens, positions, cache: Cache | None, args: ModelArgs) -> None:
+    """UserInputError unless tokens/positions are integer [B, T] of one shape and `cache`
+    (if any) is `init_cache(args, B, ...)`-shaped: n_layers layers of float k/v
+    [B, n_kv_heads, S, head_dim] and pos [B, S]. Static shapes only: free under jit."""
+    for name, a in (("tokens", tokens), ("positions", positions)):
+        if jnp.ndim(a) != 2 or not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+            raise UserInputError(
+                f"{name} must be an integer [B, T] array, got {jnp.result_type(a)} of shape "
+                f"{jnp.shape(a)} (mistral-inference's flat tokens + seqlens: "
+                "Transformer.logits(tokens, seqlens=...))")
+    if jnp.shape(tokens) != jnp.shape(positions):
+        raise UserInputError(f"tokens {jnp.shape(tokens)} and positions {jnp.shape(positions)} "
+                             "must have the same [B, T] shape")
+    if cache is None:
+        return
+    b = jnp.shape(tokens)[0]
+    if not isinstance(cache, (list, tuple)) or len(cache) != args.n_layers:
+        got = len(cache) if isinstance(cache, (list, tuple)) else type(cache).__name__
+        raise UserInputError(f"cache must hold n_layers={args.n_layers} layers "
+                             f"(init_cache(args, batch_size, max_seq_len)), got {got}")
+    for i, layer in enumerate(cache):
+        for key in ("k", "v"):
+            a = layer[key]
+            shape = (b, args.n_kv_heads, a.shape[2] if a.ndim == 4 else None, args.head_dim)
+            if a.ndim != 4 or tuple(a.shape) != shape or not jnp.issubdtype(a.dtype, jnp.floating):
+                raise UserInputError(
+                    f"cache[{i}]['{key}'] is {a.dtype} {tuple(a.shape)}; expected a float "
+                    f"[B={b}, n_kv_heads={args.n_kv_heads}, S, head_dim={args.head_dim}] array, "
+                    f"as init_cache(args, batch_size={b}, ...) makes")
 
 
 def causal_positions(tokens: jax.Array) -> jax.Array:

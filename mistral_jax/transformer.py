@@ -25,7 +25,7 @@ from mistral_jax.checkpoint import load_params
 from mistral_jax.convert import is_converted, load_converted, stored_quantization
 from mistral_jax.errors import UserInputError
 from mistral_jax.lora import finish_params, load_hooks
-from mistral_jax.model import causal_positions, forward, init_params
+from mistral_jax.model import causal_positions, check_inputs, forward, init_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
           "fp32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
@@ -137,6 +137,9 @@ class Transformer:
 
     def forward(self, tokens, positions, cache: Cache | None = None):
         """Jitted `model.forward`: tokens, positions [B, T] -> (logits [B, T, V], cache)."""
+        tokens, positions = (a if isinstance(a, jax.Array) else np.asarray(a)
+                             for a in (tokens, positions))
+        check_inputs(tokens, positions, cache, self.args)  # before the int32 casts below
         if self.mesh is not None:  # rows along data; traced under the mesh (sharding.py)
             tokens, positions = sharding.shard_batch(
                 self.mesh, np.asarray(tokens, np.int32), np.asarray(positions, np.int32))
@@ -145,15 +148,53 @@ class Transformer:
         return jit_forward(self.params, jnp.asarray(tokens, jnp.int32),
                            jnp.asarray(positions, jnp.int32), cache, args=self.args)
 
-    def logits(self, tokens) -> jax.Array:
-        """Full causal forward of tokens [B, T] (or [T]) -> float32 logits [B, T, V] (or [T, V])."""
-        arr = np.asarray(tokens)
-        if arr.ndim not in (1, 2) or arr.size == 0:
-            raise UserInputError(f"tokens must be a non-empty [T] or [B, T] array, got shape {arr.shape}")
-        if arr.min() < 0 or arr.max() >= self.args.vocab_size:
-            raise UserInputError(f"token ids must be in [0, vocab_size={self.args.vocab_size})")
+    def logits(self, tokens, seqlens: list[int] | None = None) -> jax.Array:
+        """Full causal forward -> float32 logits: tokens [B, T] -> [B, T, V], [T] -> [T, V].
+
+        With `seqlens` (mistral-inference's `forward(input_ids, seqlens)`): tokens are the
+        sequences concatenated, [sum(seqlens)], each attending only within itself; returns
+        the concatenated [sum(seqlens), V].
+        """
+        arr = _token_array(tokens, self.args.vocab_size)
+        if seqlens is not None:
+            lens = [int(n) for n in np.asarray(seqlens).reshape(-1)]
+            if arr.ndim != 1 or not lens or min(lens) < 1 or sum(lens) != arr.shape[0]:
+                raise UserInputError(
+                    f"with seqlens, tokens must be 1-D and seqlens positive lengths summing to "
+                    f"its length; got tokens of shape {arr.shape} and seqlens {lens}")
+            starts = np.cumsum([0, *lens[:-1]])
+            batch = np.zeros((len(lens), max(lens)), np.int32)
+            positions = np.full(batch.shape, -1, np.int32)  # -1: right padding
+            for row, (s, n) in enumerate(zip(starts, lens)):
+                batch[row, :n], positions[row, :n] = arr[s:s + n], np.arange(n)
+            logits, _ = self.forward(batch, positions, None)
+            logits = self._gathered(logits)
+            return jnp.concatenate([logits[row, :n] for row, n in enumerate(lens)])
         batch = jnp.asarray(np.atleast_2d(arr), jnp.int32)
-        logits, _ = self.forward(batch, causal_positions(batch), None)
+        logits = self._gathered(self.forward(batch, causal_positions(batch), None)[0])
+        return logits[0] if arr.ndim == 1 else logits
+
+    @staticmethod
+    def _gathered(logits: jax.Array) -> jax.Array:
         if not logits.is_fully_addressable:  # multi-host: every process gets all the logits
             logits = jnp.asarray(sharding.gather(logits))
-        return logits[0] if arr.ndim == 1 else logits
+        return logits
+
+
+def _token_array(tokens, vocab_size: int) -> np.ndarray:
+    """tokens as a non-empty integer [T] or [B, T] numpy array of ids in [0, vocab_size);
+    else a UserInputError saying what is wrong (rows of different lengths, float ids ...)."""
+    try:
+        arr = np.asarray(tokens)
+    except ValueError:
+        raise UserInputError(
+            "tokens must be one [T] or [B, T] array; rows of different lengths: concatenate "
+            "them and pass seqlens=, pad them (forward with positions -1), or use generate()"
+        ) from None
+    if arr.ndim not in (1, 2) or arr.size == 0:
+        raise UserInputError(f"tokens must be a non-empty [T] or [B, T] array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise UserInputError(f"tokens must be integer ids, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise UserInputError(f"token ids must be in [0, vocab_size={vocab_size})")
+    return arr

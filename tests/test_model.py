@@ -496,3 +496,56 @@ def test_fresh_prefill_equals_prefill_through_the_cache(attention, monkeypatch):
         assert rel_err(fresh[r, :n], general[r, :n]) <= 1e-5
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            cache_a, cache_b)
+
+
+# ------------------------------------------------------------- inputs of logits / forward
+
+
+def test_logits_with_seqlens_equals_each_sequence_alone():
+    """mistral-inference's call shape: flat tokens + seqlens -> flat logits, each sequence
+    attending only within itself."""
+    model = Transformer.random(tiny_args(vocab_size=256), seed=1)
+    a, b, c = [1, 2, 3], [4, 5], [6]
+    flat = model.logits(np.array(a + b + c), seqlens=[3, 2, 1])
+    alone = jnp.concatenate([model.logits(s) for s in (a, b, c)])
+    assert flat.shape == (6, 256)
+    np.testing.assert_allclose(np.asarray(flat), np.asarray(alone), atol=1e-6)
+    with pytest.raises(UserInputError, match="seqlens positive lengths summing"):
+        model.logits(np.array(a + b), seqlens=[3, 3])
+
+
+@pytest.mark.parametrize("tokens,message", [
+    ([[1, 2], [3]], "rows of different lengths: concatenate them and pass seqlens="),
+    ([[1.5, 2.0]], "tokens must be integer ids, got dtype float64"),
+    ([[1, 999]], r"token ids must be in \[0, vocab_size=256\)"),
+])
+def test_bad_tokens_for_logits_are_explained(tokens, message):
+    model = Transformer.random(tiny_args(vocab_size=256), seed=1)
+    with pytest.raises(UserInputError, match=message):
+        model.logits(tokens)
+
+
+def test_forward_checks_token_and_cache_shapes_before_running():
+    """Wrong shapes fail with what was expected, not deep inside the model: 1-D tokens,
+    a cache for another batch size, n_kv_heads or layer count, an integer cache (which
+    used to run, casting keys to integers)."""
+    args = tiny_args(vocab_size=256)
+    model = Transformer.random(args, seed=1)
+    tok, pos = jnp.array([[1, 2]]), jnp.array([[0, 1]])
+    cases = [
+        ((jnp.array([1, 2]), jnp.array([0, 1]), None), "tokens must be an integer [B, T] array"),
+        ((tok, pos, init_cache(args, 2, 16, jnp.float32)), "cache[0]['k'] is float32 (2, 2, 16, 16)"),
+        ((tok, pos, init_cache(tiny_args(vocab_size=256, n_kv_heads=4), 1, 16, jnp.float32)),
+         "n_kv_heads=2"),
+        ((tok, pos, init_cache(args, 1, 16, jnp.int32)), "cache[0]['k'] is int32"),
+        ((tok, pos, init_cache(args, 1, 16, jnp.float32)[:1]), "cache must hold n_layers=2"),
+        ((tok, jnp.array([[0, 1, 2]]), None), "must have the same [B, T] shape"),
+    ]
+    pure = functools.partial(forward, model.params, args=args)
+    for inputs, message in cases:
+        for run in (model.forward, pure):
+            with pytest.raises(UserInputError) as error:
+                run(*inputs)
+            assert message in str(error.value), str(error.value)
+    logits, _ = model.forward(tok, pos, init_cache(args, 1, 16, jnp.float32))
+    assert logits.shape == (1, 2, 256)

@@ -61,3 +61,25 @@ def test_readme_command_runs(command, tmp_path):
                           capture_output=True, env=env, timeout=600)
     assert proc.returncode == 0, f"{command}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"
     assert proc.stdout.strip(), f"{command} printed nothing on stdout"
+
+
+def test_readme_pure_function_snippet_runs_on_the_demo_model():
+    """The README's `forward` / `init_cache` block runs as written, given a `model`."""
+    from mistral_jax import Transformer
+
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                 if "from mistral_jax import forward, init_cache" in b)
+    namespace = {"model": Transformer.from_folder(REPO / "mistral_jax" / "demo_model",
+                                                  dtype="float32")}
+    exec(block, namespace)
+    assert namespace["logits"].shape == (1, 1, namespace["model"].args.vocab_size)
+
+
+def test_python_dash_m_of_an_imported_module_prints_no_runpy_warning():
+    """`python -m mistral_jax.sharding ...` runs a module the package imports; runpy's
+    RuntimeWarning about that is filtered, so the README's output is all there is."""
+    proc = subprocess.run([sys.executable, "-m", "mistral_jax.sharding", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr

@@ -281,7 +281,7 @@ def test_sample_cli_rejects_a_bad_mesh_in_one_line(flag, message, capsys):
 
     assert sample.main(["--prompt", "x", "--max-tokens", "2", "--mesh", flag]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the demo-model notice
-    assert last.startswith("error: ") and message in last
+    assert last.startswith("error: --mesh: ") and message in last
 
 
 @pytest.mark.slow
