@@ -313,6 +313,19 @@ def signal_in_gc_callback():
     gc.callbacks.remove(callback)
 
 
+def _signal_on_third_copy(send):
+    """A stand-in for convert._copy that calls `send()` as the third tensor is copied."""
+    copy, calls = convert_mod._copy, []
+
+    def copy_then_signal(value, dtype, pool):
+        calls.append(1)
+        if len(calls) == 3:
+            send()
+        return copy(value, dtype, pool)
+
+    return copy_then_signal
+
+
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("phase", ["checking the source", "writing"])
 def test_a_signal_dropped_in_a_gc_callback_still_stops_the_conversion(
@@ -322,15 +335,8 @@ def test_a_signal_dropped_in_a_gc_callback_still_stops_the_conversion(
     import mistral_jax.model
 
     if phase == "writing":
-        copy, calls = convert_mod._copy, []
-
-        def copy_then_signal(value, dtype, pool):
-            calls.append(1)
-            if len(calls) == 3:
-                signal_in_gc_callback(signum)
-            return copy(value, dtype, pool)
-
-        monkeypatch.setattr(convert_mod, "_copy", copy_then_signal)
+        monkeypatch.setattr(convert_mod, "_copy",
+                            _signal_on_third_copy(lambda: signal_in_gc_callback(signum)))
     else:
         abstract = mistral_jax.model.abstract_params
 
@@ -375,14 +381,6 @@ def test_sigterm_with_its_default_action_ends_the_process_after_the_clean_up(sou
 def test_a_second_signal_does_not_cut_the_clean_up_short(sources, tmp_path, monkeypatch, capsys):
     """Ctrl-C twice: the second one arrives while the partial folder is being removed; the
     removal still finishes (it used to leave the hidden .out.partial-* folder behind)."""
-    copy, calls = convert_mod._copy, []
-
-    def copy_then_signal(value, dtype, pool):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return copy(value, dtype, pool)
-
     rmtree, removed = shutil.rmtree, []
 
     def signal_then_rmtree(path, *a, **k):
@@ -391,7 +389,8 @@ def test_a_second_signal_does_not_cut_the_clean_up_short(sources, tmp_path, monk
             removed.append(path)
         return rmtree(path, *a, **k)
 
-    monkeypatch.setattr(convert_mod, "_copy", copy_then_signal)
+    monkeypatch.setattr(convert_mod, "_copy",
+                        _signal_on_third_copy(lambda: signal.raise_signal(signal.SIGINT)))
     monkeypatch.setattr(convert_mod.shutil, "rmtree", signal_then_rmtree)
     dst = tmp_path / "out"
     assert main([str(sources["dense", "mistral"]), str(dst), "--quiet"]) == 130
