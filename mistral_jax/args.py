@@ -127,9 +127,7 @@ def config_field(source: Path, block: dict, key: str, kind: str, where: str = ""
         raise ConfigError(f"{source}: required field {name!r} is missing")
     v = block[key]
     if kind == "int":
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{source}: {name} must be a positive integer, got {v!r}")
-        return v
+        return positive_int(v, f"{source}: {name}")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ConfigError(f"{source}: {name} must be a number, got {v!r}")
     return float(v)

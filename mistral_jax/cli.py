@@ -208,8 +208,8 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, ModelArgs, Tokenizer]:
     initialize_distributed(getattr(ns, "coordinator", None), getattr(ns, "num_processes", None),
                            getattr(ns, "process_id", None))
     if getattr(ns, "mesh", None) not in (None, "auto"):
-        try:  # the spec and the device count, before anything is read
-            make_mesh(ns.mesh)
+        try:  # the spec and the device count, before anything is read; from_folder takes it
+            ns.mesh = make_mesh(ns.mesh)
         except UserInputError as e:
             raise UserInputError(f"--mesh: {e}") from None
     folder = resolve_ckpt(ns)

@@ -352,7 +352,6 @@ def generate_from_params(
     with the same contract works, e.g. a toy model in tests. `on_first_token()` is called
     once the prefill has produced every row's first token (e.g. to time it).
     """
-    prompts = _as_batch(prompts)
     strategy = make_strategy(temperature, top_p, top_k)
     state, eos, static = _start(
         params,
@@ -468,6 +467,7 @@ def generate_stream(
             if eos_id is not None and token == eos_id:
                 return
             yield token
-            pending = following
+            if i + 1 < max_tokens:
+                pending = following
 
     return tokens(state)

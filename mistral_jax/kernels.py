@@ -244,9 +244,6 @@ def moe_decode_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, 
         interpret=interpret,
     )(*down_in)
 
-    y = y.sum(0).astype(x.dtype).reshape(n, k, d)
-    mix = weights.astype(x.dtype)
-    out = y[:, 0] * mix[:, :1]
-    for j in range(1, k):  # slot order, as moe_gather sums
-        out = out + y[:, j] * mix[:, j:j + 1]
-    return out
+    from mistral_jax.moe import mix_slots  # (moe imports this module)
+
+    return mix_slots(y.sum(0).astype(x.dtype).reshape(n, k, d), weights)

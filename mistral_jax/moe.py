@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -125,13 +126,13 @@ def dense_weight(w: Weight, dtype) -> jax.Array:
     return k.astype(dtype)
 
 
-def quantized_input(x: jax.Array, w: Weight, input_scale: jax.Array | None = None,
+def quantized_input(x: jax.Array, w: Weight, pick: Callable[[jax.Array], jax.Array],
                     axis_name: AxisNames = ()) -> jax.Array:
     """x [..., in] as the expert weight `w` sees it: each row quantized to the kernel's
     dtype and back (`quant.quantize_activations` over the last axis, then times its
     scale) when `w` carries an `input_scale`; else x itself. For the dense paths, which
-    multiply by the dequantized weight. `input_scale` (default w.input_scale) must
-    broadcast against x [..., 1]: [E, 1, 1] for x [E, N, in], [M, 1] per row.
+    multiply by the dequantized weight. `pick(w.input_scale)` maps the [E] scales to one
+    that broadcasts against x [..., 1]: [E, 1, 1] for x [E, N, in], [M, 1] per row.
     `axis_name`: mesh axes the `in` axis is split over (inside shard_map), so that a
     per-row scale takes the max over the whole row.
     """
@@ -139,8 +140,8 @@ def quantized_input(x: jax.Array, w: Weight, input_scale: jax.Array | None = Non
         return x
     from mistral_jax.quant import quantize_activations
 
-    s_in = w.input_scale if input_scale is None else input_scale
-    xq, s = quantize_activations(x, (x.ndim - 1,), w.kernel.dtype, s_in, axis_name)
+    xq, s = quantize_activations(x, (x.ndim - 1,), w.kernel.dtype, pick(w.input_scale),
+                                 axis_name)
     return (xq.astype(jnp.float32) * s).astype(x.dtype)
 
 
@@ -199,14 +200,22 @@ def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, 
     xe = jnp.broadcast_to(x, (n_experts, *x.shape))  # expert as the batch dim of each matmul
 
     def rows(v, w, axes=()):  # quantized activations (per expert and row), if w has them
-        s = None if not isinstance(w, ExpertWeight) or w.input_scale is None else (
-            w.input_scale[:, None, None])
-        return quantized_input(v, w, s, axes)
+        return quantized_input(v, w, lambda s: s[:, None, None], axes)
 
     hidden = (jax.nn.silu(jnp.einsum("end,edf->enf", rows(xe, ws[0]), w1))
               * jnp.einsum("end,edf->enf", rows(xe, ws[2]), w3))
     out = jnp.einsum("enf,efd->end", rows(hidden, ws[1], hidden_axes), w2)
     return jnp.einsum("end,ne->nd", out, combine.astype(x.dtype))
+
+
+def mix_slots(y: jax.Array, weights: jax.Array) -> jax.Array:
+    """Each token's expert outputs y [N, k, D] mixed by its routing weights [N, k] -> [N, D]
+    in y's dtype, summed in slot order as `moe_gather` sums (so the paths agree bit for bit)."""
+    mix = weights.astype(y.dtype)
+    out = y[:, 0] * mix[:, :1]
+    for j in range(1, y.shape[1]):
+        out = out + y[:, j] * mix[:, j:j + 1]
+    return out
 
 
 def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
@@ -285,12 +294,7 @@ def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3
                                  hidden_axes)
 
     _, ys = jax.lax.scan(run_block, None, (xs.reshape(n_blocks, block, d), block_expert))
-    y = ys.reshape(n_blocks * block, d)[dest].reshape(n, k, d)
-    mix = weights.astype(x.dtype)
-    out = y[:, 0] * mix[:, :1]
-    for j in range(1, k):  # slot order, as the gather path sums
-        out = out + y[:, j] * mix[:, j:j + 1]
-    return out
+    return mix_slots(ys.reshape(n_blocks * block, d)[dest].reshape(n, k, d), weights)
 
 
 def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
@@ -310,19 +314,13 @@ def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3,
     row_expert = flat[order]  # [N*k] the expert of each sorted row
 
     def rows(v, w, axes=()):  # quantized activations (per row, its expert's scale), if any
-        s = None if not isinstance(w, ExpertWeight) or w.input_scale is None else (
-            w.input_scale[row_expert][:, None])
-        return quantized_input(v, w, s, axes)
+        return quantized_input(v, w, lambda s: s[row_expert][:, None], axes)
 
     hidden = (jax.nn.silu(jax.lax.ragged_dot(rows(xs, ws[0]), w1, sizes))
               * jax.lax.ragged_dot(rows(xs, ws[2]), w3, sizes))
     ys = jax.lax.ragged_dot(rows(hidden, ws[1], hidden_axes), w2, sizes)
-    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(n, k, -1)
-    mix = weights.astype(x.dtype)
-    out = y[:, 0] * mix[:, :1]
-    for j in range(1, k):
-        out = out + y[:, j] * mix[:, j:j + 1]
-    return out
+    return mix_slots(jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(n, k, -1),
+                     weights)
 
 
 def moe_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,

@@ -345,6 +345,9 @@ def test_generate_stream_dispatches_the_next_step_before_reading_a_token(monkeyp
         got.append(token)
         assert len(calls) == min(i + 1, 4), (i, len(calls))  # step i+1 already dispatched
     assert got == ref[0] and len(calls) == 4
+    one = generate_stream(prompt, ToyModel(s.params, s.args), max_tokens=1,
+                          forward=toy_forward, init_cache=toy_init_cache)
+    assert list(one) == ref[0][:1]  # a single token: no step dispatched, none read twice
 
 
 def test_generate_uses_model_params_args_and_dtype(setup, ragged):
