@@ -155,9 +155,7 @@ def safetensors_files(folder: Path, layout: str) -> list[Path]:
                 if not f.is_file():
                     raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
             return files
-        files = sorted(folder.glob("model*.safetensors"))
-    else:
-        files = sorted(folder.glob("consolidated*.safetensors"))
+    files = sorted(folder.glob(_LAYOUTS[layout][2]))
     if not files:
         raise CheckpointError(_no_weights(folder, layout))
     return files
@@ -272,7 +270,7 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
         names = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         folder = files[0].parent
         index = folder / "model.safetensors.index.json"
-        unlisted = (sorted(set(folder.glob("model*.safetensors")) - set(files))
+        unlisted = (sorted(set(folder.glob(_LAYOUTS["hf"][2])) - set(files))
                     if layout == "hf" and index.is_file() else [])
         hint = (f"; {index.name} does not list {_names(unlisted)}, which the folder has (an "
                 "index from another download?)" if unlisted else "")

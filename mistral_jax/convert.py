@@ -97,7 +97,7 @@ from mistral_jax.checkpoint import (
 )
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 
-__all__ = ["ConvertStats", "MANIFEST", "convert", "is_converted", "load_converted",
+__all__ = ["ConvertStats", "MANIFEST", "convert", "is_converted",
            "read_manifest", "restore_params", "stored_quantization"]
 
 MANIFEST = "mistral_jax_checkpoint.json"
@@ -451,9 +451,9 @@ class ConvertStats:
 
 
 def _source_args(src: Path, layout: str) -> tuple[ModelArgs, str]:
-    check_folder(src)
     if layout == "auto":
-        return load_args(src)
+        return load_args(src)  # (checks the folder)
+    check_folder(src)
     if layout not in ("mistral", "hf"):
         raise UserInputError(f"format must be auto, mistral or hf, got {layout!r}")
     cfg = src / ("params.json" if layout == "mistral" else "config.json")
@@ -1173,13 +1173,3 @@ def _restore_array(store, shape, sharding, dtype: np.dtype, where: Path):
         raise CheckpointError(f"{where}: reading failed ({e})") from None
     return jax.make_array_from_single_device_arrays(
         tuple(shape), sharding, [shards[d] for d in index_map])
-
-
-def load_converted(folder: str | Path, dtype: Any = None, *, shardings=None,
-                   progress: bool = False, **arg_overrides: Any):
-    """(args, params) of a converted folder: its params.json (with overrides) and weights
-    (quantized ones as stored: see `restore_params`)."""
-    folder = Path(folder)
-    read_manifest(folder)
-    args = args_from_params_json(folder / "params.json", **arg_overrides)
-    return args, restore_params(folder, args, dtype, shardings, progress=progress)

@@ -22,7 +22,7 @@ from mistral_jax import sharding
 from mistral_jax.args import ModelArgs, args_from_params_json, load_args
 from mistral_jax.cache import Cache, init_cache
 from mistral_jax.checkpoint import load_params
-from mistral_jax.convert import is_converted, load_converted, stored_quantization
+from mistral_jax.convert import is_converted, restore_params, stored_quantization
 from mistral_jax.errors import UserInputError
 from mistral_jax.lora import finish_params, load_hooks
 from mistral_jax.model import causal_positions, check_inputs, forward, init_params
@@ -100,8 +100,7 @@ class Transformer:
             finish, post = load_hooks(folder, args, dt, prequantized=stored and stored["mode"],
                                       **hooks)
             shardings = None if mesh is None else sharding.param_shardings(args, mesh)
-            args, params = load_converted(folder, dt, shardings=shardings, progress=progress,
-                                          **arg_overrides)
+            params = restore_params(folder, args, dt, shardings, progress=progress)
             params = post(finish_params(params, finish))
         else:
             args, layout = load_args(folder, **arg_overrides)
