@@ -43,7 +43,7 @@ STEPS: list[tuple[str, str, list[str], int]] = [
     ("mistral7b", "#7 decode % of copy bandwidth at B=1, TTFT, compile",
      ["--preset", "mistral-7b", "--batch", "1", "--prompt-len", "512", "--gen-len", "64",
       "--json", "{out}/mistral7b.json"], 200),
-    ("mixtral-layer", "#4 one Mixtral-8x7B layer, one token: dense vs gather vs Pallas",
+    ("mixtral-layer", "#4 one Mixtral-8x7B layer, one token: dense vs gather vs tiled vs Pallas",
      ["benchmarks/moe_bytes.py", "--shape", "8x7b", "--decode-hidden", "14336", "--dtype",
       "bfloat16", "--prefill-tokens", "0", "--repeats", "20"], 120),
     ("kernel-sweep", "#4/#9 block sizes of the Pallas kernels against XLA, 7B/8x7B shapes",

@@ -3,14 +3,16 @@
     python benchmarks/moe_bytes.py                  # Mixtral-8x7B layer, batch 1, bf16 and f32
     python benchmarks/moe_bytes.py --shape 8x22b --prefill-tokens 0
     python benchmarks/moe_bytes.py --decode-hidden 7168 --prefill-tokens 0   # + decode timing
+    python benchmarks/moe_bytes.py --decode-hidden 14336 --quantize int8 --prefill-tokens 0
     python benchmarks/moe_bytes.py --decode-hidden 14336 --dtype bfloat16 --prefill-tokens 0  # GPU
 
 Numbers come from XLA's own cost analysis ("bytes accessed") of the compiled layer on
-this machine's backend, with abstract inputs (nothing is allocated). Optionally it
-also times a decode step (gather path versus dense) and a prefill (many tokens) of a
+this machine's backend, with abstract inputs (nothing is allocated); XLA counts a loop's
+body once, so the tiled path (a loop over row blocks) is timed, not counted. Optionally
+it also times a decode step (gather and tiled paths versus dense, with the bandwidth
+each time implies for the selected experts' bytes) and a prefill (many tokens) of a
 smaller layer (grouped path versus dense). On a GPU the decode timing adds the Pallas
-kernel that reads the selected experts in place (`moe.moe_pallas`), with the bandwidth
-its time implies for the selected experts' bytes.
+kernel that reads the selected experts in place (`moe.moe_pallas`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
 
-from mistral_jax.moe import grouped_block_size, moe_dense, moe_gather, moe_grouped, moe_pallas  # noqa: E402
+from mistral_jax.moe import (  # noqa: E402
+    ExpertWeight,
+    grouped_block_size,
+    moe_dense,
+    moe_gather,
+    moe_grouped,
+    moe_pallas,
+    moe_tiled,
+)
+from mistral_jax.quant import quantize_array, resolve_mode  # noqa: E402
 
 SHAPES = {  # dim, hidden_dim, num_experts, num_experts_per_tok
     "8x7b": (4096, 14336, 8, 2),
@@ -58,8 +69,14 @@ def decode_bytes(d: int, f: int, e: int, k: int, dtype, batch: int = 1) -> dict[
 
 
 def time_paths(n: int, d: int, f: int, e: int, k: int, paths: dict, repeats: int,
-               dtype=jnp.float32) -> dict[str, float]:
-    """Median seconds of each path (name -> fn) on N tokens with random routing."""
+               dtype=jnp.float32, quantize: str | None = None) -> dict[str, float]:
+    """Median seconds of each path (name -> fn) on N tokens with random routing; with
+    `quantize` ('int8', 'fp8') the experts are quantized (weight-only, quant.py).
+
+    Each path's calls run together, in `paths`' order: on the 2-core CPU the tiled path
+    ran 2-3x slower for a while after the gather path's large copies (59-66 ms before,
+    130-300 ms in turn with it, 2026-11-30), so the gather path goes last.
+    """
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((n, d)), dtype)
     logits = rng.standard_normal((n, e))
@@ -67,17 +84,20 @@ def time_paths(n: int, d: int, f: int, e: int, k: int, paths: dict, repeats: int
     weights = jnp.full((n, k), 1.0 / k, jnp.float32)
     w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / d**0.5, dtype) for _ in range(2))
     w2 = jnp.asarray(rng.standard_normal((e, f, d)) / f**0.5, dtype)
-    out = {}
-    for name, fn in paths.items():
+    if quantize:
+        w1, w2, w3 = (ExpertWeight(*quantize_array(w, resolve_mode(quantize), (1,)))
+                      for w in (w1, w2, w3))
+    times: dict[str, list[float]] = {}
+    for name, fn in paths.items():  # one path at a time, see the docstring
         jitted = jax.jit(fn)
-        jitted(x, weights, experts, w1, w2, w3).block_until_ready()
-        times = []
+        for _ in range(2):  # compile, then one more untimed call
+            jitted(x, weights, experts, w1, w2, w3).block_until_ready()
+        times[name] = []
         for _ in range(repeats):
             start = time.perf_counter()
             jitted(x, weights, experts, w1, w2, w3).block_until_ready()
-            times.append(time.perf_counter() - start)
-        out[name] = float(np.median(times))
-    return out
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -88,10 +108,12 @@ def main() -> None:
                    help="time a prefill of this many tokens on a dim-1024 layer (0: skip)")
     p.add_argument("--decode-hidden", type=int, default=0,
                    help="also time one decode step (the --batch tokens) of a float32 layer of the "
-                   "shape's dim with this hidden size: gather path (and on a GPU the Pallas "
-                   "kernel) against dense (0: skip)")
+                   "shape's dim with this hidden size: gather and tiled paths (and on a GPU "
+                   "the Pallas kernel) against dense (0: skip)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the timed decode layer")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="time the decode layer with int8 / fp8 weight-only experts")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     d, f, e, k = SHAPES[a.shape]
@@ -110,14 +132,16 @@ def main() -> None:
           f"gather {r16['gather'] / r8['gather']:.3f}x the bytes")
     if a.decode_hidden:
         dt = jnp.dtype(a.dtype)
-        paths = {"dense": moe_dense, "gather": moe_gather}
+        paths = {"dense": moe_dense, "tiled": moe_tiled, "gather": moe_gather}
         if jax.default_backend() == "gpu":
             paths["pallas"] = moe_pallas
-        t = time_paths(a.batch, d, a.decode_hidden, e, k, paths, a.repeats, dt)
-        gb = 3 * e * d * a.decode_hidden * dt.itemsize / 1e9
+        t = time_paths(a.batch, d, a.decode_hidden, e, k, paths, a.repeats, dt, a.quantize)
+        itemsize = 1 if a.quantize else dt.itemsize  # int8 / fp8 kernels: one byte each
+        gb = 3 * e * d * a.decode_hidden * itemsize / 1e9
         selected = gb * min(a.batch * k, e) / e
         print(f"decode {a.batch} token(s), dim={d} hidden={a.decode_hidden} experts={e} top-{k}, "
-              f"{dt.name} ({gb:.2f} GB of expert weights, {selected:.2f} GB selected), median of "
+              f"{dt.name}{' x ' + a.quantize + ' experts' if a.quantize else ''} ({gb:.2f} GB "
+              f"of expert weights, {selected:.2f} GB selected), median of "
               f"{a.repeats}: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in t.items()))
         for name, s in t.items():
             print(f"  {name:7s} {s / t['dense']:.3f} of dense; the selected experts' bytes at "

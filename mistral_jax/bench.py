@@ -68,7 +68,7 @@ from mistral_jax.errors import MistralJaxError, UserInputError
 from mistral_jax.kernels import KERNEL_CHOICES
 from mistral_jax.layers import ATTENTION_CHOICES, ATTENTION_ENV
 from mistral_jax.model import causal_positions, forward, init_params
-from mistral_jax.moe import MOE_KERNEL_ENV
+from mistral_jax.moe import MOE_KERNEL_CHOICES, MOE_KERNEL_ENV
 from mistral_jax.quant import QMATMUL_ENV
 
 _SHAPES_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
@@ -685,9 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qmatmul", choices=KERNEL_CHOICES, default=None,
                    help=f"quantized decode matmul: XLA or the Pallas kernel (sets {QMATMUL_ENV}, "
                    "see kernels.py; default: the environment's, else xla)")
-    p.add_argument("--moe-kernel", choices=KERNEL_CHOICES, default=None,
-                   help=f"MoE decode path: XLA's gather or the Pallas kernel (sets "
-                   f"{MOE_KERNEL_ENV}, see moe.py; default: the environment's, else xla)")
+    p.add_argument("--moe-kernel", choices=MOE_KERNEL_CHOICES, default=None,
+                   help=f"MoE decode path: XLA's gather, its row-block tiling or the Pallas "
+                   f"kernel (sets {MOE_KERNEL_ENV}, see moe.py; default: the environment's, "
+                   "else tiled on the CPU for float32/int8 experts, xla otherwise)")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time transformers' PyTorch model on the same weights")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -828,7 +829,7 @@ def run(ns: argparse.Namespace) -> dict:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "attention": os.environ.get(ATTENTION_ENV, "auto"),
         "qmatmul": os.environ.get(QMATMUL_ENV, "xla"),
-        "moe_kernel": os.environ.get(MOE_KERNEL_ENV, "xla"),
+        "moe_kernel": os.environ.get(MOE_KERNEL_ENV, "default"),  # moe.default_decode_kernel
         "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
         "copy_bandwidth_gbps_probes": [x / 1e9 for x in copy_probes],
         "matmul_tflops_measured": matmul / 1e12, "matmul_n": matmul_n,

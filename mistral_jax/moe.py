@@ -9,6 +9,8 @@ expert axis can be sharded. Interchangeable paths compute the same function:
 
 - `moe_gather` (few tokens, decode): each (token, slot) reads its expert's weights
   with `lax.dynamic_index_in_dim` and runs one SwiGLU; N*k experts are read.
+- `moe_tiled` (few tokens, decode on the CPU): the same reads in row blocks of a few
+  MB inside a loop, so XLA's copy of each selected slice stays in cache.
 - `moe_grouped` (many tokens, prefill): the N*k (token, expert) assignments are
   sorted by expert, each expert's group is padded to a multiple of a row block, and
   a `lax.scan` over the blocks runs each block through its one expert: about N*k
@@ -27,7 +29,11 @@ over all experts, and on an H100 it measured no faster than dense (GPU_NOTES.md)
 
 Plain XLA copies each dynamically selected expert slice before its matmul, so the
 gather path reads k/E of the expert weights but moves about 3x that many bytes
-(benchmarks/moe_bytes.py); reading experts in place needs a kernel: `moe_pallas`.
+(benchmarks/moe_bytes.py); reading experts in place needs a kernel: `moe_pallas`. On
+the 2-core CPU those whole-expert copies made the gather path slower than computing
+every expert, and `moe_tiled`'s block copies run at a third of dense's time for a
+Mixtral-8x7B layer in float32 (BENCHMARKS.md): decode steps there take it for float32
+and int8 experts (`default_decode_kernel`).
 
 Each stacked weight is a plain array or an
 `ExpertWeight(kernel, scale, lora_a, lora_b, input_scale)`: an int8/fp8 kernel with its
@@ -65,13 +71,26 @@ from mistral_jax.errors import UserInputError
 from mistral_jax.layers import Dtype, Linear, scaled_normal
 from mistral_jax.sharding import expert_parallel
 
-STRATEGIES = ("auto", "gather", "grouped", "dense", "ragged", "pallas", "pallas-interpret")
-MOE_KERNEL_ENV = "MISTRAL_JAX_MOE_KERNEL"  # 'xla' (default) | 'pallas' | 'pallas-interpret'
+STRATEGIES = ("auto", "gather", "tiled", "grouped", "dense", "ragged", "pallas",
+              "pallas-interpret")
+# How 'auto' decodes (where it would gather): 'xla' (`moe_gather`), 'tiled' (`moe_tiled`),
+# 'pallas' or 'pallas-interpret' (`moe_pallas`). Unset: `default_decode_kernel`.
+MOE_KERNEL_ENV = "MISTRAL_JAX_MOE_KERNEL"
+MOE_KERNEL_CHOICES = ("xla", "tiled", "pallas", "pallas-interpret")
+# Expert kernel dtypes `moe_tiled` was measured faster for on the CPU backend (float32:
+# 3.3x the gather path, a third of dense; int8: 2.2x). XLA's CPU backend copied bfloat16
+# and fp8 blocks element by element through float32, several times slower than the
+# gather path's one copy of each expert (benchmarks/moe_bytes.py, BENCHMARKS.md).
+TILED_CPU_DTYPES = ("float32", "int8")
 # Rows of a block whose SwiGLU compute takes about as long as reading (and, in plain
 # XLA, copying) one expert's weights: ~256 on GPUs/TPUs (compute / bandwidth balance),
 # ~32 measured on a 2-core CPU (benchmarks/moe_bytes.py). The grouped path's block
 # size minimises blocks x (weight read + block compute) under this balance.
 BALANCE_ROWS = {"cpu": 32}
+# Bytes of expert weights `moe_tiled` reads per loop step, over all its (token, slot)
+# matmuls: small enough for XLA's copies of the slices to stay in cache (timed on the
+# 2-core CPU, Mixtral-8x7B layer, benchmarks/moe_bytes.py).
+TILED_BLOCK_BYTES = 8 << 20
 DEFAULT_BALANCE_ROWS = 256
 MIN_BLOCK, MAX_BLOCK = 16, 512
 
@@ -241,6 +260,82 @@ def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3,
     return jnp.concatenate(rows, axis=0)
 
 
+def _block_rows(n: int, target: int) -> int:
+    """The largest divisor of n that is at most `target` (n itself when n <= target)."""
+    return max(b for b in range(1, min(n, target) + 1) if n % b == 0)
+
+
+def _tiled_matmuls(jobs: list[tuple[jax.Array, Weight, jax.Array, AxisNames]],
+                   block_bytes: int) -> list[jax.Array]:
+    """Each job (x [M, in], w stacked [E, in, out], e, axis_name) -> x @ w's expert e,
+    [M, out] in x's dtype, as `expert_matmul(x, _expert(w, e), axis_name)` computes it,
+    with every job's kernel read in row slices [block, out] of expert e by one
+    `lax.fori_loop`, in float32 (the CPU's fast matmul). Each slice is contiguous in the
+    stacked array, and a step's slices together about `block_bytes`, so XLA's copies of
+    them stay in cache and each expert is read once. All jobs share `in`.
+    """
+    from mistral_jax.quant import quantize_activations
+
+    n_in = _kernel(jobs[0][1]).shape[1]
+    row_bytes = sum(_kernel(w).shape[2] * _kernel(w).dtype.itemsize for _, w, _, _ in jobs)
+    block = _block_rows(n_in, max(1, block_bytes // row_bytes))
+    inputs, row_scales = [], []  # what each job multiplies, and its per-row scale (W8A8)
+    for x, w, e, axes in jobs:
+        if isinstance(w, ExpertWeight) and w.input_scale is not None:
+            x, s = quantize_activations(x, (1,), w.kernel.dtype, w.input_scale[e], axes)
+            row_scales.append(s)
+        else:
+            row_scales.append(None)
+        inputs.append(x)
+
+    def body(b, accs):
+        start = b * block
+        out = []
+        for acc, x, (_, w, e, _) in zip(accs, inputs, jobs):
+            kernel = _kernel(w)
+            blk = jax.lax.dynamic_slice(kernel, (e, start, 0), (1, block, kernel.shape[2]))[0]
+            xs = jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
+            out.append(acc + xs.astype(jnp.float32) @ blk.astype(jnp.float32))
+        return tuple(out)
+
+    zeros = tuple(jnp.zeros((x.shape[0], _kernel(w).shape[2]), jnp.float32)
+                  for x, w, _, _ in jobs)
+    steps = n_in // block
+    accs = body(0, zeros) if steps == 1 else jax.lax.fori_loop(0, steps, body, zeros)
+    ys = []
+    for y, s, (x, w, e, _) in zip(accs, row_scales, jobs):
+        if s is not None:
+            y = y * s
+        if isinstance(w, ExpertWeight) and w.scale is not None:
+            y = y * w.scale[e].astype(jnp.float32)
+        y = y.astype(x.dtype)
+        if isinstance(w, ExpertWeight) and w.lora_a is not None:
+            y = y + (x @ w.lora_a[e].astype(x.dtype)) @ w.lora_b[e].astype(x.dtype)
+        ys.append(y)
+    return ys
+
+
+def moe_tiled(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
+              hidden_axes: AxisNames = (), block_bytes: int = TILED_BLOCK_BYTES) -> jax.Array:
+    """Decode path of the CPU: `moe_gather`'s function, each selected expert's weights read
+    in row blocks (`_tiled_matmuls`): one loop over D for every (token, slot)'s w1 and w3,
+    one over F for w2. XLA copies each dynamically selected slice before a matmul; the
+    gather path's whole-expert copies ran at a fraction of the CPU's bandwidth (slower
+    than computing every expert), block-sized copies do not (benchmarks/moe_bytes.py).
+
+    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
+    Unrolled over the N*k assignments inside each loop, so meant for N*k <= E.
+    """
+    n, k = experts.shape
+    picks = [(i, experts[i, j]) for i in range(n) for j in range(k)]
+    h = _tiled_matmuls([(x[i:i + 1], w, e, ()) for i, e in picks for w in (w1, w3)],
+                       block_bytes)
+    hidden = [jax.nn.silu(h[2 * a]) * h[2 * a + 1] for a in range(len(picks))]
+    ys = _tiled_matmuls([(hs, w2, e, hidden_axes) for hs, (_, e) in zip(hidden, picks)],
+                        block_bytes)
+    return mix_slots(jnp.concatenate(ys, axis=0).reshape(n, k, -1), weights)
+
+
 def grouped_block_size(n_tokens: int, k: int, n_experts: int,
                        balance_rows: int | None = None) -> int:
     """Rows per block of `moe_grouped`: a power of two in [MIN_BLOCK, MAX_BLOCK].
@@ -352,6 +447,14 @@ def moe_strategy(n_tokens: int, k: int, n_experts: int) -> str:
     return "gather" if n_tokens * k <= n_experts else "grouped"
 
 
+def default_decode_kernel(w1, w2, w3) -> str:
+    """MISTRAL_JAX_MOE_KERNEL's value when unset: 'tiled' on the CPU backend where every
+    expert kernel's dtype is in TILED_CPU_DTYPES, else 'xla' (the gather path)."""
+    dtypes = {jnp.dtype(_kernel(w).dtype).name for w in (w1, w2, w3)}
+    cpu = jax.default_backend() == "cpu"
+    return "tiled" if cpu and dtypes <= set(TILED_CPU_DTYPES) else "xla"
+
+
 def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
         strategy: str = "auto", hidden_axes: AxisNames = ()) -> jax.Array:
     """Mix the selected experts' SwiGLU outputs. x [N, D], weights/experts [N, k] -> [N, D].
@@ -359,23 +462,25 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
     w1/w3 [E, D, F], w2 [E, F, D]: plain arrays or `ExpertWeight`s (quantized / LoRA).
 
     `strategy` is one of STRATEGIES; 'auto' picks by `moe_strategy` (static in N), and
-    where that is 'gather', MISTRAL_JAX_MOE_KERNEL ('xla', 'pallas', 'pallas-interpret',
-    read at trace time) may swap in `moe_pallas`.
+    where that is 'gather', MISTRAL_JAX_MOE_KERNEL (`MOE_KERNEL_CHOICES`, read at trace
+    time) picks the decode path: `moe_gather` ('xla'), `moe_tiled` ('tiled') or
+    `moe_pallas`; unset, `default_decode_kernel` picks.
 
     `hidden_axes`: mesh axes that split F inside a shard_map (`sharding.expert_parallel`
     with tensor > 1), so that the per-row activation scale of w2's input (`input_scale`)
     is the max over the whole row, as without the split; () elsewhere.
     """
-    from mistral_jax.kernels import KERNEL_CHOICES, env_choice
+    from mistral_jax.kernels import env_choice
 
     if strategy not in STRATEGIES:
         raise UserInputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
         strategy = moe_strategy(x.shape[0], experts.shape[1], _kernel(w1).shape[0])
         if strategy == "gather":
-            kernel = env_choice(MOE_KERNEL_ENV, KERNEL_CHOICES, "xla")
+            kernel = env_choice(MOE_KERNEL_ENV, MOE_KERNEL_CHOICES,
+                                default_decode_kernel(w1, w2, w3))
             strategy = strategy if kernel == "xla" else kernel
-    fn = {"gather": moe_gather, "grouped": moe_grouped, "dense": moe_dense,
+    fn = {"gather": moe_gather, "tiled": moe_tiled, "grouped": moe_grouped, "dense": moe_dense,
           "ragged": moe_ragged, "pallas": moe_pallas,
           "pallas-interpret": functools.partial(moe_pallas, interpret=True)}[strategy]
     return fn(x, weights, experts, w1, w2, w3, hidden_axes=hidden_axes)

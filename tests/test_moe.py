@@ -1,4 +1,4 @@
-"""Sparse mixture of experts (Mixtral): routing and its ties, the gather / grouped /
+"""Sparse mixture of experts (Mixtral): routing and its ties, the gather / tiled / grouped /
 ragged paths against the dense reference (also on int8 / fp8 and unmerged-LoRA experts,
 which the sparse paths read expert by expert, never dequantizing the layer), parity with transformers' MixtralForCausalLM
 (PyTorch, float32) in both folder layouts, decode through the cache, the bytes a decode
@@ -29,6 +29,7 @@ from mistral_jax.model import init_params
 from mistral_jax.moe import (
     MAX_BLOCK,
     MIN_BLOCK,
+    MOE_KERNEL_ENV,
     ExpertWeight,
     MoeFeedForward,
     dense_weight,
@@ -39,6 +40,7 @@ from mistral_jax.moe import (
     moe_grouped,
     moe_ragged,
     moe_strategy,
+    moe_tiled,
     route,
 )
 from mistral_jax.quant import quantize_array, quantize_params, resolve_mode
@@ -155,7 +157,7 @@ def test_tied_routing_gives_the_same_output_on_every_path():
     w2 = jnp.asarray(rng.standard_normal((4, 24, 16)) / 5, jnp.float32)
     weights, experts = route(jnp.zeros((3, 4)), 2)
     want = moe_dense(x, weights, experts, w1, w2, w3)
-    for fn in (moe_gather, moe_grouped, moe_ragged):
+    for fn in (moe_gather, SMALL_TILES, moe_grouped, moe_ragged):
         assert rel_err(jax.jit(fn)(x, weights, experts, w1, w2, w3), want) <= 1e-6
 
 
@@ -195,6 +197,9 @@ def test_route_softmax_runs_in_float32_on_bfloat16_gate_logits():
 
 # ----------------------------------------------------------------------------- paths
 
+# The tiled decode path with blocks small enough for several loop steps on these tiny layers.
+SMALL_TILES = functools.partial(moe_tiled, block_bytes=4096)
+
 
 def _layer(n, e, d=16, f=24, dtype=jnp.float32, seed=0, skew=False):
     rng = np.random.default_rng(seed)
@@ -220,8 +225,10 @@ def test_sparse_paths_equal_the_dense_reference(n, e, k, block, skew):
     weights, experts = route(logits, k)
     want = moe_dense(x, weights, experts, w1, w2, w3)
     grouped = functools.partial(moe_grouped, block_size=block)
-    # The gather path unrolls its N*k assignments: meant for (and compiled here at) small N.
-    for fn in ((moe_gather,) if n * k <= 16 else ()) + (grouped, moe_ragged):
+    # The gather and tiled paths unroll their N*k assignments: meant for (and compiled here
+    # at) small N.
+    for fn in ((moe_gather, moe_tiled, SMALL_TILES) if n * k <= 16 else ()) + (grouped,
+                                                                              moe_ragged):
         got = jax.jit(fn)(x, weights, experts, w1, w2, w3)
         assert rel_err(got, want) <= 1e-6
 
@@ -231,7 +238,7 @@ def test_sparse_paths_in_bfloat16_stay_close_to_float32():
     weights, experts = route(logits, 2)
     f32 = [a.astype(jnp.float32) for a in (x, w1, w2, w3)]
     want = moe_dense(f32[0], weights, experts, *f32[1:])
-    for fn, n in ((moe_dense, 24), (moe_grouped, 24), (moe_gather, 2)):  # gather: decode-sized
+    for fn, n in ((moe_dense, 24), (moe_grouped, 24), (moe_gather, 2), (SMALL_TILES, 2)):
         got = jax.jit(fn)(x[:n], weights[:n], experts[:n], w1, w2, w3)
         assert got.dtype == jnp.bfloat16
         assert rel_err(got, want[:n]) <= 2e-2
@@ -244,7 +251,7 @@ def test_moe_layer_every_strategy_equals_dense(shape):
     params = MoeFeedForward(args).init(jax.random.PRNGKey(0), x)
     want = jax.jit(MoeFeedForward(args, strategy="dense").apply)(params, x)
     few = shape[0] * shape[1] * 2 <= 8  # the gather path is for decode-sized steps
-    for strategy in ("auto", "grouped", "ragged") + (("gather",) if few else ()):
+    for strategy in ("auto", "grouped", "ragged") + (("gather", "tiled") if few else ()):
         got = jax.jit(MoeFeedForward(args, strategy=strategy).apply)(params, x)
         assert got.shape == x.shape
         assert rel_err(got, want) <= 1e-6
@@ -261,8 +268,78 @@ def test_path_choice_is_static_in_the_token_count():
     x, logits, w1, w2, w3 = _layer(40, 8)
     weights, experts = route(logits, 2)
     prefill = str(jax.make_jaxpr(moe)(x, weights, experts, w1, w2, w3))
-    assert "scan" not in decode and "sort" not in decode  # per-token expert reads only
+    assert "sort" not in decode  # per-token expert reads only
     assert "scan" in prefill and "sort" in prefill  # tokens grouped by expert
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (loop bodies, branches)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+def test_tiled_decode_reads_each_selected_expert_in_row_blocks():
+    """`moe_tiled` takes every stacked weight in [1, block, out] row blocks inside two
+    loops (over D for w1/w3, over F for w2), never a whole expert's [D, F] / [F, D]."""
+    e, d, f = 8, 64, 96
+    x, logits, *ws = _layer(1, e, d=d, f=f)
+    weights, experts = route(logits, 2)
+    # w1/w3: 4 matmuls (2 slots x 2 weights) of 96 floats a row, 16 rows a step: 4 steps.
+    # w2: 2 matmuls of 64 floats a row, so up to 48 rows a step: 2 steps of 48.
+    fn = functools.partial(moe_tiled, block_bytes=16 * 4 * f * 4)
+    jaxpr = jax.make_jaxpr(fn)(x, weights, experts, *ws).jaxpr
+    eqns = list(_eqns(jaxpr))
+    blocks = {tuple(q.params["slice_sizes"]) for q in eqns
+              if q.primitive.name == "dynamic_slice" and q.invars[0].aval.ndim == 3}
+    assert blocks == {(1, 16, f), (1, 48, d)}
+    assert sorted(q.params["length"] for q in eqns if q.primitive.name == "scan") == [2, 4]
+    assert not [s for s in _float_shapes(jaxpr) if s[-2:] in ((d, f), (f, d))]
+    want = moe_dense(x, weights, experts, *ws)
+    assert rel_err(jax.jit(fn)(x, weights, experts, *ws), want) <= 1e-6
+
+
+def test_decode_on_the_cpu_tiles_float32_and_int8_experts_and_gathers_others(monkeypatch):
+    """Unset MISTRAL_JAX_MOE_KERNEL, a CPU decode step takes `moe_tiled` when every expert
+    kernel is float32 or int8 and `moe_gather` otherwise (bfloat16, fp8, or a mix); the
+    variable overrides the choice either way. A prefill groups whatever the dtype."""
+    import mistral_jax.moe as moe_module
+
+    assert jax.default_backend() == "cpu"
+    taken = []
+    for name in ("moe_gather", "moe_tiled", "moe_grouped"):
+        real = getattr(moe_module, name)
+        monkeypatch.setattr(moe_module, name,
+                            lambda *a, _n=name, _f=real, **kw: taken.append(_n) or _f(*a, **kw))
+    x, logits, *ws = _layer(1, 8)
+    weights, experts = route(logits, 2)
+    int8 = _expert_weights("int8", *ws)
+    fp8 = _expert_weights("fp8", *ws)
+    bf16 = [w.astype(jnp.bfloat16) for w in ws]
+    cases = [(ws, None, "moe_tiled"), (int8, None, "moe_tiled"), (fp8, None, "moe_gather"),
+             (bf16, None, "moe_gather"), ([int8[0], bf16[1], ws[2]], None, "moe_gather"),
+             (ws, "xla", "moe_gather"), (bf16, "tiled", "moe_tiled")]
+    for weights_, env, path in cases:
+        if env is None:
+            monkeypatch.delenv(MOE_KERNEL_ENV, raising=False)
+        else:
+            monkeypatch.setenv(MOE_KERNEL_ENV, env)
+        taken.clear()
+        moe(x.astype(_kernel_dtype(weights_[1])), weights, experts, *weights_)
+        assert taken == [path], (env, taken)
+    monkeypatch.delenv(MOE_KERNEL_ENV)
+    x, logits, *_ = _layer(40, 8)
+    taken.clear()
+    moe(x, *route(logits, 2), *ws)
+    assert taken == ["moe_grouped"]
+
+
+def _kernel_dtype(w):
+    return jnp.float32 if isinstance(w, ExpertWeight) else w.dtype
 
 
 def test_grouped_block_size_is_a_bounded_power_of_two_growing_with_tokens():
@@ -334,7 +411,7 @@ def test_quantized_and_lora_experts_sparse_paths_equal_dense_on_the_dense_weight
     want = moe_dense(x, weights, experts, *plain)
     assert rel_err(jax.jit(moe_dense)(x, weights, experts, *ew), want) <= 1e-6
     grouped = functools.partial(moe_grouped, block_size=block)
-    for fn in ((moe_gather,) if n * k <= 16 else ()) + (grouped, moe_ragged):
+    for fn in ((moe_gather, SMALL_TILES) if n * k <= 16 else ()) + (grouped, moe_ragged):
         got = jax.jit(fn)(x, weights, experts, *ew)
         assert rel_err(got, want) <= 1e-5, fn
 
@@ -356,7 +433,7 @@ def test_quantized_and_lora_moe_layer_every_strategy_equals_dense(kind):
         assert ff["w1"].dtype != jnp.float32 and ff["w1_scale"].shape == (8, args.hidden_dim)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 3, args.dim))  # N*k = 6 <= E: 'auto' gathers
     want = jax.jit(MoeFeedForward(args, strategy="dense").apply)({"params": ff}, x)
-    for strategy in ("auto", "grouped", "ragged"):
+    for strategy in ("auto", "gather", "tiled", "grouped", "ragged"):
         got = jax.jit(MoeFeedForward(args, strategy=strategy).apply)({"params": ff}, x)
         assert rel_err(got, want) <= 1e-5, strategy
 
@@ -377,7 +454,7 @@ def _float_shapes(jaxpr) -> list[tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("strategy,n", [("gather", 1), ("grouped", 40)])
+@pytest.mark.parametrize("strategy,n", [("gather", 1), ("tiled", 1), ("grouped", 40)])
 def test_int8_sparse_paths_never_dequantize_the_layer(strategy, n):
     """No float value holding more than one expert's [D, F] / [F, D] weights (the stacked
     [E, D, F] a dequantize-first layer makes): only the selected slices are cast."""

@@ -549,21 +549,22 @@ assert jax.device_count() == 8
 mesh = make_mesh("expert=4,tensor=2")
 rng = np.random.default_rng(0)
 e, d, f = 8, 32, 64
-ws = []
-for shape in ((e, d, f), (e, f, d), (e, d, f)):
-    q, s = quantize_array(jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[1]),
-                                      jnp.float32), MODES["fp8"], (1,))
-    ws.append(ExpertWeight(q, s, input_scale=jnp.zeros((e,), jnp.float32)))
-for n in (1, 24):  # gather, grouped
-    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
-    weights, experts = route(jnp.asarray(rng.standard_normal((n, e)), jnp.float32), 2)
-    want = jax.jit(moe)(x, weights, experts, *ws)
-    with use_mesh(mesh):
-        got = jax.jit(lambda *a: expert_parallel(moe, *a))(x, weights, experts, *ws)
-        # the same without the max over the row's F halves held by the two tensor devices
-        local = jax.jit(lambda *a: expert_parallel(lambda *b, **kw: moe(*b), *a))(
-            x, weights, experts, *ws)
-    print(n, float(rel_err(got, want)), float(rel_err(local, want)))
+for mode in ("fp8", "int8"):  # decoding on the CPU: the gather path, the tiled path
+    ws = []
+    for shape in ((e, d, f), (e, f, d), (e, d, f)):
+        q, s = quantize_array(jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[1]),
+                                          jnp.float32), MODES[mode], (1,))
+        ws.append(ExpertWeight(q, s, input_scale=jnp.zeros((e,), jnp.float32)))
+    for n in (1, 24):  # decode, grouped
+        x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+        weights, experts = route(jnp.asarray(rng.standard_normal((n, e)), jnp.float32), 2)
+        want = jax.jit(moe)(x, weights, experts, *ws)
+        with use_mesh(mesh):
+            got = jax.jit(lambda *a: expert_parallel(moe, *a))(x, weights, experts, *ws)
+            # the same without the max over the row's F halves held by the two tensor devices
+            local = jax.jit(lambda *a: expert_parallel(lambda *b, **kw: moe(*b), *a))(
+                x, weights, experts, *ws)
+        print(mode, n, float(rel_err(got, want)), float(rel_err(local, want)))
 """
 
 
@@ -578,8 +579,9 @@ def test_expert_parallel_w8a8_experts_scale_each_row_over_its_whole_hidden_dim(t
     out = run_on_cpu_devices(str(script), str(Path(__file__).parent))
     lines = [line.split() for line in out.splitlines()]
     print(out)
-    assert [n for n, *_ in lines] == ["1", "24"]
-    for _, err, local_err in lines:
+    assert [(mode, n) for mode, n, *_ in lines] == [("fp8", "1"), ("fp8", "24"),
+                                                     ("int8", "1"), ("int8", "24")]
+    for _, _, err, local_err in lines:
         assert float(err) <= 1e-5 and float(local_err) > 1e-4
 
 
