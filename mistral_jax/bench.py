@@ -82,6 +82,9 @@ PRESETS: dict[str, ModelArgs] = {
                           n_kv_heads=2, norm_eps=1e-5, vocab_size=512, moe=MoeArgs(4, 2)),
     "small": ModelArgs(dim=512, n_layers=8, head_dim=64, hidden_dim=1536, n_heads=8,
                        n_kv_heads=2, norm_eps=1e-5, vocab_size=32768),  # 58M params
+    "small-moe": ModelArgs(dim=512, n_layers=8, head_dim=64, hidden_dim=1536, n_heads=8,
+                           n_kv_heads=2, norm_eps=1e-5, vocab_size=32768,
+                           moe=MoeArgs(8, 2)),  # 190M params, 151M in experts
     # Published shapes (params.json of the released checkpoints).
     "mistral-7b": ModelArgs(**_SHAPES_7B, vocab_size=32768),  # Mistral-7B-v0.3
     "mixtral-8x7b": ModelArgs(**_SHAPES_7B, vocab_size=32000, moe=MoeArgs(8, 2)),
@@ -671,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="model shape with random weights (ignored with --ckpt)")
     p.add_argument("--ckpt", type=Path, help="a model folder (Mistral or HF layout) to load instead")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the preset's shapes with this many layers (a big shape on a small "
+                   "device: per-layer figures; not with --ckpt)")
     p.add_argument("--dtype", default="auto",
                    help="bfloat16 | float16 | float32; auto: bfloat16 on GPU, float32 elsewhere")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -729,6 +735,8 @@ def _validate(ns: argparse.Namespace) -> None:
         raise UserInputError("--torch-threads must be >= 1")
     if ns.ckpt is not None and not ns.ckpt.is_dir():
         raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
+    if ns.layers is not None and (ns.layers < 1 or ns.ckpt is not None):
+        raise UserInputError("--layers must be >= 1, and applies to a --preset, not --ckpt")
     if ns.quantize and ns.vs_transformers:
         raise UserInputError("--quantize cannot be combined with --vs-transformers "
                              "(transformers' model is built from unquantized weights)")
@@ -740,13 +748,17 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
 
         model = Transformer.from_folder(ns.ckpt, dtype=dtype, quantize=ns.quantize)
         return model.args, model.params, str(ns.ckpt)
-    args = PRESETS[ns.preset]
+    args, name = PRESETS[ns.preset], ns.preset
+    if ns.layers is not None:
+        plural = "s" if ns.layers > 1 else ""
+        args = dataclasses.replace(args, n_layers=ns.layers)
+        name = f"{name} ({ns.layers} layer{plural})"
     if ns.quantize:
         from mistral_jax.quant import random_quantized_params
 
         return (args, random_quantized_params(args, ns.quantize, ns.seed, dtype),
-                f"{ns.preset} {ns.quantize}")
-    return args, init_params(args, ns.seed, dtype), ns.preset
+                f"{name} {ns.quantize}")
+    return args, init_params(args, ns.seed, dtype), name
 
 
 def enable_cache(ns: argparse.Namespace) -> Path | None:

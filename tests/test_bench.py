@@ -380,6 +380,9 @@ def test_bench_rejects_bad_lengths_before_any_work(capsys):
     assert bench.main(["--preset", "tiny", "--quantize", "int8", "--vs-transformers",
                        "--no-compile-cache"]) == 2
     assert "--quantize cannot be combined with --vs-transformers" in capsys.readouterr().err
+    for bad in (["--preset", "tiny", "--layers", "0"], ["--ckpt", ".", "--layers", "1"]):
+        assert bench.main(bad + ["--no-compile-cache"]) == 2
+        assert "--layers must be >= 1, and applies to a --preset" in capsys.readouterr().err
 
 
 def test_bench_quantized_preset_counts_int8_weight_bytes(tmp_path, capsys):
@@ -397,6 +400,25 @@ def test_bench_quantized_preset_counts_int8_weight_bytes(tmp_path, capsys):
     int8 = runs["int8"]["results"][0]["decode_bytes_per_step"]
     assert int8 < 0.8 * full  # the float32 attention/FFN kernels became int8 + scales
     assert _finite_positive(runs["int8"]["results"][0]["decode_tok_s"])
+
+
+def test_bench_layers_flag_runs_the_preset_shapes_with_fewer_layers(tmp_path, capsys):
+    """--layers N: the preset's shapes with N layers (a Mixtral-8x7B layer on a small device),
+    named so in the JSON, with the weights and bytes of N layers."""
+    runs = {}
+    for layers in (None, 1):
+        out = tmp_path / f"{layers}.json"
+        argv = ["--preset", "tiny-moe", "--batch", "1", "--prompt-len", "4", "--gen-len", "2",
+                "--repeats", "1", "--no-compile-cache", "--copy-mib", "8", "--matmul-n", "128",
+                "--json", str(out)] + (["--layers", str(layers)] if layers else [])
+        assert bench.main(argv) == 0
+        runs[layers] = json.loads(out.read_text())
+    capsys.readouterr()
+    one, full = runs[1]["meta"], runs[None]["meta"]
+    assert one["model"] == "tiny-moe (1 layer)" and one["args"]["n_layers"] == 1
+    assert full["args"]["n_layers"] == bench.PRESETS["tiny-moe"].n_layers == 2
+    assert one["args"]["moe"] == full["args"]["moe"] and one["args"]["dim"] == full["args"]["dim"]
+    assert one["n_params"] < full["n_params"]
 
 
 def test_bench_runs_the_pallas_kernels_when_asked_and_records_the_choice(tmp_path, capsys,
