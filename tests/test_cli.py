@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import mistral_common
 import numpy as np
 import pytest
@@ -457,8 +458,9 @@ def random_folders(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> 
 
 
 def api_ids(folder: Path, prompt: list[int], **load) -> list[int]:
-    """Greedy ids of the Python API: Transformer.from_folder(folder, **load) + generate."""
-    model = Transformer.from_folder(folder, **load)
+    """Greedy ids of the Python API: Transformer.from_folder(folder, **load) + generate, in
+    the dtype the CLI's default --dtype auto loads (float32 on this CPU)."""
+    model = Transformer.from_folder(folder, **{"dtype": cli.cli_dtype("auto"), **load})
     return generate([prompt], model, max_tokens=N_TOKENS, temperature=0.0, eos_id=2)[0][0]
 
 
@@ -531,13 +533,28 @@ def test_sample_quantize_flag_quantizes_at_load(random_folders, tok, capsys, mon
     ids, _, err = sample_ids(["--ckpt", random_folders["dense"], "--prompt", RANDOM_PROMPT,
                               "--quantize", mode], capsys, monkeypatch)
     assert ids == api_ids(random_folders["dense"], prompt, quantize=mode)
-    assert f"parameters, {stored} weights, bfloat16 activations) in " in err
+    assert f"parameters, {stored} weights, float32 activations) in " in err
 
 
 def test_load_line_names_the_plain_dtype(random_folders, capsys, monkeypatch):
     _, _, err = sample_ids(["--ckpt", random_folders["dense"], "--prompt", RANDOM_PROMPT,
                             "--dtype", "float32"], capsys, monkeypatch)
     assert "parameters, float32) in " in err and "weights" not in err
+
+
+def test_default_dtype_is_float32_on_the_cpu_and_bfloat16_on_accelerators(random_folders, capsys,
+                                                                         monkeypatch):
+    """--dtype auto (the default) loads float32 on the CPU backend, where XLA computes bfloat16
+    through float32 copies of the weights, and bfloat16 on GPUs/TPUs; a named dtype stands."""
+    base = ["--ckpt", random_folders["dense"], "--prompt", RANDOM_PROMPT]
+    assert sample.build_parser().parse_args([str(a) for a in base]).dtype == "auto"
+    _, _, err = sample_ids(base, capsys, monkeypatch)
+    assert "parameters, float32) in " in err
+    _, _, err = sample_ids([*base, "--dtype", "bfloat16"], capsys, monkeypatch)
+    assert "parameters, bfloat16) in " in err
+    assert cli.cli_dtype("auto") == "float32" and cli.cli_dtype("float16") == "float16"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cli.cli_dtype("auto") == "bfloat16" and cli.cli_dtype("float32") == "float32"
 
 
 def test_weight_format_of_quantized_params():
@@ -579,7 +596,7 @@ def test_chat_with_lora_and_fp8_equals_the_api(random_folders, tok, capsys, monk
     assert want != api_ids(folder, prompt, quantize="fp8")  # the adapter matters here too
     stream = StreamDecoder(tok)
     assert out == "".join(stream.push(t) for t in want) + stream.flush() + "\n"
-    assert "fp8 weights, bfloat16 activations" in err
+    assert "fp8 weights, float32 activations" in err
 
 
 def test_bad_lora_adapter_is_one_line_naming_the_key(random_folders, tok, capsys, tmp_path):
