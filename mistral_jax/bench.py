@@ -68,7 +68,7 @@ from mistral_jax.errors import MistralJaxError, UserInputError
 from mistral_jax.kernels import KERNEL_CHOICES
 from mistral_jax.layers import ATTENTION_CHOICES, ATTENTION_ENV
 from mistral_jax.model import causal_positions, forward, init_params
-from mistral_jax.moe import MOE_KERNEL_CHOICES, MOE_KERNEL_ENV
+from mistral_jax.moe import MOE_KERNEL_CHOICES, MOE_KERNEL_ENV, default_decode_kernel
 from mistral_jax.quant import QMATMUL_ENV
 
 _SHAPES_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
@@ -761,6 +761,18 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     return args, init_params(args, ns.seed, dtype), name
 
 
+def moe_kernel_used(args: ModelArgs, params: Any) -> str | None:
+    """The MoE decode path a decode step takes (None for a dense model): the value of
+    MISTRAL_JAX_MOE_KERNEL, else moe.default_decode_kernel's choice for the first layer's
+    experts, named 'xla (default)' or 'tiled (default)'."""
+    if args.moe is None:
+        return None
+    if MOE_KERNEL_ENV in os.environ:
+        return os.environ[MOE_KERNEL_ENV]
+    ff = params["layers_0"]["feed_forward"]
+    return f"{default_decode_kernel(ff['w1'], ff['w2'], ff['w3'])} (default)"
+
+
 def enable_cache(ns: argparse.Namespace) -> Path | None:
     """Turn on JAX's persistent compilation cache as the flags say; returns its folder.
     Without --cache-min-compile-secs, JAX's own threshold stands (its
@@ -841,7 +853,7 @@ def run(ns: argparse.Namespace) -> dict:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "attention": os.environ.get(ATTENTION_ENV, "auto"),
         "qmatmul": os.environ.get(QMATMUL_ENV, "xla"),
-        "moe_kernel": os.environ.get(MOE_KERNEL_ENV, "default"),  # moe.default_decode_kernel
+        "moe_kernel": moe_kernel_used(args, params),
         "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
         "copy_bandwidth_gbps_probes": [x / 1e9 for x in copy_probes],
         "matmul_tflops_measured": matmul / 1e12, "matmul_n": matmul_n,

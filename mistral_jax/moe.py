@@ -22,8 +22,9 @@ expert axis can be sharded. Interchangeable paths compute the same function:
   index, without XLA's copy of the slice; MISTRAL_JAX_MOE_KERNEL=pallas makes 'auto'
   use it wherever it would gather. Not yet run on a GPU, so off by default.
 
-The choice is static, by N*k against E (`moe_strategy`), so every path is pure and
-jit-able. `moe_ragged` (`jax.lax.ragged_dot`) is available on request (strategy
+The choice is static, so every path is pure and jit-able: by N*k against E
+(`moe_strategy`), then for decode-sized steps by MISTRAL_JAX_MOE_KERNEL, else by the
+backend and the expert kernels' dtype (`default_decode_kernel`). `moe_ragged` (`jax.lax.ragged_dot`) is available on request (strategy
 'ragged'): on TPU a native grouped matmul; on CPU JAX lowers it to a masked product
 over all experts, and on an H100 it measured no faster than dense (GPU_NOTES.md).
 
@@ -48,7 +49,7 @@ FP8-dynamic): `input_scale` f32 [E], 0 meaning per token, as for a dense Linear
 (`quant.quantize_activations`). Every path quantizes each input row of an expert matmul
 to the kernel's dtype with the scale max |row| / qmax before multiplying: x's rows for
 w1/w3, each (token, expert) SwiGLU row h for w2. Per-row quantization commutes with
-selecting rows, so the gather, grouped, dense and ragged paths compute the same
+selecting rows, so the gather, tiled, grouped, dense and ragged paths compute the same
 function; `moe_pallas` takes the gather path for such experts.
 
 Ties between equal gate logits go to the lower expert index (`jax.lax.top_k` keeps
@@ -78,7 +79,7 @@ STRATEGIES = ("auto", "gather", "tiled", "grouped", "dense", "ragged", "pallas",
 MOE_KERNEL_ENV = "MISTRAL_JAX_MOE_KERNEL"
 MOE_KERNEL_CHOICES = ("xla", "tiled", "pallas", "pallas-interpret")
 # Expert kernel dtypes `moe_tiled` was measured faster for on the CPU backend (float32:
-# 3.3x the gather path, a third of dense; int8: 2.2x). XLA's CPU backend copied bfloat16
+# 6.9x the gather path, a third of dense; int8: 6.0x). XLA's CPU backend copied bfloat16
 # and fp8 blocks element by element through float32, several times slower than the
 # gather path's one copy of each expert (benchmarks/moe_bytes.py, BENCHMARKS.md).
 TILED_CPU_DTYPES = ("float32", "int8")
@@ -272,7 +273,8 @@ def _tiled_matmuls(jobs: list[tuple[jax.Array, Weight, jax.Array, AxisNames]],
     with every job's kernel read in row slices [block, out] of expert e by one
     `lax.fori_loop`, in float32 (the CPU's fast matmul). Each slice is contiguous in the
     stacked array, and a step's slices together about `block_bytes`, so XLA's copies of
-    them stay in cache and each expert is read once. All jobs share `in`.
+    them stay in cache and each job reads its expert's weight once from memory. All jobs
+    share `in`. Index arithmetic is int32 (also under jax_enable_x64).
     """
     from mistral_jax.quant import quantize_activations
 
@@ -289,11 +291,12 @@ def _tiled_matmuls(jobs: list[tuple[jax.Array, Weight, jax.Array, AxisNames]],
         inputs.append(x)
 
     def body(b, accs):
-        start = b * block
+        start = jnp.asarray(b, jnp.int32) * block
         out = []
         for acc, x, (_, w, e, _) in zip(accs, inputs, jobs):
             kernel = _kernel(w)
-            blk = jax.lax.dynamic_slice(kernel, (e, start, 0), (1, block, kernel.shape[2]))[0]
+            origin = (jnp.asarray(e, jnp.int32), start, jnp.int32(0))
+            blk = jax.lax.dynamic_slice(kernel, origin, (1, block, kernel.shape[2]))[0]
             xs = jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
             out.append(acc + xs.astype(jnp.float32) @ blk.astype(jnp.float32))
         return tuple(out)

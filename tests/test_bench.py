@@ -396,6 +396,7 @@ def test_bench_quantized_preset_counts_int8_weight_bytes(tmp_path, capsys):
         runs[mode] = json.loads(out.read_text())
     capsys.readouterr()
     assert runs["int8"]["meta"]["model"] == "tiny int8"
+    assert runs["int8"]["meta"]["moe_kernel"] is None  # a dense model
     full = runs[None]["results"][0]["decode_bytes_per_step"]
     int8 = runs["int8"]["results"][0]["decode_bytes_per_step"]
     assert int8 < 0.8 * full  # the float32 attention/FFN kernels became int8 + scales
@@ -419,6 +420,7 @@ def test_bench_layers_flag_runs_the_preset_shapes_with_fewer_layers(tmp_path, ca
     assert full["args"]["n_layers"] == bench.PRESETS["tiny-moe"].n_layers == 2
     assert one["args"]["moe"] == full["args"]["moe"] and one["args"]["dim"] == full["args"]["dim"]
     assert one["n_params"] < full["n_params"]
+    assert one["moe_kernel"] == full["moe_kernel"] == "tiled (default)"  # float32 on the CPU
 
 
 def test_bench_runs_the_pallas_kernels_when_asked_and_records_the_choice(tmp_path, capsys,

@@ -332,10 +332,52 @@ def test_decode_on_the_cpu_tiles_float32_and_int8_experts_and_gathers_others(mon
         moe(x.astype(_kernel_dtype(weights_[1])), weights, experts, *weights_)
         assert taken == [path], (env, taken)
     monkeypatch.delenv(MOE_KERNEL_ENV)
-    x, logits, *_ = _layer(40, 8)
+    x40, logits40, *_ = _layer(40, 8)
     taken.clear()
-    moe(x, *route(logits, 2), *ws)
+    moe(x40, *route(logits40, 2), *ws)
     assert taken == ["moe_grouped"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # elsewhere: the gather path
+    taken.clear()
+    moe(x, weights, experts, *ws)
+    assert taken == ["moe_gather"]
+
+
+def test_tiled_decode_equals_gather_on_w8a8_experts_with_lora_and_per_expert_scales():
+    """`moe_tiled` against `moe_gather` where each expert has its own static activation scale
+    (input_scale[e] must be the selected expert's), per-token scales (0), and an unmerged LoRA
+    adapter beside W8A8 (fed the unquantized input, as `expert_matmul` does)."""
+    e = 8
+    x, logits, *ws = _layer(2, e, d=32, f=48)
+    weights, experts = route(logits, 2)
+    rng = np.random.default_rng(5)
+    static = [jnp.asarray(rng.uniform(0.01, 0.05, e), jnp.float32) for _ in range(3)]
+    lora = _expert_weights("lora", *ws)
+    for case in ("static", "dynamic+lora"):
+        ew = []
+        for i, w in enumerate(ws):
+            q, scale = quantize_array(w, resolve_mode("int8"), (1,))
+            if case == "static":
+                ew.append(ExpertWeight(q, scale, input_scale=static[i]))
+            else:
+                ew.append(ExpertWeight(q, scale, lora[i].lora_a, lora[i].lora_b,
+                                       jnp.zeros((e,), jnp.float32)))
+        want = jax.jit(moe_gather)(x, weights, experts, *ew)
+        got = jax.jit(SMALL_TILES)(x, weights, experts, *ew)
+        assert rel_err(got, want) <= 1e-6, case
+        if case == "static":  # every expert's own scale counts: one shared scale differs
+            shared = [w._replace(input_scale=jnp.full((e,), w.input_scale[0])) for w in ew]
+            assert rel_err(jax.jit(moe_gather)(x, weights, experts, *shared), want) > 1e-3
+
+
+def test_tiled_decode_runs_with_64_bit_indices():
+    """Under jax_enable_x64 the loop counter is int64 and the expert index int32: the
+    block offsets are taken in int32 either way."""
+    x, logits, *ws = _layer(2, 8, d=32, f=48)
+    weights, experts = route(logits, 2)
+    want = moe_gather(x, weights, experts, *ws)
+    with jax.enable_x64(True):
+        got = jax.jit(functools.partial(moe_tiled, block_bytes=2048))(x, weights, experts, *ws)
+    assert rel_err(got, want) <= 1e-6
 
 
 def _kernel_dtype(w):
