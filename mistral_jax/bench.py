@@ -678,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the preset's shapes with this many layers (a big shape on a small "
                    "device: per-layer figures; not with --ckpt)")
     p.add_argument("--dtype", default="auto",
-                   help="bfloat16 | float16 | float32; auto: bfloat16 on GPU, float32 elsewhere")
+                   help="bfloat16 | float16 | float32; auto: float32 on a CPU, bfloat16 "
+                   "elsewhere (transformer.auto_dtype)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, nargs="+", default=[64])
     p.add_argument("--gen-len", type=int, nargs="+", default=[32])
@@ -789,7 +790,7 @@ def run(ns: argparse.Namespace) -> dict:
     _validate(ns)
     cache_dir = enable_cache(ns)
     on_gpu = jax.default_backend() == "gpu"
-    dtype = resolve_dtype(("bfloat16" if on_gpu else "float32") if ns.dtype == "auto" else ns.dtype)
+    dtype = resolve_dtype(ns.dtype)
     args, params, model_name = _load_model(ns, dtype)
     if args.max_seq_len is not None and max(ns.prompt_len) + max(ns.gen_len) > args.max_seq_len:
         raise UserInputError(f"prompt + generation length exceeds max_seq_len={args.max_seq_len}")

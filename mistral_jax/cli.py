@@ -78,7 +78,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
         help="dtype of the weights and KV cache; auto (default): float32 on a CPU, where "
         "XLA computes bfloat16 through float32 copies of the weights (slower and no smaller), "
-        "bfloat16 on GPUs and TPUs")
+        "bfloat16 on GPUs and TPUs (transformer.auto_dtype)")
     parser.add_argument(
         "--lora", metavar="PATH", type=Path, default=None,
         help="LoRA adapter (mistral-finetune lora.safetensors, or a peft adapter folder), "
@@ -248,15 +248,6 @@ def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: Model
                 f"{max(args.max_seq_len - len(ids), 0)})")
 
 
-def cli_dtype(name: str) -> str:
-    """--dtype as loaded: 'auto' is float32 on the CPU backend (BENCHMARKS.md, "bfloat16 on
-    the CPU": 2x faster decode, and no bfloat16 weights beside their float32 copies) and
-    bfloat16 elsewhere; any other name as given."""
-    if name != "auto":
-        return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
     """Read the weights of `folder` as the flags ask (progress bar, then the load time).
 
@@ -264,7 +255,7 @@ def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
     """
     if not getattr(ns, "no_compile_cache", True):
         enable_compilation_cache(ns.compile_cache)
-    kwargs: dict[str, Any] = dict(dtype=cli_dtype(ns.dtype), progress=True)
+    kwargs: dict[str, Any] = dict(dtype=ns.dtype, progress=True)
     # Flags that change loading go here, each one line.
     kwargs["mesh"] = getattr(ns, "mesh", None)
     kwargs["lora_path"] = getattr(ns, "lora", None)

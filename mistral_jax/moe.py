@@ -230,7 +230,8 @@ def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, 
 
 def mix_slots(y: jax.Array, weights: jax.Array) -> jax.Array:
     """Each token's expert outputs y [N, k, D] mixed by its routing weights [N, k] -> [N, D]
-    in y's dtype, summed in slot order as `moe_gather` sums (so the paths agree bit for bit)."""
+    in y's dtype, summed in slot order: every sparse path mixes here, so they agree bit for
+    bit where their expert outputs do."""
     mix = weights.astype(y.dtype)
     out = y[:, 0] * mix[:, :1]
     for j in range(1, y.shape[1]):
@@ -247,18 +248,9 @@ def moe_gather(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3,
     Unrolled over the N*k assignments, so meant for N*k <= E (see `moe_strategy`).
     """
     n, k = experts.shape
-    mix = weights.astype(x.dtype)
-    rows = []
-    for i in range(n):
-        row = None
-        for j in range(k):
-            e = experts[i, j]
-            y = expert_ffn(x[i:i + 1], _expert(w1, e), _expert(w2, e), _expert(w3, e),
-                           hidden_axes)
-            y = y * mix[i, j]
-            row = y if row is None else row + y
-        rows.append(row)
-    return jnp.concatenate(rows, axis=0)
+    ys = [expert_ffn(x[i:i + 1], _expert(w1, e), _expert(w2, e), _expert(w3, e), hidden_axes)
+          for i in range(n) for e in (experts[i, j] for j in range(k))]
+    return mix_slots(jnp.concatenate(ys, axis=0).reshape(n, k, -1), weights)
 
 
 def _block_rows(n: int, target: int) -> int:

@@ -31,11 +31,22 @@ DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32
           "fp32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
 
 
+def auto_dtype() -> str:
+    """What dtype='auto' loads: float32 on the CPU backend, where XLA computes bfloat16
+    through float32 copies of the weights (2x slower decode and no smaller: BENCHMARKS.md,
+    "bfloat16 on the CPU"), bfloat16 on GPUs and TPUs."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def resolve_dtype(dtype: Any) -> jnp.dtype:
-    """'bfloat16' / 'float32' / 'float16' or a dtype -> a numpy dtype; else UserInputError."""
+    """'bfloat16' / 'float32' / 'float16' / 'auto' (`auto_dtype`) or a dtype -> a numpy
+    dtype; else UserInputError."""
     if isinstance(dtype, str):
+        if dtype == "auto":
+            dtype = auto_dtype()
         if dtype not in DTYPES:
-            raise UserInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            raise UserInputError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, "
+                                 f"got {dtype!r}")
         dtype = DTYPES[dtype]
     if dtype is None:  # (numpy reads None as float64)
         raise UserInputError("dtype must be bfloat16, float16 or float32, got None")
@@ -82,6 +93,8 @@ class Transformer:
         (quant.py); compressed-tensors int8/fp8 checkpoints, and folders converted with
         `mistral-jax-convert --quantize` or from such checkpoints, load quantized without
         it (and refuse it: UserInputError); `dtype` then applies to the other leaves.
+        `dtype`: bfloat16 (mistral-inference's default), float16, float32 or 'auto'
+        (`auto_dtype`: float32 on a CPU).
         `mesh`: a `jax.sharding.Mesh` with axes data/tensor/expert, a spec such as
         'tensor=4,expert=2', or 'auto' (every device along tensor); each weight is then
         placed straight onto its shards (sharding.py). None: the default device.

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import mistral_common
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from safetensors.numpy import save_file
 from mistral_jax import chat, cli, demo, sample
 from mistral_jax.generate import generate
 from mistral_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
-from mistral_jax.transformer import Transformer
+from mistral_jax.transformer import Transformer, auto_dtype, resolve_dtype
 from tests.helpers import (
     random_mistral_state,
     tiny_args,
@@ -460,7 +461,7 @@ def random_folders(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> 
 def api_ids(folder: Path, prompt: list[int], **load) -> list[int]:
     """Greedy ids of the Python API: Transformer.from_folder(folder, **load) + generate, in
     the dtype the CLI's default --dtype auto loads (float32 on this CPU)."""
-    model = Transformer.from_folder(folder, **{"dtype": cli.cli_dtype("auto"), **load})
+    model = Transformer.from_folder(folder, **{"dtype": "auto", **load})
     return generate([prompt], model, max_tokens=N_TOKENS, temperature=0.0, eos_id=2)[0][0]
 
 
@@ -552,9 +553,9 @@ def test_default_dtype_is_float32_on_the_cpu_and_bfloat16_on_accelerators(random
     assert "parameters, float32) in " in err
     _, _, err = sample_ids([*base, "--dtype", "bfloat16"], capsys, monkeypatch)
     assert "parameters, bfloat16) in " in err
-    assert cli.cli_dtype("auto") == "float32" and cli.cli_dtype("float16") == "float16"
+    assert auto_dtype() == "float32" and resolve_dtype("float16") == np.float16
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert cli.cli_dtype("auto") == "bfloat16" and cli.cli_dtype("float32") == "float32"
+    assert auto_dtype() == "bfloat16" and resolve_dtype("auto") == jnp.bfloat16
 
 
 def test_weight_format_of_quantized_params():
