@@ -3,8 +3,8 @@
     python -m mistral_jax.bench --preset mistral-7b --batch 1 8 64 --prompt-len 512 --gen-len 128
     python -m mistral_jax.bench --preset tiny --batch 1 4 --prompt-len 32 --gen-len 8 --vs-transformers
 
-A preset (or `--ckpt FOLDER`) gives the model; random weights are made on the device by
-a jitted `init_params`, so 7B-size presets never touch the host. For each batch size B,
+A preset (or `--ckpt FOLDER`) gives the model; random weights are drawn on the device
+leaf by leaf (`model.random_params`), so 7B-size presets never touch the host. For each batch size B,
 prompt length P and generation length G it reports:
 
 - compile: seconds to lower + compile the prefill program, the decode loop and the
@@ -67,7 +67,7 @@ from mistral_jax.cli import COMPILE_CACHE_ENV, default_cache_dir, enable_compila
 from mistral_jax.errors import MistralJaxError, UserInputError
 from mistral_jax.kernels import KERNEL_CHOICES
 from mistral_jax.layers import ATTENTION_CHOICES, ATTENTION_ENV
-from mistral_jax.model import causal_positions, forward, init_params
+from mistral_jax.model import causal_positions, forward, random_params
 from mistral_jax.moe import MOE_KERNEL_CHOICES, MOE_KERNEL_ENV, default_decode_kernel
 from mistral_jax.quant import QMATMUL_ENV
 
@@ -754,12 +754,8 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
         plural = "s" if ns.layers > 1 else ""
         args = dataclasses.replace(args, n_layers=ns.layers)
         name = f"{name} ({ns.layers} layer{plural})"
-    if ns.quantize:
-        from mistral_jax.quant import random_quantized_params
-
-        return (args, random_quantized_params(args, ns.quantize, ns.seed, dtype),
-                f"{name} {ns.quantize}")
-    return args, init_params(args, ns.seed, dtype), name
+    params = random_params(args, ns.seed, dtype, ns.quantize)
+    return args, params, f"{name} {ns.quantize}" if ns.quantize else name
 
 
 def moe_kernel_used(args: ModelArgs, params: Any) -> str | None:

@@ -12,6 +12,7 @@ cache-less full causal pass. Layers are unrolled (one param subtree per layer,
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -127,6 +128,57 @@ def init_params(args: ModelArgs, key: jax.Array | int = 0, dtype: Dtype = jnp.fl
     if isinstance(key, int):
         key = jax.random.PRNGKey(key)
     return nn.meta.unbox(jax.jit(functools.partial(_boxed_init, args, dtype))(key))
+
+
+def random_params(args: ModelArgs, seed: int = 0, dtype: Dtype = jnp.bfloat16,
+                  quantize: str | None = None):
+    """Random params drawn leaf by leaf, in chunks of rows (benchmarks of large presets).
+
+    The same distributions as `init_params` (kernels normal with std 1/sqrt(fan_in), the
+    embedding std 1, norms ones) but other draws. `init_params` draws every weight in one
+    program, whose random-bit temporaries took 18 GB of host memory for a 6.9 GB one-layer
+    Mixtral; here at most one weight and one chunk's temporaries exist beside the finished
+    leaves. With `quantize` ('int8', 'fp8', ...), each weight is quantized as soon as it is
+    drawn, so a quantized Mixtral 8x7B never needs its ~93 GB of bfloat16.
+    """
+    from mistral_jax.checkpoint import flatten, unflatten
+    from mistral_jax.quant import quantize_leaf, resolve_mode, split_dims
+
+    mode = resolve_mode(quantize) if quantize else None
+    key = jax.random.PRNGKey(seed)
+    out = {}
+    for i, (path, leaf) in enumerate(flatten(abstract_params(args, dtype)).items()):
+        if path[-1] == "weight":  # RMSNorm
+            w = jnp.ones(leaf.shape, leaf.dtype)
+        else:
+            fan_in = 1 if path == ("embedding",) else math.prod(
+                leaf.shape[d] for d in split_dims(path, len(leaf.shape))[1])
+            w = _random_normal(jax.random.fold_in(key, i), 1.0 / math.sqrt(fan_in),
+                               leaf.shape, leaf.dtype, _chunk_rows(leaf.shape))
+        out.update(quantize_leaf(path, w, mode) if mode else {path: w})
+    return unflatten(out)
+
+
+RANDOM_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per drawn chunk
+
+
+def _chunk_rows(shape: tuple[int, ...]) -> int:
+    """Rows (of the leaf flattened to [rows, last dim]) drawn per chunk: the largest divisor
+    of the row count whose chunk holds at most RANDOM_CHUNK_ELEMENTS (at least one row)."""
+    rows, last = math.prod(shape[:-1]), shape[-1]
+    cap = max(1, RANDOM_CHUNK_ELEMENTS // last)
+    return next(r for r in range(min(rows, cap), 0, -1) if rows % r == 0)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _random_normal(key, std, shape: tuple[int, ...], dtype, rows: int):
+    n_rows, last = math.prod(shape[:-1]), shape[-1]
+
+    def draw(k):
+        return (jax.random.normal(k, (rows, last), jnp.float32) * std).astype(dtype)
+
+    chunks = jax.lax.map(draw, jax.random.split(key, n_rows // rows))
+    return chunks.reshape(shape)
 
 
 def abstract_params(args: ModelArgs, dtype: Dtype = jnp.float32):

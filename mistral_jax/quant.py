@@ -637,36 +637,6 @@ def quality(forward_ref: Callable, forward_q: Callable, prompts: np.ndarray,
     return result
 
 
-def random_quantized_params(args: ModelArgs, mode: str | QuantMode, seed: int = 0,
-                            dtype=jnp.bfloat16):
-    """Random params, quantized leaf by leaf on the default device (benchmarks).
-
-    Each weight is drawn in `dtype` (normal, std 1/sqrt(fan_in); norms ones, embedding
-    std 1) and quantized at once, so at most one full-precision weight exists at a time:
-    the Mixtral 8x7B preset never needs its ~93 GB of bfloat16.
-    """
-    from mistral_jax.model import abstract_params
-
-    mode = resolve_mode(mode)
-    key = jax.random.PRNGKey(seed)
-    out = {}
-    for i, (path, leaf) in enumerate(flatten(abstract_params(args, dtype)).items()):
-        if path[-1] == "weight":  # RMSNorm
-            w = jnp.ones(leaf.shape, leaf.dtype)
-        else:
-            fan_in = 1 if path == ("embedding",) else int(np.prod(
-                [leaf.shape[d] for d in split_dims(path, len(leaf.shape))[1]]))
-            w = _random_normal(jax.random.fold_in(key, i), 1.0 / np.sqrt(fan_in), leaf.shape,
-                               leaf.dtype)
-        out.update(quantize_leaf(path, w, mode))
-    return unflatten(out)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _random_normal(key, std, shape: tuple[int, ...], dtype):
-    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
-
-
 PROMPTS = (
     "Return the number of items in a container.",
     "def read_config(path):\n    \"\"\"Read a JSON configuration file and return a dict.",

@@ -33,7 +33,7 @@ from mistral_jax import (
     Transformer,
     UserInputError,
 )
-from mistral_jax.model import abstract_params
+from mistral_jax.model import abstract_params, random_params
 from mistral_jax.quant import (
     MODES,
     QMATMUL_ENV,
@@ -46,7 +46,6 @@ from mistral_jax.quant import (
     quantize_array,
     quantize_params,
     quantized_abstract_params,
-    random_quantized_params,
 )
 from mistral_jax.quant import main as quant_main
 
@@ -205,7 +204,7 @@ def test_quantized_abstract_params_and_logical_axes_describe_the_quantized_tree(
 
 def test_random_quantized_params_have_the_quantized_structure_and_scale():
     args = tiny_moe_args()
-    params = random_quantized_params(args, "fp8", seed=1)
+    params = random_params(args, seed=1, quantize="fp8")
     abstract = flatten(quantized_abstract_params(args, "fp8", jnp.bfloat16))
     flat = flatten(params)
     assert {p: (v.shape, v.dtype) for p, v in flat.items()} == {
