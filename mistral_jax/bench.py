@@ -3,9 +3,9 @@
     python -m mistral_jax.bench --preset mistral-7b --batch 1 8 64 --prompt-len 512 --gen-len 128
     python -m mistral_jax.bench --preset tiny --batch 1 4 --prompt-len 32 --gen-len 8 --vs-transformers
 
-A preset (or `--ckpt FOLDER`) gives the model; random weights are drawn on the device
-leaf by leaf (`model.random_params`), so 7B-size presets never touch the host. For each batch size B,
-prompt length P and generation length G it reports:
+A preset (or `--ckpt FOLDER`) gives the model; random weights are drawn on the device,
+leaf by leaf (`model.random_params`), so 7B-size presets never touch the host. For each
+batch size B, prompt length P and generation length G it reports:
 
 - compile: seconds to lower + compile the prefill program, the decode loop and the
   single decode step (JAX's persistent compilation cache, on by default, makes a second

@@ -154,7 +154,7 @@ def random_params(args: ModelArgs, seed: int = 0, dtype: Dtype = jnp.bfloat16,
             fan_in = 1 if path == ("embedding",) else math.prod(
                 leaf.shape[d] for d in split_dims(path, len(leaf.shape))[1])
             w = _random_normal(jax.random.fold_in(key, i), 1.0 / math.sqrt(fan_in),
-                               leaf.shape, leaf.dtype, _chunk_rows(leaf.shape))
+                               leaf.shape, leaf.dtype)
         out.update(quantize_leaf(path, w, mode) if mode else {path: w})
     return unflatten(out)
 
@@ -170,9 +170,10 @@ def _chunk_rows(shape: tuple[int, ...]) -> int:
     return next(r for r in range(min(rows, cap), 0, -1) if rows % r == 0)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _random_normal(key, std, shape: tuple[int, ...], dtype, rows: int):
-    n_rows, last = math.prod(shape[:-1]), shape[-1]
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _random_normal(key, std, shape: tuple[int, ...], dtype):
+    """Normal(0, std) of `shape` in `dtype`, drawn `_chunk_rows(shape)` rows at a time."""
+    n_rows, last, rows = math.prod(shape[:-1]), shape[-1], _chunk_rows(shape)
 
     def draw(k):
         return (jax.random.normal(k, (rows, last), jnp.float32) * std).astype(dtype)

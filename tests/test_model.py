@@ -585,8 +585,7 @@ def test_random_params_draw_a_large_weight_in_chunks_with_small_temporaries():
     rows = _chunk_rows(shape)
     assert rows * shape[-1] <= RANDOM_CHUNK_ELEMENTS and (8 * 4096) % rows == 0
     assert _chunk_rows((3, 5)) == 3 and _chunk_rows((7, RANDOM_CHUNK_ELEMENTS * 2)) == 1
-    compiled = _random_normal.lower(jax.random.PRNGKey(0), 0.01, shape, jnp.float32,
-                                    rows).compile()
+    compiled = _random_normal.lower(jax.random.PRNGKey(0), 0.01, shape, jnp.float32).compile()
     memory = compiled.memory_analysis()
     out = np.prod(shape) * 4
     assert memory.output_size_in_bytes == out
