@@ -5,11 +5,13 @@ Hugging Face folders carry a `config.json` (`MistralForCausalLM` / `MixtralForCa
 Both are parsed into the same frozen, hashable dataclass, so it can be a static
 argument of `jax.jit`.
 
-A missing `rope_theta` means what each reference means: 1e6 for params.json
-(mistral-inference: `rope_theta or 1e6`) and 1e4 for config.json (the default of
-transformers' `MistralConfig`). Mistral 7B v0.1's params.json omits it although
-that model was trained with 1e4; pass `rope_theta=1e4` to `Transformer.from_folder`
-for that one model in the Mistral layout.
+A field left out means what the folder's reference means. params.json: mistral-inference's
+`TransformerArgs` (`rope_theta` 1e6, no sliding window). config.json: the defaults of
+transformers' `MistralConfig` or `MixtralConfig` (by `model_type`, else `architectures`),
+`HF_DEFAULTS`: for Mistral `rope_theta` 1e4, `sliding_window` 4096, `rms_norm_eps` 1e-6; for
+Mixtral 1e6, no window, 1e-5; both 8 KV heads (n_heads where the field is null). Mistral 7B
+v0.1's params.json omits `rope_theta` although that model was trained with 1e4; pass
+`rope_theta=1e4` to `Transformer.from_folder` for that one model in the Mistral layout.
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ from typing import Any
 from mistral_jax.errors import ConfigError
 
 MISTRAL_DEFAULT_ROPE_THETA = 1e6
-HF_DEFAULT_ROPE_THETA = 1e4
+# What transformers' MistralConfig / MixtralConfig (4.x and 5.x alike) take for the fields a
+# config.json may leave out that no tensor's shape can tell (or, for the KV heads, that it
+# would refuse): a Mixtral config without rope_theta means 1e6, a Mistral one 1e4 and a
+# 4096-token window. A null num_key_value_heads means num_attention_heads in both.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 4096, "rms_norm_eps": 1e-6, "num_key_value_heads": 8},
+    "mixtral": {"sliding_window": None, "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
+                "num_local_experts": 8, "num_experts_per_tok": 2},
+}
+# Without rope_theta or rope_parameters.rope_theta.
+HF_DEFAULT_ROPE_THETA = {"mistral": 1e4, "mixtral": 1e6}
+HF_ARCHITECTURES = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,26 +222,26 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
 
 
 def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
-    """Parse a Hugging Face `config.json` of MistralForCausalLM or MixtralForCausalLM."""
+    """Parse a Hugging Face `config.json` of MistralForCausalLM or MixtralForCausalLM; fields
+    left out take transformers' defaults for the config's model type (`HF_DEFAULTS`)."""
     path = Path(path)
     cfg = read_json(path)
-    arch = cfg.get("architectures") or []
-    if arch and not any(a in ("MistralForCausalLM", "MixtralForCausalLM") for a in arch):
-        raise ConfigError(
-            f"{path}: unsupported architectures {arch}; expected MistralForCausalLM or "
-            "MixtralForCausalLM"
-        )
+    model_type = hf_model_type(cfg, path)
     if cfg.get("tie_word_embeddings"):
         raise ConfigError(f"{path}: tie_word_embeddings=true is not supported by Mistral models")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported "
+                          "(Mistral models use 'silu')")
+    cfg = {**HF_DEFAULTS[model_type], **cfg}  # present keys win, null ones included
     # Checked and named as config.json names them.
     n_heads = config_field(path, cfg, "num_attention_heads", "int")
     dim = config_field(path, cfg, "hidden_size", "int")
     rope = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta") or rope.get("rope_theta") or HF_DEFAULT_ROPE_THETA
+    theta = cfg.get("rope_theta") or rope.get("rope_theta") or HF_DEFAULT_ROPE_THETA[model_type]
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(f"{path}: rope_type {rope['rope_type']!r} is not supported")
     moe = None
-    if "num_local_experts" in cfg or cfg.get("model_type") == "mixtral":
+    if model_type == "mixtral":
         n, k = (_require(cfg, key, path) for key in ("num_local_experts", "num_experts_per_tok"))
         try:  # named as config.json names them
             moe = check_moe(n, k, names=("num_local_experts", "num_experts_per_tok"))
@@ -250,6 +263,27 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
     )
     kwargs.update(overrides)
     return _build(path, **kwargs)
+
+
+def hf_model_type(cfg: dict, path: Path) -> str:
+    """'mistral' or 'mixtral': the config's `model_type`, else what its `architectures` name,
+    else 'mixtral' when it has expert fields; ConfigError for any other model."""
+    arch = cfg.get("architectures") or []
+    if arch and not any(a in HF_ARCHITECTURES for a in arch):
+        raise ConfigError(
+            f"{path}: unsupported architectures {arch}; expected MistralForCausalLM or "
+            "MixtralForCausalLM"
+        )
+    model_type = cfg.get("model_type")
+    if model_type is not None:
+        if model_type not in HF_DEFAULTS:
+            raise ConfigError(f"{path}: unsupported model_type {model_type!r}; expected "
+                              "'mistral' or 'mixtral'")
+        return model_type
+    named = {HF_ARCHITECTURES[a] for a in arch if a in HF_ARCHITECTURES}
+    if len(named) == 1:
+        return named.pop()
+    return "mixtral" if "num_local_experts" in cfg else "mistral"
 
 
 def check_folder(folder: str | Path) -> Path:

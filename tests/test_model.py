@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from helpers import (
     both_layouts,
+    hf_config,
     random_mistral_state,
     rel_err,
     tiny_args,
+    tiny_moe_args,
     torch_logits,
     torch_reference,
     write_hf_folder,
@@ -22,7 +24,12 @@ from helpers import (
 )
 
 from mistral_jax import CheckpointError, ConfigError, Transformer, forward, init_cache
-from mistral_jax.args import args_from_hf_config, args_from_params_json, args_to_params_json
+from mistral_jax.args import (
+    MoeArgs,
+    args_from_hf_config,
+    args_from_params_json,
+    args_to_params_json,
+)
 from mistral_jax.errors import UserInputError
 from mistral_jax.model import causal_positions
 
@@ -245,6 +252,63 @@ def test_missing_rope_theta_follows_each_reference(tmp_path):
     assert Transformer.from_folder(m, dtype="float32", rope_theta=1e4).args.rope_theta == 1e4
 
 
+# config.json fields that a file may leave out and transformers fills in (by model type);
+# also set to null where transformers 5 reads null as a value (no window, head_dim derived).
+HF_LEFT_OUT = ("rope_theta", "sliding_window", "rms_norm_eps", "num_key_value_heads", "head_dim")
+HF_MIXTRAL_LEFT_OUT = ("num_local_experts", "num_experts_per_tok")
+HF_CONFIG_CASES = [(f, "left out", moe) for moe in (False, True) for f in HF_LEFT_OUT] + [
+    (f, "left out", True) for f in HF_MIXTRAL_LEFT_OUT] + [
+    (f, "null", moe) for moe in (False, True) for f in ("sliding_window", "head_dim")]
+
+
+@pytest.mark.parametrize(("field", "how", "moe"), HF_CONFIG_CASES,
+                         ids=[f"{f}-{h}-{'mixtral' if m else 'mistral'}"
+                              for f, h, m in HF_CONFIG_CASES])
+def test_config_json_fields_left_out_mean_what_transformers_reads(tmp_path, field, how, moe):
+    """Each optional field dropped from (or nulled in) a config.json: the args equal what
+    transformers' AutoConfig makes of the same file (a Mistral without rope_theta is 1e4 and
+    windowed at 4096, a Mixtral 1e6 and unwindowed; both 8 KV heads)."""
+    from transformers import AutoConfig
+
+    # Every value unlike either default, so that a default taken shows.
+    args = tiny_args(n_heads=16, n_kv_heads=16, head_dim=8, sliding_window=64, rope_theta=5e5,
+                     norm_eps=1e-3, moe=MoeArgs(4, 1) if moe else None)
+    path = tmp_path / "config.json"
+    cfg = hf_config(args)
+    if how == "left out":
+        cfg.pop(field)
+    else:
+        cfg[field] = None
+    path.write_text(json.dumps(cfg))
+    ours, ref = args_from_hf_config(path), AutoConfig.from_pretrained(tmp_path)
+    theta = getattr(ref, "rope_theta", None) or ref.rope_parameters["rope_theta"]
+    got = (ours.rope_theta, ours.sliding_window, ours.norm_eps, ours.n_kv_heads, ours.head_dim)
+    assert got == (theta, ref.sliding_window, ref.rms_norm_eps, ref.num_key_value_heads,
+                   ref.head_dim or ref.hidden_size // ref.num_attention_heads)
+    if moe:
+        assert ours.moe == MoeArgs(ref.num_local_experts, ref.num_experts_per_tok)
+    assert ref.model_type == ("mixtral" if moe else "mistral")
+
+
+def test_config_json_model_type_picks_the_defaults_and_unknown_ones_are_refused(tmp_path):
+    path = tmp_path / "config.json"
+    cfg = hf_config(tiny_moe_args())
+    for key in ("rope_theta", "sliding_window", "model_type"):
+        cfg.pop(key)
+    path.write_text(json.dumps(cfg))  # architectures alone says Mixtral
+    a = args_from_hf_config(path)
+    assert (a.rope_theta, a.sliding_window, a.moe is not None) == (1e6, None, True)
+    cfg.pop("architectures")
+    path.write_text(json.dumps(cfg))  # nor that: the expert fields say Mixtral
+    assert args_from_hf_config(path).rope_theta == 1e6
+    for bad, msg in (({"model_type": "llama"}, "model_type 'llama'"),
+                     ({"architectures": ["LlamaForCausalLM"]}, "LlamaForCausalLM"),
+                     ({"hidden_act": "gelu"}, "hidden_act 'gelu'")):
+        path.write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ConfigError, match=f"config.json: .*{msg}"):
+            args_from_hf_config(path)
+
+
 def test_hf_config_rope_parameters_and_per_layer_window(tmp_path):
     cfg = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -252,7 +316,8 @@ def test_hf_config_rope_parameters_and_per_layer_window(tmp_path):
            "rope_parameters": {"rope_type": "default", "rope_theta": 2e5}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     a = args_from_hf_config(tmp_path / "config.json")
-    assert (a.rope_theta, a.head_dim, a.sliding_window) == (2e5, 16, None)
+    # No sliding_window key: MistralConfig's default window, 4096.
+    assert (a.rope_theta, a.head_dim, a.sliding_window) == (2e5, 16, 4096)
     p = tiny_args(n_layers=4, sliding_window=[8, None]).layer_windows
     assert p == (8, None, 8, None)
 
