@@ -251,10 +251,11 @@ def _validate(prompts, max_tokens, args, eos_id, chunk_size, seed) -> None:
         raise UserInputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
         raise UserInputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
-    if eos_id is not None and not _is_int(eos_id):
-        raise UserInputError(f"eos_id must be None or an integer token id, got {eos_id!r}")
-    check_seed(seed)
     vocab, max_len = args.vocab_size, getattr(args, "max_seq_len", None)
+    if eos_id is not None and not (_is_int(eos_id) and 0 <= eos_id < vocab):
+        raise UserInputError(
+            f"eos_id must be None or a token id in [0, vocab_size={vocab}), got {eos_id!r}")
+    check_seed(seed)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise UserInputError(f"prompts[{i}] is empty: every prompt needs at least one token")

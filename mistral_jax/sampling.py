@@ -20,6 +20,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mistral_jax.errors import UserInputError
 
@@ -68,7 +69,13 @@ class Sampling:
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """logits f32[B, V], a PRNG key -> token ids int32[B]."""
-        logits = logits.astype(jnp.float32) / self.temperature
+        # The row's maximum subtracted first: a tiny temperature then sends every other
+        # logit to -inf (the greedy limit) instead of overflowing them all to +-inf. A
+        # subnormal temperature counts as float32's smallest normal one (XLA may flush
+        # subnormals to zero, and 0 / 0 is NaN).
+        logits = logits.astype(jnp.float32)
+        temperature = jnp.maximum(jnp.float32(self.temperature), jnp.finfo(jnp.float32).tiny)
+        logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
         vocab = logits.shape[-1]
         k = vocab if self.top_k is None else min(self.top_k, vocab)
         if k == vocab and not self.nucleus:
@@ -134,7 +141,21 @@ def prng_key(seed: int) -> jax.Array:
     return key if high == 0 else jax.random.fold_in(key, high)
 
 
+def _python_number(x: object) -> object:
+    """A 0-d NumPy/JAX array of ints or floats as the Python number it holds; else x as it
+    is (a traced value too: it cannot be checked here)."""
+    if (isinstance(x, (np.ndarray, np.generic, jax.Array)) and x.ndim == 0
+            and (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer))):
+        try:
+            return x.item()
+        except jax.errors.ConcretizationTypeError:
+            return x
+    return x
+
+
 def _is_real(x: object) -> bool:
+    """A finite real number: Python's, NumPy's, or a 0-d array holding one."""
+    x = _python_number(x)
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -151,6 +172,7 @@ def _check_top_p(p: object) -> None:
 
 
 def _check_top_k(k: object) -> None:
+    k = _python_number(k)
     if k is not None and not (
         isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1
     ):

@@ -106,6 +106,25 @@ def test_top_k_one_is_greedy_and_large_top_k_is_clamped():
     assert ids.shape == (16,) and np.all((np.asarray(ids) >= 0) & (np.asarray(ids) < 30))
 
 
+@pytest.mark.parametrize("temperature", [1e-20, 1e-38, 1e-45])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_tiny_temperature_is_the_greedy_limit(temperature, top_k):
+    """logits / 1e-38 overflows to +-inf (categorical then draws junk): the row maximum is
+    subtracted first, so every token but the argmax gets -inf."""
+    logits = jax.random.normal(jax.random.key(4), (16, 30)) * 5
+    ids = jax.jit(Sampling(temperature, top_k=top_k))(logits, jax.random.key(0))
+    np.testing.assert_array_equal(ids, Greedy()(logits, None))
+
+
+def test_sampling_values_may_be_numpy_or_jax_scalars():
+    s = make_strategy(jnp.float32(0.5), top_p=np.float64(0.75), top_k=jnp.int32(3))
+    assert s == Sampling(0.5, 0.75, 3)
+    assert make_strategy(jnp.bfloat16(0)) == Greedy()
+    for bad in (jnp.array([0.5]), jnp.array(True), np.bool_(True)):
+        with pytest.raises(UserInputError, match="temperature must be >= 0"):
+            make_strategy(bad)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -117,6 +136,7 @@ def test_top_k_one_is_greedy_and_large_top_k_is_clamped():
         (dict(temperature=1.0, top_k=0), "top_k must be None or an integer >= 1"),
         (dict(temperature=1.0, top_k=2.5), "top_k must be None or an integer >= 1"),
         (dict(temperature=1.0, top_k=True), "top_k must be None or an integer >= 1"),
+        (dict(temperature=1.0, top_k=jnp.float32(2.0)), "top_k must be None or an integer >= 1"),
         (dict(temperature=0.0, top_k=-3), "top_k must be None or an integer >= 1"),
     ],
 )
