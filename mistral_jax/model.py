@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.cache import Cache, init_cache
@@ -72,11 +73,13 @@ def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
     each row's first token with right padding only (a sampler's first prefill): attention
     then skips the empty cache slots and, on GPUs, runs the fused kernel unconditionally.
 
-    Shapes and dtypes are checked (UserInputError); token values are not, as this runs
-    under jit: an id outside [0, vocab_size) gives NaN logits (`Transformer.logits` and
-    `generate` check ids first).
+    Shapes and dtypes are checked (UserInputError), and concrete positions against the
+    cache's size (`check_positions`); token values are not, as this runs under jit: an id
+    outside [0, vocab_size) gives NaN logits (`Transformer.logits` and `generate` check
+    ids first).
     """
     check_inputs(tokens, positions, cache, args)
+    check_positions(positions, cache, args)
     return MistralModel(args).apply({"params": params}, tokens, positions, cache, logits_index,
                                     fresh_prefill)
 
@@ -110,6 +113,36 @@ def check_inputs(tokens, positions, cache: Cache | None, args: ModelArgs) -> Non
                     f"cache[{i}]['{key}'] is {a.dtype} {tuple(a.shape)}; expected a float "
                     f"[B={b}, n_kv_heads={args.n_kv_heads}, S, head_dim={args.head_dim}] array, "
                     f"as init_cache(args, batch_size={b}, ...) makes")
+        pos, slots = layer["pos"], layer["k"].shape[2]
+        if tuple(pos.shape) != (b, slots) or not jnp.issubdtype(pos.dtype, jnp.integer):
+            raise UserInputError(
+                f"cache[{i}]['pos'] is {pos.dtype} {tuple(pos.shape)}; expected an integer "
+                f"[B={b}, S={slots}] array (S as its k and v), as init_cache makes")
+
+
+def check_positions(positions, cache: Cache | None, args: ModelArgs) -> None:
+    """UserInputError if a position is past what the cache can hold exactly: a layer's
+    rotating buffer wraps (slot = position mod S), which is exact only when S covers the
+    layer's sliding window; without one (or with S below it) positions must stay below S,
+    the `max_seq_len` of `init_cache`. Reads the values, so only concrete positions are
+    checked: traced ones (under jit) and other processes' shards pass unchecked."""
+    if cache is None or (isinstance(positions, jax.Array)
+                         and not isinstance(positions, jax.core.Tracer)
+                         and not positions.is_fully_addressable):
+        return
+    try:
+        host = np.asarray(positions)
+    except jax.errors.TracerArrayConversionError:
+        return
+    top = int(host.max()) if host.size else -1
+    for i, (window, layer) in enumerate(zip(args.layer_windows, cache)):
+        slots = layer["k"].shape[2]
+        if (window is None or slots < window) and top >= slots:
+            raise UserInputError(
+                f"position {top} is beyond the cache: layer {i} holds {slots} positions "
+                f"(init_cache(..., max_seq_len={slots})) and "
+                + ("has no sliding window" if window is None else f"a window of {window}")
+                + f"; make the cache with max_seq_len > {top}")
 
 
 def causal_positions(tokens: jax.Array) -> jax.Array:

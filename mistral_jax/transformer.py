@@ -25,7 +25,13 @@ from mistral_jax.checkpoint import load_params
 from mistral_jax.convert import is_converted, restore_params, stored_quantization
 from mistral_jax.errors import UserInputError
 from mistral_jax.lora import finish_params, load_hooks
-from mistral_jax.model import causal_positions, check_inputs, forward, init_params
+from mistral_jax.model import (
+    causal_positions,
+    check_inputs,
+    check_positions,
+    forward,
+    init_params,
+)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
           "fp32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
@@ -152,6 +158,7 @@ class Transformer:
         tokens, positions = (a if isinstance(a, jax.Array) else np.asarray(a)
                              for a in (tokens, positions))
         check_inputs(tokens, positions, cache, self.args)  # before the int32 casts below
+        check_positions(positions, cache, self.args)  # values: outside the jit below
         if self.mesh is not None:  # rows along data; traced under the mesh (sharding.py)
             tokens, positions = sharding.shard_batch(
                 self.mesh, np.asarray(tokens, np.int32), np.asarray(positions, np.int32))
