@@ -75,6 +75,10 @@ class ModelArgs:
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
                      "vocab_size"):
             positive_int(getattr(self, name), name)
+        for name in ("norm_eps", "rope_theta"):  # <= 0 would give NaN logits
+            object.__setattr__(self, name, float(positive_number(getattr(self, name), name)))
+        if self.max_seq_len is not None:
+            positive_int(self.max_seq_len, "max_seq_len")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -119,6 +123,14 @@ def positive_int(value: Any, name: str) -> int:
     return value
 
 
+def positive_number(value: Any, name: str) -> float:
+    """`value` if it is a finite number > 0 (not a bool); else ConfigError."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
 def check_moe(num_experts: Any, num_experts_per_tok: Any, *,
               names: tuple[str, str] = ("moe.num_experts", "moe.num_experts_per_tok")) -> MoeArgs:
     """MoeArgs of two positive integers with num_experts_per_tok <= num_experts; else a
@@ -133,14 +145,16 @@ def check_moe(num_experts: Any, num_experts_per_tok: Any, *,
 
 
 def config_field(source: Path, block: dict, key: str, kind: str, where: str = "") -> Any:
-    """block[key] checked as a positive 'int' or a finite 'float' (an int is a float too;
-    a bool is neither); ConfigError naming the file, the field and the value."""
+    """block[key] checked as a positive 'int', a 'positive' number or a finite 'float' (an
+    int is a float too; a bool is neither); ConfigError naming the file, field and value."""
     name = f"{where}{key}"
     if block.get(key) is None:
         raise ConfigError(f"{source}: required field {name!r} is missing")
     v = block[key]
     if kind == "int":
         return positive_int(v, f"{source}: {name}")
+    if kind == "positive":
+        return float(positive_number(v, f"{source}: {name}"))
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ConfigError(f"{source}: {name} must be a number, got {v!r}")
     return float(v)
@@ -190,7 +204,7 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
     cfg = read_json(path)
     req = {k: config_field(path, cfg, k, "int") for k in (
         "dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")}
-    req["norm_eps"] = config_field(path, cfg, "norm_eps", "float")
+    req["norm_eps"] = config_field(path, cfg, "norm_eps", "positive")
     n_kv_heads = _optional(cfg, "n_kv_heads", path, "int") or req["n_heads"]
     head_dim = _optional(cfg, "head_dim", path, "int") or req["dim"] // req["n_heads"]
     moe = None
@@ -211,11 +225,12 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
         req,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        rope_theta=_optional(cfg, "rope_theta", path, "float") or MISTRAL_DEFAULT_ROPE_THETA,
+        rope_theta=_optional(cfg, "rope_theta", path, "positive") or MISTRAL_DEFAULT_ROPE_THETA,
         sliding_window=cfg.get("sliding_window"),
         moe=moe,
         lora=lora,
-        max_seq_len=cfg.get("max_seq_len") or cfg.get("max_position_embeddings"),
+        max_seq_len=(_optional(cfg, "max_seq_len", path, "int")
+                     or _optional(cfg, "max_position_embeddings", path, "int")),
     )
     kwargs.update(overrides)
     return _build(path, **kwargs)
@@ -236,10 +251,17 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
     # Checked and named as config.json names them.
     n_heads = config_field(path, cfg, "num_attention_heads", "int")
     dim = config_field(path, cfg, "hidden_size", "int")
-    rope = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta") or rope.get("rope_theta") or HF_DEFAULT_ROPE_THETA[model_type]
-    if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"{path}: rope_type {rope['rope_type']!r} is not supported")
+    # rope_scaling: transformers 4's name for the block (transformers 5 still reads it).
+    rope_key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+    rope = cfg.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{path}: {rope_key} must be an object or null, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{path}: {rope_key} rope_type {rope_type!r} is not supported "
+                          "(only plain rotary embeddings)")
+    theta = (_optional(cfg, "rope_theta", path, "positive") or rope.get("rope_theta")
+             or HF_DEFAULT_ROPE_THETA[model_type])
     moe = None
     if model_type == "mixtral":
         n, k = (_require(cfg, key, path) for key in ("num_local_experts", "num_experts_per_tok"))
@@ -254,12 +276,12 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
         hidden_dim=config_field(path, cfg, "intermediate_size", "int"),
         n_heads=n_heads,
         n_kv_heads=_optional(cfg, "num_key_value_heads", path, "int") or n_heads,
-        norm_eps=config_field(path, cfg, "rms_norm_eps", "float"),
+        norm_eps=config_field(path, cfg, "rms_norm_eps", "positive"),
         vocab_size=config_field(path, cfg, "vocab_size", "int"),
-        rope_theta=float(theta),
+        rope_theta=theta,
         sliding_window=cfg.get("sliding_window"),
         moe=moe,
-        max_seq_len=cfg.get("max_position_embeddings"),
+        max_seq_len=_optional(cfg, "max_position_embeddings", path, "int"),
     )
     kwargs.update(overrides)
     return _build(path, **kwargs)
@@ -269,6 +291,10 @@ def hf_model_type(cfg: dict, path: Path) -> str:
     """'mistral' or 'mixtral': the config's `model_type`, else what its `architectures` name,
     else 'mixtral' when it has expert fields; ConfigError for any other model."""
     arch = cfg.get("architectures") or []
+    if isinstance(arch, str):  # one name rather than a list of them
+        arch = [arch]
+    if not isinstance(arch, list):
+        raise ConfigError(f"{path}: architectures must be a list of class names, got {arch!r}")
     if arch and not any(a in HF_ARCHITECTURES for a in arch):
         raise ConfigError(
             f"{path}: unsupported architectures {arch}; expected MistralForCausalLM or "

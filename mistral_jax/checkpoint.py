@@ -150,6 +150,10 @@ def safetensors_files(folder: Path, layout: str) -> list[Path]:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names "
+                                      "in the folder")
             files = sorted({folder / f for f in weight_map.values()})
             for f in files:
                 if not f.is_file():

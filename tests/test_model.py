@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -370,11 +371,18 @@ def test_params_json_missing_field_names_it(good_folder):
     ("hf", "num_key_value_heads", 2.0, "2.0"),
     ("hf", "intermediate_size", 0, "0"),
     ("hf", "rms_norm_eps", "1e-5", "'1e-5'"),
+    ("mistral", "norm_eps", -1, "-1"),  # <= 0: NaN logits
+    ("mistral", "rope_theta", -1, "-1"),
+    ("hf", "rope_theta", 0, "0"),
+    ("hf", "rms_norm_eps", -1e-5, "-1e-05"),
+    ("mistral", "max_seq_len", "256", "'256'"),  # used to fail in a '>' deep in the CLI
+    ("mistral", "max_seq_len", -5, "-5"),
+    ("hf", "max_position_embeddings", 256.0, "256.0"),
 ])
 def test_bad_size_field_is_named_as_its_file_names_it(tmp_path, layout, field, value, shown):
-    """A size that is not a positive integer (or an epsilon that is not a number) is a
-    ConfigError naming the file and the field by the file's own name (config.json's
-    hidden_size, not params.json's dim), never an int()/float() traceback."""
+    """A size that is not a positive integer (or an epsilon or rope theta that is not a
+    positive number) is a ConfigError naming the file and the field by the file's own name
+    (config.json's hidden_size, not params.json's dim), never a traceback or NaN logits."""
     args = tiny_args(vocab_size=100)
     write = write_mistral_folder if layout == "mistral" else write_hf_folder
     folder = write(tmp_path / layout, args, random_mistral_state(args))
@@ -387,6 +395,29 @@ def test_bad_size_field_is_named_as_its_file_names_it(tmp_path, layout, field, v
     message = str(error.value)
     assert message.startswith(f"{folder / name}: {field} must be a "), message
     assert message.endswith(f"got {shown}"), message
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"rope_parameters": "x"}, "rope_parameters must be an object or null, got 'x'"),
+    # transformers 4's name for the block, which transformers 5 still reads: it used to
+    # be ignored, the model then running without the scaling the file asks for.
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling rope_type 'yarn'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling rope_type 'linear'"),
+    ({"architectures": 5}, "architectures must be a list of class names, got 5"),
+])
+def test_bad_rope_block_or_architectures_in_config_json_is_named(tmp_path, patch, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**hf_config(tiny_args()), **patch}))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        args_from_hf_config(path)
+
+
+def test_plain_rope_scaling_and_a_single_architecture_name_load(tmp_path):
+    path = tmp_path / "config.json"
+    for patch in ({"rope_scaling": None}, {"rope_scaling": {"rope_type": "default"}},
+                  {"architectures": "MistralForCausalLM"}):
+        path.write_text(json.dumps({**hf_config(tiny_args()), **patch}))
+        assert args_from_hf_config(path).rope_theta == 1e6
 
 
 def test_truncated_safetensors_names_the_file(good_folder):
@@ -470,6 +501,16 @@ def test_missing_shard_in_index_is_named(tmp_path):
     hf = write_hf_folder(tmp_path / "h", args, random_mistral_state(args), shards=2)
     (hf / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="lists shard model-00002-of-00002.safetensors, which is missing"):
+        Transformer.from_folder(hf)
+
+
+@pytest.mark.parametrize("weight_map", [[1, 2], {"x": 5}, {"x": "../model.safetensors"}, "a"])
+def test_malformed_weight_map_in_the_index_is_named(tmp_path, weight_map):
+    args = tiny_args(vocab_size=100)
+    hf = write_hf_folder(tmp_path / "h", args, random_mistral_state(args), shards=2)
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: weight_map must "
+                       "map tensor names to file names in the folder"):
         Transformer.from_folder(hf)
 
 
@@ -605,6 +646,10 @@ def test_forward_checks_token_and_cache_shapes_before_running():
         ((tok, pos, init_cache(args, 1, 16, jnp.int32)), "cache[0]['k'] is int32"),
         ((tok, pos, init_cache(args, 1, 16, jnp.float32)[:1]), "cache must hold n_layers=2"),
         ((tok, jnp.array([[0, 1, 2]]), None), "must have the same [B, T] shape"),
+        ((tok, pos, [dict(c, pos=c["pos"][:, :2]) for c in init_cache(args, 1, 16, jnp.float32)]),
+         "cache[0]['pos'] is int32 (1, 2); expected an integer [B=1, S=16] array"),
+        ((tok, pos, [dict(c, pos=c["pos"].astype(jnp.float32))
+                     for c in init_cache(args, 1, 16, jnp.float32)]), "cache[0]['pos'] is float32"),
     ]
     pure = functools.partial(forward, model.params, args=args)
     for inputs, message in cases:
@@ -614,6 +659,36 @@ def test_forward_checks_token_and_cache_shapes_before_running():
             assert message in str(error.value), str(error.value)
     logits, _ = model.forward(tok, pos, init_cache(args, 1, 16, jnp.float32))
     assert logits.shape == (1, 2, 256)
+
+
+@pytest.mark.parametrize("window, max_seq_len, ok_up_to", [
+    (None, 8, 7),   # no window: the ring buffer would wrap and drop keys still in view
+    (16, 8, 7),     # a cache shorter than the window: the same
+    (8, 8, None),   # a cache as long as the window: wrapping is exact, any position goes
+])
+def test_positions_past_the_cache_are_refused_where_wrapping_would_be_wrong(
+        window, max_seq_len, ok_up_to):
+    """Decoding past init_cache's max_seq_len used to wrap silently (a model without a
+    window quietly got one of max_seq_len, logits off by ~0.3); now a UserInputError, from
+    the Transformer and from the pure forward called eagerly (under jit values are unknown)."""
+    args = tiny_args(vocab_size=100, sliding_window=window)
+    model = Transformer.random(args, seed=2)
+    tokens = np.random.default_rng(0).integers(0, 100, (1, 12))
+    full = np.asarray(model.logits(tokens))
+    pure = functools.partial(forward, model.params, args=args)
+    for run in (model.forward, pure):
+        cache = model.init_cache(1, max_seq_len)
+        for i in range(12):
+            step = (jnp.asarray(tokens[:, i:i + 1]), jnp.array([[i]]), cache)
+            if ok_up_to is not None and i > ok_up_to:
+                with pytest.raises(UserInputError, match=f"position {i} is beyond the cache: "
+                                   f"layer 0 holds {max_seq_len} positions"):
+                    run(*step)
+                break
+            logits, cache = run(*step)
+            assert rel_err(logits[:, 0], full[:, i]) <= 1e-5, i
+    step = jax.jit(pure)(jnp.asarray(tokens[:, :1]), jnp.array([[11]]), model.init_cache(1, 8))
+    assert step[0].shape == (1, 1, 100)  # traced positions: unchecked
 
 
 # ----------------------------------------------------------------------------- random_params
