@@ -107,8 +107,11 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 16 << 20
 WRITE_WINDOW = 64 << 20  # bytes of blocks waiting for disk
 _SPLIT_AXES = {"vocab": 8, "q_heads": 8, "kv_heads": 8, "mlp": 8, "expert": None}
-_TOKENIZER_FILES = ("tekken*.json", "tokenizer.model*", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "generation_config.json")
+# Copied beside the converted params: every name tokenizer.find_tokenizer_file looks for in a
+# folder (versioned SentencePiece files under any stem, e.g. mistral_instruct_..._.model.v3),
+# and the Hugging Face tokenizer / generation files.
+_TOKENIZER_FILES = ("tekken*.json", "tokenizer.model", "*.model.v*", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # dtypes a manifest may name for a leaf
 _LEAF_DTYPES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn")
 _QUANTIZED = ("int8", "float8_e4m3fn")  # dtypes of quantized kernels
@@ -701,10 +704,9 @@ def _convert(src: Path, dst: Path, dtype: Any, layout: str, quantize: str | None
             _verify(tmp, source, progress)
         try:
             (tmp / "params.json").write_text(json.dumps(args_to_params_json(args), indent=2) + "\n")
-            for pattern in _TOKENIZER_FILES:
-                for f in sorted(src.glob(pattern)):
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
+            for f in sorted({f for pattern in _TOKENIZER_FILES for f in src.glob(pattern)}):
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
             _write_json(tmp / ORBAX_DIR / "_METADATA", _orbax_metadata(list(_leaf_paths(leaves))))
             manifest = _manifest(src_abs, layout, file_info, np_dtype, quantization, leaves,
                                  len(plan), total)
@@ -1173,3 +1175,9 @@ def _restore_array(store, shape, sharding, dtype: np.dtype, where: Path):
         raise CheckpointError(f"{where}: reading failed ({e})") from None
     return jax.make_array_from_single_device_arrays(
         tuple(shape), sharding, [shards[d] for d in index_map])
+
+
+if __name__ == "__main__":  # `python -m mistral_jax.convert` = mistral-jax-convert
+    from convert.safetensors_to_orbax import main
+
+    raise SystemExit(main())

@@ -313,8 +313,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     file = find_tokenizer_file(path)
     try:
         return Tokenizer(_load_mistral(file), file)
-    except (MistralCommonException, ValueError, AssertionError, RuntimeError, OSError) as e:
-        raise TokenizerError(f"cannot load tokenizer file {file}: {e}") from e
+    except (MistralCommonException, ValueError, AssertionError, RuntimeError, OSError,
+            KeyError, TypeError, AttributeError) as e:  # the last three: JSON of another shape
+        why = f"no field {e} where one was expected" if isinstance(e, KeyError) else e
+        raise TokenizerError(f"cannot load tokenizer file {file}: {why}") from e
 
 
 class StreamDecoder:

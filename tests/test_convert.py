@@ -106,6 +106,25 @@ def test_bfloat16_conversion_matches_bfloat16_load_and_restores_in_other_dtypes(
     assert _leaves_equal(up, jax.tree.map(lambda x: np.asarray(x).astype(np.float32), direct.params))
 
 
+def test_every_tokenizer_name_the_loader_reads_is_copied(sources, tmp_path):
+    """A versioned SentencePiece file under another stem (as Mistral's own folders name
+    them, e.g. mistral_instruct_tokenizer_240323.model.v3) was left behind by the converter,
+    so the converted folder had no tokenizer although its source loaded fine."""
+    import mistral_common
+
+    from mistral_jax.tokenizer import load_tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(sources["dense", "mistral"], src)
+    (src / "tokenizer.model.v3").unlink()
+    real = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+    shutil.copy(real, src / "mistral_instruct_tokenizer_240323.model.v3")
+    convert(src, tmp_path / "out", dtype="float32")
+    copied = tmp_path / "out" / "mistral_instruct_tokenizer_240323.model.v3"
+    assert copied.read_bytes() == real.read_bytes()
+    assert load_tokenizer(tmp_path / "out").encode("hello") == load_tokenizer(src).encode("hello")
+
+
 def test_output_folder_is_complete_and_described_by_its_manifest(sources, tmp_path):
     src, dst = sources["dense", "mistral"], tmp_path / "out"
     stats = convert(src, dst, dtype="float16")
@@ -279,8 +298,11 @@ def test_cli_shows_progress_and_a_final_throughput_line(sources, tmp_path, capsy
                         r"\(\d+ MB/s\) -> \S+\n", out), out
 
 
-def test_cli_runs_as_a_module_and_exits_2_on_bad_input(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "convert.safetensors_to_orbax",
+@pytest.mark.parametrize("module", ["convert.safetensors_to_orbax", "mistral_jax.convert"])
+def test_cli_runs_as_a_module_and_exits_2_on_bad_input(tmp_path, module):
+    """Both module names run the converter (`python -m mistral_jax.convert` used to do
+    nothing and exit 0)."""
+    done = subprocess.run([sys.executable, "-m", module,
                            str(tmp_path / "nowhere"), str(tmp_path / "out")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

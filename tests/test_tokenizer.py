@@ -140,9 +140,12 @@ def test_missing_tokenizer_errors(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "params.json")
 
 
-def test_corrupt_file_names_file(tmp_path: Path) -> None:
-    (tmp_path / "tekken.json").write_text("{ not json")
-    with pytest.raises(TokenizerError, match="tekken.json"):
+@pytest.mark.parametrize("text", ["{ not json", "{}", '{"config": 5}', "[]"])
+def test_corrupt_file_names_file(tmp_path: Path, text: str) -> None:
+    """Not JSON, or JSON that is no tekken file (which mistral-common met with a KeyError
+    or TypeError): one TokenizerError naming the file."""
+    (tmp_path / "tekken.json").write_text(text)
+    with pytest.raises(TokenizerError, match="cannot load tokenizer file .*tekken.json"):
         load_tokenizer(tmp_path)
 
 
