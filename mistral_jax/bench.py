@@ -741,6 +741,12 @@ def _validate(ns: argparse.Namespace) -> None:
     if ns.quantize and ns.vs_transformers:
         raise UserInputError("--quantize cannot be combined with --vs-transformers "
                              "(transformers' model is built from unquantized weights)")
+    if ns.json is not None:  # checked before the run, not after it
+        if ns.json.is_dir():
+            raise UserInputError(f"--json {ns.json}: is a directory; give a file name")
+        blocking = next((p for p in ns.json.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise UserInputError(f"--json {ns.json}: {blocking} is a file, not a directory")
 
 
 def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
@@ -904,10 +910,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(out, default=float)
     print(text)
     if ns.json is not None:
-        ns.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ns.json.with_suffix(ns.json.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(ns.json)
+        tmp = ns.json.with_name(ns.json.name + ".tmp")
+        try:
+            ns.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text + "\n")
+            tmp.replace(ns.json)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            print(f"error: --json {ns.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -695,6 +695,9 @@ def main(argv=None) -> int:
     from mistral_jax.transformer import Transformer, jit_forward
 
     try:
+        if ns.prompts < 1 or ns.prompt_len < 2 or ns.new_tokens < 1:
+            raise UserInputError(f"--prompts and --new-tokens must be >= 1 and --prompt-len "
+                                 f">= 2, got {ns.prompts}, {ns.new_tokens} and {ns.prompt_len}")
         if ns.ckpt is not None:
             from mistral_jax.tokenizer import load_tokenizer
 
@@ -702,19 +705,27 @@ def main(argv=None) -> int:
             prompts = text_prompts(tok, ns.prompts, ns.prompt_len)
             model = Transformer.from_folder(ns.ckpt, dtype="bfloat16")
             args, params, name = model.args, model.params, str(ns.ckpt)
+            stored = sorted({jnp.dtype(w.dtype).name for w in flatten(params).values()
+                             if is_quantized(w)})
+            if stored:
+                raise UserInputError(
+                    f"--ckpt {ns.ckpt} holds quantized weights ({', '.join(stored)}): this "
+                    "report compares quantization against the bfloat16 weights; give the "
+                    "unquantized folder it was converted from")
         else:
             from mistral_jax.bench import PRESETS
+            from mistral_jax.model import random_params
 
             if ns.preset not in PRESETS:
                 raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, "
                                      f"got {ns.preset!r}")
-            if ns.prompts < 1 or ns.prompt_len < 2:
-                raise UserInputError(f"--prompts must be >= 1 and --prompt-len >= 2, got "
-                                     f"{ns.prompts} and {ns.prompt_len}")
             args, name = PRESETS[ns.preset], ns.preset
-            params = Transformer.random(args, seed=ns.seed, dtype="bfloat16").params
+            params = random_params(args, ns.seed, jnp.bfloat16)  # leaf by leaf, as the bench
             prompts = np.random.default_rng(ns.seed).integers(
                 0, args.vocab_size, (ns.prompts, ns.prompt_len)).astype(np.int32)
+        if args.max_seq_len is not None and ns.prompt_len + ns.new_tokens > args.max_seq_len:
+            raise UserInputError(f"--prompt-len {ns.prompt_len} + --new-tokens {ns.new_tokens} "
+                                 f"exceeds the model's max_seq_len={args.max_seq_len}")
     except MistralJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -372,6 +372,19 @@ def test_bench_respects_jax_min_compile_time_env_unless_the_flag_is_given(tmp_pa
         assert proc.stdout.split() == [expected]
 
 
+def test_bench_rejects_a_json_path_it_cannot_write_before_any_work(tmp_path, capsys):
+    """--json under a file, or naming a folder, used to fail after the whole run (the
+    folder case leaving its .tmp file behind)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    for path, message in ((tmp_path / "afile" / "x.json", "afile is a file, not a directory"),
+                          (tmp_path / "adir", "is a directory; give a file name")):
+        assert bench.main(["--preset", "tiny", "--json", str(path), "--no-compile-cache"]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+    assert not any((tmp_path / "adir").iterdir())
+
+
 def test_bench_rejects_bad_lengths_before_any_work(capsys):
     assert bench.main(["--preset", "tiny", "--gen-len", "1", "--no-compile-cache"]) == 2
     assert "--gen-len" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -635,3 +636,27 @@ def test_text_prompts_have_exactly_the_asked_length(capsys):
         text_prompts(tok, 9, 16)
     assert quant_main(["--ckpt", str(DEMO), "--prompts", "9"]) == 2
     assert "error: --prompts must be in [1, 8]" in capsys.readouterr().err
+
+
+def test_quality_report_refuses_what_it_cannot_measure(tmp_path, capsys):
+    """No new tokens (the greedy agreement was NaN), negative ones (a numpy traceback), a
+    prompt past the model's context, and a folder already quantized (it was compared with
+    itself and reported as exact)."""
+    from mistral_jax.convert import convert
+
+    for argv, message in ((["--new-tokens", "0"], "--new-tokens must be >= 1"),
+                          (["--new-tokens", "-3"], "got 8, -3 and 16"),
+                          (["--prompt-len", "1"], "--prompt-len >= 2")):
+        assert quant_main(["--preset", "tiny", *argv]) == 2
+        assert message in capsys.readouterr().err
+    short = tmp_path / "short"
+    shutil.copytree(DEMO, short)
+    cfg = json.loads((short / "params.json").read_text())
+    (short / "params.json").write_text(json.dumps({**cfg, "max_seq_len": 24}))
+    assert quant_main(["--ckpt", str(short), "--prompt-len", "16", "--new-tokens", "9"]) == 2
+    assert "--prompt-len 16 + --new-tokens 9 exceeds the model's max_seq_len=24" in (
+        capsys.readouterr().err)
+    convert(DEMO, tmp_path / "int8", quantize="int8")
+    assert quant_main(["--ckpt", str(tmp_path / "int8"), "--modes", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "holds quantized weights (int8)" in err and "give the unquantized folder" in err
