@@ -145,7 +145,9 @@ def answer(model: Transformer, tok: Tokenizer, prompt: list[int], max_tokens: in
         first = None
         try:
             for token in generate_stream(prompt, model, eos_id=tok.eos_id,
-                                         chunk_size=chunk_size, **sampling):
+                                         chunk_size=chunk_size,
+                                         vocab_limit=cli.decodable_ids(tok, model.args),
+                                         **sampling):
                 if first is None:
                     first = time.perf_counter() - start - compile_timer.seconds
                 ids.append(token)

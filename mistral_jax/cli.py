@@ -380,10 +380,16 @@ class GenStats:
                 f"time to first token {self.first_token_s:.3f} s")
 
 
+def decodable_ids(tok: Tokenizer, args: ModelArgs) -> int | None:
+    """`generate`'s vocab_limit for a model and its tokenizer: the tokenizer's size where the
+    model's vocabulary is padded past it (ids the tokenizer cannot decode), else None."""
+    return tok.n_words if tok.n_words < args.vocab_size else None
+
+
 def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
-                   seed: int = 0, eos_id: int | None = None, chunk_size: int | None = None
-                   ) -> tuple[list[list[int]], GenStats]:
+                   seed: int = 0, eos_id: int | None = None, chunk_size: int | None = None,
+                   vocab_limit: int | None = None) -> tuple[list[list[int]], GenStats]:
     """`generate.generate`, timed: stopped once after the prompts' first token.
 
     Returns the generated ids per prompt (cut at eos, as `generate` does) and the timings.
@@ -400,7 +406,8 @@ def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_
 
         out, _ = generate(prompts, model, max_tokens=max_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id,
-                          chunk_size=chunk_size, on_first_token=first_token)
+                          chunk_size=chunk_size, vocab_limit=vocab_limit,
+                          on_first_token=first_token)
         total = time.perf_counter() - start
     stats = GenStats(n_tokens=sum(len(o) for o in out),
                      first_token_s=marks["first"] - marks["compile_first"],

@@ -38,7 +38,8 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.check_lengths(prompts, ns.max_tokens, args, [f"demo prompt #{i + 1}" for i in range(3)])
     model = cli.load_model(ns, folder)
     outputs, stats = cli.timed_generate(prompts, model, max_tokens=ns.max_tokens,
-                                        temperature=0.0, eos_id=tok.eos_id)
+                                        temperature=0.0, eos_id=tok.eos_id,
+                                        vocab_limit=cli.decodable_ids(tok, args))
     for prompt, ids in zip(prompts, outputs):
         print(tok.decode(prompt + ids), flush=True)
         print(SEPARATOR, flush=True)

@@ -30,7 +30,7 @@ import numpy as np
 from mistral_jax.errors import UserInputError
 from mistral_jax.model import forward as model_forward
 from mistral_jax.model import init_cache as model_init_cache
-from mistral_jax.sampling import Strategy, check_seed, make_strategy, prng_key
+from mistral_jax.sampling import FirstIds, Strategy, check_seed, make_strategy, prng_key
 from mistral_jax.sharding import gather, mesh_of, use_mesh
 
 MIN_BUCKET = 16
@@ -291,6 +291,9 @@ def _start(
     """Validate, bucket, pad and prefill. Returns (state, eos, static kwargs for decoding)."""
     prompts = _as_batch(prompts)
     _validate(prompts, max_tokens, args, eos_id, chunk_size, seed)
+    if isinstance(strategy, FirstIds) and strategy.n > args.vocab_size:
+        raise UserInputError(f"vocab_limit must be at most vocab_size={args.vocab_size}, "
+                             f"got {strategy.n}")
     lengths = [len(p) for p in prompts]
     n_rows = bucket(len(prompts), minimum=1)
     T = bucket(max(lengths))
@@ -342,6 +345,7 @@ def generate_from_params(
     seed: int = 0,
     eos_id: int | None = None,
     chunk_size: int | None = None,
+    vocab_limit: int | None = None,
     dtype: Any = jnp.float32,
     forward: ForwardFn = model_forward,
     init_cache: InitCacheFn = model_init_cache,
@@ -353,7 +357,7 @@ def generate_from_params(
     with the same contract works, e.g. a toy model in tests. `on_first_token()` is called
     once the prefill has produced every row's first token (e.g. to time it).
     """
-    strategy = make_strategy(temperature, top_p, top_k)
+    strategy = make_strategy(temperature, top_p, top_k, vocab_limit)
     state, eos, static = _start(
         params,
         args,
@@ -392,6 +396,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     chunk_size: int | None = None,
+    vocab_limit: int | None = None,
     on_first_token: Callable[[], None] | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generate up to `max_tokens` ids after each prompt with a `Transformer`.
@@ -401,7 +406,9 @@ def generate(
     row's `eos_id`, which is excluded) and their logprobs (log_softmax of the untempered
     logits). temperature 0 is greedy; `seed` is any integer in [-2**63, 2**63) (see
     `sampling.prng_key`); `chunk_size` feeds the prompts through the cache that many
-    tokens at a time (None: the whole prompt at once).
+    tokens at a time (None: the whole prompt at once). `vocab_limit` samples only ids
+    below it: the tokenizer's size when the model's vocabulary is padded past it (the
+    command-line tools pass it). Logprobs stay over the model's whole vocabulary.
     """
     return generate_from_params(
         model.params,
@@ -414,6 +421,7 @@ def generate(
         seed=seed,
         eos_id=eos_id,
         chunk_size=chunk_size,
+        vocab_limit=vocab_limit,
         dtype=model.dtype,
         on_first_token=on_first_token,
     )
@@ -430,6 +438,7 @@ def generate_stream(
     seed: int = 0,
     eos_id: int | None = None,
     chunk_size: int | None = None,
+    vocab_limit: int | None = None,
     forward: ForwardFn = model_forward,
     init_cache: InitCacheFn = model_init_cache,
 ) -> Iterator[int]:
@@ -439,7 +448,7 @@ def generate_stream(
     each before the previous token is read back (the host round trip overlaps a step).
     Inputs are validated and the prompt prefilled when this is called, not on first `next`.
     """
-    strategy = make_strategy(temperature, top_p, top_k)
+    strategy = make_strategy(temperature, top_p, top_k, vocab_limit)
     state, eos, static = _start(
         model.params,
         model.args,

@@ -81,9 +81,10 @@ def check_flags(ns: argparse.Namespace) -> None:
         for flag, text in (("--fim-prefix", ns.fim_prefix), ("--fim-suffix", ns.fim_suffix)):
             if text is not None:
                 check_utf8(text, flag)
-        if ns.prompt or ns.instruct:
-            raise UserInputError("--fim-prefix/--fim-suffix cannot be combined with --prompt "
-                                 "or --instruct: a fill-in-the-middle request is one prompt")
+        if ns.prompt or ns.instruct or ns.system is not None or ns.tools is not None:
+            raise UserInputError("--fim-prefix/--fim-suffix cannot be combined with --prompt, "
+                                 "--instruct, --system or --tools: a fill-in-the-middle "
+                                 "request is one prompt, without a chat template")
         if not ((ns.fim_prefix or "").strip() or (ns.fim_suffix or "").strip()):
             raise UserInputError("--fim-prefix and --fim-suffix are both empty: give at least one")
     elif not ns.prompt:
@@ -160,6 +161,7 @@ def _main(argv: Sequence[str] | None) -> int:
     model = cli.load_model(ns, folder)
     outputs, stats = cli.timed_generate(prompts, model, eos_id=tok.eos_id,
                                         chunk_size=cli.chunk_size_for(ns, args, prompts),
+                                        vocab_limit=cli.decodable_ids(tok, args),
                                         **cli.sampling_kwargs(ns))
     plain = not ns.instruct and ns.fim_prefix is None and ns.fim_suffix is None
     for prompt, ids in zip(prompts, outputs):

@@ -91,25 +91,50 @@ class Sampling:
         return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-Strategy = Greedy | Sampling
+@dataclasses.dataclass(frozen=True)
+class FirstIds:
+    """`strategy` choosing among ids [0, n) only: a model whose vocabulary is padded past its
+    tokenizer's (fine-tunes with vocab_size 32002 over a 32000-token tokenizer.model) must
+    not emit ids that the tokenizer cannot decode. n is static."""
+
+    strategy: Greedy | Sampling
+    n: int
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits f32[B, V], a PRNG key -> token ids int32[B], each < n."""
+        return self.strategy(logits[..., : self.n], key)
+
+
+Strategy = Greedy | Sampling | FirstIds
 jax.tree_util.register_pytree_node(Greedy, lambda g: ((), None), lambda aux, leaves: Greedy())
 jax.tree_util.register_pytree_node_class(Sampling)
+jax.tree_util.register_pytree_node(
+    FirstIds, lambda f: ((f.strategy,), f.n), lambda n, leaves: FirstIds(leaves[0], n))
 
 
 def make_strategy(
-    temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+    vocab_limit: int | None = None,
 ) -> Strategy:
-    """Validate user sampling parameters; `Greedy()` at temperature 0, else `Sampling`."""
+    """Validate user sampling parameters; `Greedy()` at temperature 0, else `Sampling`;
+    with `vocab_limit`, wrapped in `FirstIds` to choose only ids below it."""
     _check_temperature(temperature, allow_zero=True)
     _check_top_p(top_p)
     _check_top_k(top_k)
+    vocab_limit = _python_number(vocab_limit)
+    if vocab_limit is not None and not (
+            isinstance(vocab_limit, numbers.Integral) and not isinstance(vocab_limit, bool)
+            and vocab_limit >= 1):
+        raise UserInputError(f"vocab_limit must be None or an integer >= 1, got {vocab_limit!r}")
     if temperature == 0:
-        return Greedy()
-    return Sampling(
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=None if top_k is None else int(top_k),
-    )
+        strategy = Greedy()
+    else:
+        strategy = Sampling(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=None if top_k is None else int(_python_number(top_k)),
+        )
+    return strategy if vocab_limit is None else FirstIds(strategy, int(vocab_limit))
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer

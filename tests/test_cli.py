@@ -348,6 +348,10 @@ BAD_SAMPLE_ARGS = [
     (["--instruct", "--prompt", "hi", "--tools", "{bad_tools_json}"], "not valid JSON"),
     (["--instruct", "--prompt", "hi", "--tools", "{missing}"], "cannot read it"),
     (["--prompt", "hi", "--fim-prefix", "a"], "cannot be combined with --prompt"),
+    # (It used to say that --system/--tools need --instruct, which FIM then refused.)
+    (["--fim-prefix", "def f(", "--system", "x"], "cannot be combined with --prompt, "
+     "--instruct, --system or --tools"),
+    (["--fim-prefix", "def f(", "--tools", "{tools_json}"], "without a chat template"),
     (["--prompt", "hi", "--seed", str(2**63)], "seed must be an integer in "
      "[-9223372036854775808, 9223372036854775807] (-2**63 to 2**63 - 1), got 9223372036854775808"),
     (["--prompt", "hi", "--seed", "99999999999999999999"], "seed must be an integer in "),
@@ -872,3 +876,33 @@ def test_chat_out_of_memory_ends_the_turn_not_the_chat(folders, tok, capsys, mon
     assert code == 0, err
     assert out.splitlines() == [expected(tok, ANSWER)]
     assert f"error: out of memory ({OOM})" in err and "--chunk-size" in err
+
+
+def test_ids_past_the_tokenizer_in_a_padded_vocabulary_are_never_sampled(tmp_path, tok, capsys,
+                                                                          monkeypatch):
+    """A model whose vocab_size is padded past its tokenizer (fine-tunes ship 32002 rows over
+    a 32000-token tokenizer.model): the scripted model ranks a padded id first after the
+    prompt, which sample and chat used to emit and then die decoding (IndexError). They
+    now sample among the tokenizer's ids only and print the best decodable one."""
+    args = tiny_args(n_layers=1, vocab_size=tok.n_words + 8, max_seq_len=MAX_SEQ_LEN)
+    prompt_last = tok.encode("The cat", bos=True)[-1]
+    inst = tok._raw.get_special_token("[/INST]")
+    best = tok.encode("blue", bos=False)[0]
+    padded = tok.n_words + 3
+    table = {prompt_last: padded, inst: padded, best: tok.eos_id}
+    state = scripted_state(args, table)
+    for j, src in enumerate(sorted(table)):  # second best after the prompt: a decodable id
+        if table[src] == padded:
+            state["output.weight"][best, j] = 5.0
+    folder = write_mistral_folder(tmp_path / "padded", args, state)
+    shutil.copy(V3, folder / "tokenizer.model.v3")
+    model = Transformer.from_folder(folder, dtype="float32")
+    assert generate([tok.encode("The cat", bos=True)], model, max_tokens=1)[0] == [[padded]]
+
+    code, out, err = run_main(sample.main, ["--ckpt", folder, "--prompt", "The cat",
+                                            "--max-tokens", "4"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [sample.continuation(tok.encode("The cat", bos=True), [best], tok)]
+    code, out, err = chat_run(folder, "hello\n", capsys, monkeypatch, "--max-tokens", "4")
+    assert code == 0 and "Traceback" not in err, err
+    assert tok.decode([best]) in out

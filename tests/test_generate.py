@@ -375,6 +375,7 @@ def test_generate_uses_model_params_args_and_dtype(setup, ragged):
         ([[1, 2]], dict(eos_id=23), r"eos_id .*vocab_size=23\), got 23"),
         ([[1, 2]], dict(eos_id=2**40), r"eos_id .*got 1099511627776"),
         ([[1, 2]], dict(eos_id=2.0), r"eos_id .*got 2.0"),
+        ([[1, 2]], dict(vocab_limit=24), r"vocab_limit must be at most vocab_size=23, got 24"),
         ([1, 2, 3], {}, r"prompts must be a batch .*flat list of ints: wrap one prompt as \[ids\]"),
         (np.array([1, 2, 3]), {}, r"1-D array of token ids: wrap one prompt as \[ids\]"),
         (np.ones((2, 2), np.float32), {}, r"2-D integer array \[B, T\].*shape \(2, 2\)"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mistral_jax.errors import UserInputError
-from mistral_jax.sampling import Greedy, Sampling, make_strategy
+from mistral_jax.sampling import FirstIds, Greedy, Sampling, make_strategy
 
 # A fixed 6-token distribution, probabilities in decreasing order.
 PROBS = np.array([0.35, 0.25, 0.15, 0.12, 0.08, 0.05])
@@ -114,6 +114,25 @@ def test_tiny_temperature_is_the_greedy_limit(temperature, top_k):
     logits = jax.random.normal(jax.random.key(4), (16, 30)) * 5
     ids = jax.jit(Sampling(temperature, top_k=top_k))(logits, jax.random.key(0))
     np.testing.assert_array_equal(ids, Greedy()(logits, None))
+
+
+@pytest.mark.parametrize("strategy", [Greedy(), Sampling(1.0), Sampling(0.7, top_p=0.9, top_k=3)])
+def test_vocab_limit_chooses_only_the_first_ids(strategy):
+    """FirstIds: the best ids lie past the limit; every choice is still below it, and under
+    jit the wrapper is a pytree whose limit is static."""
+    logits = jnp.concatenate([jax.random.normal(jax.random.key(5), (64, 20)),
+                              jnp.full((64, 4), 50.0)], axis=1)
+    limited = make_strategy(getattr(strategy, "temperature", 0.0),
+                            getattr(strategy, "top_p", 1.0), getattr(strategy, "top_k", None),
+                            vocab_limit=20)
+    assert limited == FirstIds(strategy, 20)
+    ids = np.asarray(jax.jit(limited)(logits, jax.random.key(0)))
+    assert ids.max() < 20
+    if isinstance(strategy, Greedy):
+        np.testing.assert_array_equal(ids, np.argmax(np.asarray(logits)[:, :20], axis=-1))
+    for bad in (0, 2.5, True):
+        with pytest.raises(UserInputError, match="vocab_limit must be None or an integer >= 1"):
+            make_strategy(vocab_limit=bad)
 
 
 def test_sampling_values_may_be_numpy_or_jax_scalars():
