@@ -98,7 +98,7 @@ from mistral_jax.checkpoint import (
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 
 __all__ = ["ConvertStats", "MANIFEST", "convert", "is_converted",
-           "read_manifest", "restore_params", "stored_quantization"]
+           "read_manifest", "restore_params", "restored_abstract", "stored_quantization"]
 
 MANIFEST = "mistral_jax_checkpoint.json"
 ORBAX_DIR = "params"
@@ -1013,6 +1013,18 @@ def _scale_owner(path: ParamPath, base: dict) -> ParamPath | None:
             if owner in base and sibling(owner, suffix) == path:
                 return owner
     return None
+
+
+def restored_abstract(folder: str | Path, args: ModelArgs, dtype: Any = None):
+    """ShapeDtypeStructs of `restore_params(folder, args, dtype)`, read from the manifest
+    alone (no arrays): quantized kernels and scales as stored, the rest in `dtype`."""
+    from mistral_jax.checkpoint import unflatten
+    from mistral_jax.transformer import resolve_dtype
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    dt = _np_dtype(manifest["dtype"]) if dtype is None else np.dtype(resolve_dtype(dtype))
+    return unflatten(_restore_abstract(folder, manifest, args, dt)[0])
 
 
 def _restore_abstract(folder: Path, manifest: dict, args: ModelArgs, dtype: np.dtype):

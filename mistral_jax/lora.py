@@ -99,6 +99,12 @@ def _adapter_config(file: Path, args: ModelArgs) -> tuple[float, int | None, str
     peft = file.parent / "adapter_config.json"
     if peft.is_file():
         cfg = read_json(peft)
+        if cfg.get("target_parameters"):  # peft's adapters on fused expert tensors
+            raise ConfigError(
+                f"{peft}: target_parameters = {cfg['target_parameters']!r}: peft adapters on "
+                "parameters (transformers' fused Mixtral experts) are not supported; adapters "
+                "on modules (q_proj ... down_proj) are, and expert adapters in "
+                "mistral-finetune's format (layers.N.feed_forward.experts.E.w1.lora_A.weight)")
         for key, ok in (("peft_type", lambda v: v in (None, "LORA")),
                         ("rank_pattern", lambda v: not v), ("alpha_pattern", lambda v: not v),
                         ("use_dora", lambda v: not v), ("fan_in_fan_out", lambda v: not v),

@@ -62,6 +62,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -550,20 +551,26 @@ def expert_parallel(moe_fn: Callable[..., jax.Array], x: jax.Array, weights: jax
 
 
 def bytes_per_device_plan(args: ModelArgs, mesh: Mesh | Mapping[str, int],
-                          dtype: Any = jnp.bfloat16) -> dict[str, int]:
+                          dtype: Any = jnp.bfloat16, params: Any = None) -> dict[str, int]:
     """What each device holds under the rules, computed from shapes (nothing allocated).
 
+    `params`: the tree of ShapeDtypeStructs to plan (e.g. quantized kernels and their
+    scales, `planned_params`); by default the declared weights in `dtype`.
     Returns {'params': bytes of weights per device, 'params_total': bytes of all weights,
     'kv_per_token': KV cache bytes per cached token of one sequence, per device}.
     """
     itemsize = jnp.dtype(dtype).itemsize
     sizes = mesh_sizes(mesh)
+    if params is None:
+        from mistral_jax.model import abstract_params
+
+        params = abstract_params(args, dtype)
+    specs = flatten(tree_specs(params, args, mesh))
     per_device = total = 0
-    for p, (shape, axes) in _declared(args).items():
-        spec = _spec(shape, axes, mesh, "/".join(p), RULES)
-        n = math.prod(shape) * itemsize
+    for p, leaf in flatten(params).items():
+        n = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
         total += n
-        per_device += n // math.prod(sizes[a] for a in spec if a is not None)
+        per_device += n // math.prod(sizes[a] for a in specs[p] if a is not None)
     kv_spec = logical_to_spec((1, args.n_kv_heads, 1, args.head_dim), CACHE_AXES["k"], mesh,
                               what="cache")
     kv_heads = args.n_kv_heads // (sizes["tensor"] if "tensor" in kv_spec else 1)
@@ -571,11 +578,50 @@ def bytes_per_device_plan(args: ModelArgs, mesh: Mesh | Mapping[str, int],
     return {"params": per_device, "params_total": total, "kv_per_token": kv}
 
 
+def planned_params(folder: str | Path, args: ModelArgs, dtype: Any = jnp.bfloat16,
+                   quantize: str | None = None):
+    """ShapeDtypeStructs of the params `Transformer.from_folder(folder, dtype=dtype,
+    quantize=quantize)` holds, from the folder's configs alone (no weights read): a
+    converted folder's leaves as its manifest lists them; a compressed-tensors config's
+    8-bit kernels (int8, or fp8 per channel / per tensor) with their scales; else the
+    declared weights, quantized by `quantize`."""
+    from mistral_jax.convert import is_converted, restored_abstract, stored_quantization
+    from mistral_jax.model import abstract_params
+    from mistral_jax.quant import (
+        quantize_params,
+        quantized_abstract_params,
+        read_compressed_tensors,
+    )
+
+    folder = Path(folder)
+    stored = None
+    if is_converted(folder):
+        stored = stored_quantization(folder)
+    else:
+        scheme = read_compressed_tensors(folder)
+        if scheme is not None:
+            stored = {"mode": "compressed-tensors"}
+    if quantize is not None and stored is not None:
+        raise UserInputError(f"{folder} holds {stored['mode']} weights already; drop "
+                             f"--quantize {quantize}")
+    if is_converted(folder):
+        tree = restored_abstract(folder, args, dtype)
+        return tree if quantize is None else quantize_params(tree, quantize)
+    if stored is not None:
+        quantize = ("int8" if scheme.weight_dtype == np.dtype(np.int8) else
+                    "fp8-tensor" if scheme.weight_strategy == "tensor" else "fp8")
+    if quantize is None:
+        return abstract_params(args, dtype)
+    return quantized_abstract_params(args, quantize, dtype)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mistral_jax.sharding FOLDER --mesh SPEC`: per-device memory of a mesh.
 
-    Reads only the folder's params.json / config.json (no weights, no devices needed),
-    so a mesh can be checked before downloading or loading a model.
+    Reads only the folder's configs (params.json / config.json, a converted folder's
+    manifest; no weights, no devices needed), so a mesh can be checked before downloading
+    or loading a model. Quantized folders (converted, compressed-tensors) count their
+    8-bit weights; `--quantize` plans a load that quantizes.
     """
     import argparse
 
@@ -587,19 +633,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("folder", help="model folder with params.json or config.json")
     p.add_argument("--mesh", required=True, help="e.g. 'tensor=8' or 'tensor=8,expert=2'")
     p.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype")
+    p.add_argument("--quantize", choices=["int8", "fp8", "fp8-tensor"],
+                   help="plan a load that quantizes (as from_folder(quantize=...))")
     ns = p.parse_args(argv)
     try:
         from mistral_jax.transformer import resolve_dtype
 
         args, _ = load_args(ns.folder)
         sizes = parse_mesh_spec(ns.mesh)
-        plan = bytes_per_device_plan(args, sizes, resolve_dtype(ns.dtype))
+        dtype = resolve_dtype(ns.dtype)
+        params = planned_params(ns.folder, args, dtype, ns.quantize)
+        plan = bytes_per_device_plan(args, sizes, dtype, params)
     except MistralJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gib = 1024 ** 3
+    kernels = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)
+                      if jnp.dtype(x.dtype).itemsize == 1})
     print(f"mesh {','.join(f'{a}={n}' for a, n in sizes.items())} "
-          f"({math.prod(sizes.values())} devices), {ns.dtype}")
+          f"({math.prod(sizes.values())} devices), {ns.dtype}"
+          + (f", {'/'.join(kernels)} kernels" if kernels else ""))
     print(f"weights: {plan['params_total'] / gib:.2f} GiB in all, "
           f"{plan['params'] / gib:.2f} GiB per device")
     print(f"KV cache: {plan['kv_per_token'] / 1024:.1f} KiB per device per cached token "

@@ -344,7 +344,13 @@ def test_peft_config_r_and_lora_alpha_are_checked(tmp_path):
     args = tiny_args(vocab_size=512)
     path = write_adapter(tmp_path / "lora.safetensors", random_adapter(args))
     for cfg, message in (({"r": "4"}, "r must be a positive integer, got '4'"),
-                         ({"r": 4, "lora_alpha": "8"}, "lora_alpha must be a number, got '8'")):
+                         ({"r": 4, "lora_alpha": "8"}, "lora_alpha must be a number, got '8'"),
+                         # What peft 0.21 writes for Mixtral experts under transformers 5
+                         # (it used to be refused for its rank_pattern, not for this).
+                         ({"r": 8, "target_parameters": ["down_proj", "gate_up_proj"],
+                           "rank_pattern": {r".*\.gate_up_proj": 8}},
+                          "target_parameters = ['down_proj', 'gate_up_proj']: peft adapters on "
+                          "parameters (transformers' fused Mixtral experts) are not supported")):
         (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
         with pytest.raises(ConfigError, match=re.escape(f"adapter_config.json: {message}")):
             load_lora(path, args)

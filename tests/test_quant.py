@@ -660,3 +660,43 @@ def test_quality_report_refuses_what_it_cannot_measure(tmp_path, capsys):
     assert quant_main(["--ckpt", str(tmp_path / "int8"), "--modes", "fp8"]) == 2
     err = capsys.readouterr().err
     assert "holds quantized weights (int8)" in err and "give the unquantized folder" in err
+
+
+@pytest.mark.parametrize("source, quantize", [("plain", "int8"), ("plain", "fp8-tensor"),
+                                              ("converted-int8", None), ("ct-float-channel", None),
+                                              ("ct-int-channel", None), ("ct-float-tensor", None)])
+def test_memory_plan_counts_the_weights_a_quantized_load_holds(tmp_path, capsys, source,
+                                                                quantize):
+    """`python -m mistral_jax.sharding` planned every folder as bfloat16 weights: a
+    compressed-tensors FP8 Mixtral-8x22B at 262 GiB instead of ~131. The planned tree (from
+    the configs and a converted folder's manifest only) now has the bytes from_folder loads."""
+    from mistral_jax.convert import convert
+    from mistral_jax.sharding import bytes_per_device_plan, main, planned_params
+
+    args = tiny_moe_args(vocab_size=256)
+    state = random_mistral_state(args, seed=2)
+    if source.startswith("ct-"):
+        _, weights, strategy = source.split("-")
+        folder, _ = write_compressed_tensors(tmp_path / "ct", args, state, weights=weights,
+                                             strategy=strategy)
+    else:
+        folder = write_mistral_folder(tmp_path / "src", args, state)
+        if source == "converted-int8":
+            folder = tmp_path / "int8"
+            convert(tmp_path / "src", folder, dtype="float32", quantize="int8")
+    loaded = Transformer.from_folder(folder, dtype="float32", quantize=quantize).params
+    planned = planned_params(folder, args, jnp.float32, quantize)
+    assert {p: (x.shape, x.dtype) for p, x in flatten(planned).items()} == {
+        p: (x.shape, x.dtype) for p, x in flatten(loaded).items()}
+    plan = bytes_per_device_plan(args, {"tensor": 1}, jnp.float32, planned)
+    assert plan["params"] == plan["params_total"] == param_bytes(loaded)
+    assert plan["params_total"] < 0.5 * bytes_per_device_plan(args, {"tensor": 1},
+                                                             jnp.float32)["params_total"]
+    argv = [str(folder), "--mesh", "tensor=2,expert=2", "--dtype", "float32"]
+    assert main(argv + (["--quantize", quantize] if quantize else [])) == 0
+    split = bytes_per_device_plan(args, {"tensor": 2, "expert": 2}, jnp.float32, planned)
+    out = capsys.readouterr().out
+    assert f"{split['params'] / 1024 ** 3:.2f} GiB per device" in out and "kernels" in out
+    if quantize is None:  # already quantized: as from_folder, quantize= is refused
+        assert main(argv + ["--quantize", "int8"]) == 2
+        assert "weights already; drop --quantize int8" in capsys.readouterr().err
