@@ -26,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
 
+from mistral_jax.args import MoeArgs  # noqa: E402
+from mistral_jax.bench import expected_expert_fraction  # noqa: E402
 from mistral_jax.kernels import moe_decode_pallas, qmatmul_pallas  # noqa: E402
 from mistral_jax.moe import moe_dense, moe_gather, route  # noqa: E402
 from mistral_jax.quant import MODES, param_bytes, quantize_array  # noqa: E402
@@ -81,7 +83,8 @@ def sweep_moe(d: int, f: int, e: int, k: int, tokens: int, up_blocks, down_block
     w1, w3 = (jnp.asarray(rng.standard_normal((e, d, f)) / np.sqrt(d), jnp.bfloat16)
               for _ in range(2))
     w2 = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), jnp.bfloat16)
-    selected = param_bytes((w1, w2, w3)) * min(tokens * k, e) / e
+    # The distinct experts `tokens` pick in expectation: mistral_jax.bench's share.
+    selected = param_bytes((w1, w2, w3)) * expected_expert_fraction(MoeArgs(e, k), tokens)
 
     def routed(fn):
         return lambda a, w1, w2, w3: fn(a, weights, experts, w1, w2, w3)

@@ -28,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
 
+from mistral_jax.args import MoeArgs  # noqa: E402
+from mistral_jax.bench import expected_expert_fraction  # noqa: E402
 from mistral_jax.moe import (  # noqa: E402
     ExpertWeight,
     grouped_block_size,
@@ -63,7 +65,9 @@ def bytes_accessed(fn, inputs) -> float:
 def decode_bytes(d: int, f: int, e: int, k: int, dtype, batch: int = 1) -> dict[str, float]:
     inputs = layer_inputs(batch, d, f, e, k, dtype)
     weights = 3 * e * d * f * jnp.dtype(dtype).itemsize
-    return {"weights": weights, "selected": weights * min(batch * k, e) / e,
+    # Selected: the distinct experts `batch` tokens pick in expectation (uniform routing), the
+    # same share as mistral_jax.bench's bandwidth floor (k/E at one token).
+    return {"weights": weights, "selected": weights * expected_expert_fraction(MoeArgs(e, k), batch),
             "dense": bytes_accessed(moe_dense, inputs),
             "gather": bytes_accessed(moe_gather, inputs)}
 
@@ -138,7 +142,7 @@ def main() -> None:
         t = time_paths(a.batch, d, a.decode_hidden, e, k, paths, a.repeats, dt, a.quantize)
         itemsize = 1 if a.quantize else dt.itemsize  # int8 / fp8 kernels: one byte each
         gb = 3 * e * d * a.decode_hidden * itemsize / 1e9
-        selected = gb * min(a.batch * k, e) / e
+        selected = gb * expected_expert_fraction(MoeArgs(e, k), a.batch)
         print(f"decode {a.batch} token(s), dim={d} hidden={a.decode_hidden} experts={e} top-{k}, "
               f"{dt.name}{' x ' + a.quantize + ' experts' if a.quantize else ''} ({gb:.2f} GB "
               f"of expert weights, {selected:.2f} GB selected), median of "

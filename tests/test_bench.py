@@ -341,10 +341,27 @@ def test_transformers_keeps_its_faster_thread_setting(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_first_probes_run_before_the_weights_load(monkeypatch, capsys):
+    """The copy probe's buffer (1 GiB on a GPU) must not sit beside the weights: each row's
+    peak memory is the allocator's peak since the start, so a probe after loading added its
+    buffer to every row's figure."""
+    order = []
+    load, copy = bench._load_model, bench.measure_copy_bandwidth
+    monkeypatch.setattr(bench, "_load_model", lambda *a: order.append("load") or load(*a))
+    monkeypatch.setattr(bench, "measure_copy_bandwidth",
+                        lambda *a: order.append("copy probe") or copy(*a))
+    assert bench.main(["--preset", "tiny", "--prompt-len", "4", "--gen-len", "2",
+                       "--repeats", "1", "--no-compile-cache"]) == 0
+    assert order == ["copy probe", "load", "copy probe"]
+
+
 def test_mfu_peak_is_the_stated_one_where_there_is_one():
     assert bench.choose_peak(1e12, 1024, jnp.float32, "cpu", 2.5) == (2.5e12, "--peak-tflops")
     peak, source = bench.choose_peak(1e12, 8192, jnp.bfloat16, "NVIDIA H100 80GB HBM3", None)
     assert peak == 989.4e12 and source.startswith("datasheet")
+    for kind, flops in (("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835e12),
+                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12)):
+        assert bench.stated_peak_flops(kind, jnp.bfloat16) == flops, kind
     assert bench.choose_peak(1e12, 64, jnp.float32, "cpu", None) == (
         1e12, "measured 64^3 float32 matmul")
 
