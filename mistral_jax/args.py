@@ -244,7 +244,7 @@ def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
     model_type = hf_model_type(cfg, path)
     if cfg.get("tie_word_embeddings"):
         raise ConfigError(f"{path}: tie_word_embeddings=true is not supported by Mistral models")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # one function (transformers)
         raise ConfigError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported "
                           "(Mistral models use 'silu')")
     cfg = {**HF_DEFAULTS[model_type], **cfg}  # present keys win, null ones included

@@ -73,7 +73,7 @@ def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
     each row's first token with right padding only (a sampler's first prefill): attention
     then skips the empty cache slots and, on GPUs, runs the fused kernel unconditionally.
 
-    Shapes and dtypes are checked (UserInputError), and concrete positions against the
+    Shapes and dtypes are checked (UserInputError), and host (NumPy) positions against the
     cache's size (`check_positions`); token values are not, as this runs under jit: an id
     outside [0, vocab_size) gives NaN logits (`Transformer.logits` and `generate` check
     ids first).
@@ -124,16 +124,12 @@ def check_positions(positions, cache: Cache | None, args: ModelArgs) -> None:
     """UserInputError if a position is past what the cache can hold exactly: a layer's
     rotating buffer wraps (slot = position mod S), which is exact only when S covers the
     layer's sliding window; without one (or with S below it) positions must stay below S,
-    the `max_seq_len` of `init_cache`. Reads the values, so only concrete positions are
-    checked: traced ones (under jit) and other processes' shards pass unchecked."""
-    if cache is None or (isinstance(positions, jax.Array)
-                         and not isinstance(positions, jax.core.Tracer)
-                         and not positions.is_fully_addressable):
+    the `max_seq_len` of `init_cache`. Only host positions (NumPy arrays, lists) are
+    checked: reading a device array's values would wait for the device on every call, and
+    traced ones (under jit) have none."""
+    if cache is None or isinstance(positions, jax.Array):
         return
-    try:
-        host = np.asarray(positions)
-    except jax.errors.TracerArrayConversionError:
-        return
+    host = np.asarray(positions)
     top = int(host.max()) if host.size else -1
     for i, (window, layer) in enumerate(zip(args.layer_windows, cache)):
         slots = layer["k"].shape[2]

@@ -415,7 +415,7 @@ def test_bad_rope_block_or_architectures_in_config_json_is_named(tmp_path, patch
 def test_plain_rope_scaling_and_a_single_architecture_name_load(tmp_path):
     path = tmp_path / "config.json"
     for patch in ({"rope_scaling": None}, {"rope_scaling": {"rope_type": "default"}},
-                  {"architectures": "MistralForCausalLM"}):
+                  {"architectures": "MistralForCausalLM"}, {"hidden_act": "swish"}):
         path.write_text(json.dumps({**hf_config(tiny_args()), **patch}))
         assert args_from_hf_config(path).rope_theta == 1e6
 
@@ -670,7 +670,8 @@ def test_positions_past_the_cache_are_refused_where_wrapping_would_be_wrong(
         window, max_seq_len, ok_up_to):
     """Decoding past init_cache's max_seq_len used to wrap silently (a model without a
     window quietly got one of max_seq_len, logits off by ~0.3); now a UserInputError, from
-    the Transformer and from the pure forward called eagerly (under jit values are unknown)."""
+    the Transformer and from the pure forward, for host (NumPy) positions. Device arrays
+    are not read (that would wait for the device on every call), nor traced ones."""
     args = tiny_args(vocab_size=100, sliding_window=window)
     model = Transformer.random(args, seed=2)
     tokens = np.random.default_rng(0).integers(0, 100, (1, 12))
@@ -679,7 +680,7 @@ def test_positions_past_the_cache_are_refused_where_wrapping_would_be_wrong(
     for run in (model.forward, pure):
         cache = model.init_cache(1, max_seq_len)
         for i in range(12):
-            step = (jnp.asarray(tokens[:, i:i + 1]), jnp.array([[i]]), cache)
+            step = (jnp.asarray(tokens[:, i:i + 1]), np.array([[i]]), cache)
             if ok_up_to is not None and i > ok_up_to:
                 with pytest.raises(UserInputError, match=f"position {i} is beyond the cache: "
                                    f"layer 0 holds {max_seq_len} positions"):
@@ -689,6 +690,8 @@ def test_positions_past_the_cache_are_refused_where_wrapping_would_be_wrong(
             assert rel_err(logits[:, 0], full[:, i]) <= 1e-5, i
     step = jax.jit(pure)(jnp.asarray(tokens[:, :1]), jnp.array([[11]]), model.init_cache(1, 8))
     assert step[0].shape == (1, 1, 100)  # traced positions: unchecked
+    step = model.forward(jnp.asarray(tokens[:, :1]), jnp.array([[11]]), model.init_cache(1, 8))
+    assert step[0].shape == (1, 1, 100)  # device positions: unchecked, never synced
 
 
 # ----------------------------------------------------------------------------- random_params
