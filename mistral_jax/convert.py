@@ -97,7 +97,7 @@ from mistral_jax.checkpoint import (
 )
 from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 
-__all__ = ["ConvertStats", "MANIFEST", "convert", "is_converted",
+__all__ = ["ConvertStats", "MANIFEST", "convert", "folder_quantization", "is_converted",
            "read_manifest", "restore_params", "restored_abstract", "stored_quantization"]
 
 MANIFEST = "mistral_jax_checkpoint.json"
@@ -1000,6 +1000,18 @@ def stored_quantization(folder: str | Path) -> dict | None:
         raise CheckpointError(f"{Path(folder) / MANIFEST}: unreadable quantization field "
                               f"{quantization!r}")
     return quantization
+
+
+def folder_quantization(folder: str | Path) -> str | None:
+    """How a model folder's weights are stored quantized: a converted folder's mode
+    (`stored_quantization`), 'compressed-tensors' where a source folder's config says so
+    (quant.read_compressed_tensors), else None."""
+    from mistral_jax.quant import read_compressed_tensors
+
+    if is_converted(folder):
+        stored = stored_quantization(folder)
+        return None if stored is None else stored["mode"]
+    return "compressed-tensors" if read_compressed_tensors(folder) is not None else None
 
 
 def _scale_owner(path: ParamPath, base: dict) -> ParamPath | None:

@@ -355,13 +355,13 @@ def load_hooks(folder: Path, args: ModelArgs, dtype, *, lora_path=None, lora_mer
 
     `lora_merge=None` merges unless the folder's params.json has a lora block, which,
     as in mistral-inference, asks for the adapter to stay unmerged. `prequantized` names
-    how the weights are already stored quantized (e.g. a converted folder's mode); None:
-    'compressed-tensors' if the folder's config says so, else not quantized.
+    how the weights are already stored quantized; None: `convert.folder_quantization`.
     """
-    from mistral_jax.quant import quantize_leaf, read_compressed_tensors
+    from mistral_jax.convert import folder_quantization
+    from mistral_jax.quant import quantize_leaf
 
-    if prequantized is None and read_compressed_tensors(folder) is not None:
-        prequantized = "compressed-tensors"
+    if prequantized is None:
+        prequantized = folder_quantization(folder)
     if quantize is not None:
         resolve_mode(quantize)
         if prequantized:

@@ -699,19 +699,19 @@ def main(argv=None) -> int:
             raise UserInputError(f"--prompts and --new-tokens must be >= 1 and --prompt-len "
                                  f">= 2, got {ns.prompts}, {ns.new_tokens} and {ns.prompt_len}")
         if ns.ckpt is not None:
+            from mistral_jax.convert import folder_quantization
             from mistral_jax.tokenizer import load_tokenizer
 
+            stored = folder_quantization(ns.ckpt) if ns.ckpt.is_dir() else None
+            if stored is not None:  # checked before anything loads
+                raise UserInputError(
+                    f"--ckpt {ns.ckpt} holds quantized weights ({stored}): this report "
+                    "compares quantization against the bfloat16 weights; give the "
+                    "unquantized folder it was converted from")
             tok = load_tokenizer(ns.ckpt)
             prompts = text_prompts(tok, ns.prompts, ns.prompt_len)
             model = Transformer.from_folder(ns.ckpt, dtype="bfloat16")
             args, params, name = model.args, model.params, str(ns.ckpt)
-            stored = sorted({jnp.dtype(w.dtype).name for w in flatten(params).values()
-                             if is_quantized(w)})
-            if stored:
-                raise UserInputError(
-                    f"--ckpt {ns.ckpt} holds quantized weights ({', '.join(stored)}): this "
-                    "report compares quantization against the bfloat16 weights; give the "
-                    "unquantized folder it was converted from")
         else:
             from mistral_jax.bench import PRESETS
             from mistral_jax.model import random_params

@@ -585,7 +585,7 @@ def planned_params(folder: str | Path, args: ModelArgs, dtype: Any = jnp.bfloat1
     converted folder's leaves as its manifest lists them; a compressed-tensors config's
     8-bit kernels (int8, or fp8 per channel / per tensor) with their scales; else the
     declared weights, quantized by `quantize`."""
-    from mistral_jax.convert import is_converted, restored_abstract, stored_quantization
+    from mistral_jax.convert import folder_quantization, is_converted, restored_abstract
     from mistral_jax.model import abstract_params
     from mistral_jax.quant import (
         quantize_params,
@@ -594,20 +594,15 @@ def planned_params(folder: str | Path, args: ModelArgs, dtype: Any = jnp.bfloat1
     )
 
     folder = Path(folder)
-    stored = None
-    if is_converted(folder):
-        stored = stored_quantization(folder)
-    else:
-        scheme = read_compressed_tensors(folder)
-        if scheme is not None:
-            stored = {"mode": "compressed-tensors"}
+    stored = folder_quantization(folder)
     if quantize is not None and stored is not None:
-        raise UserInputError(f"{folder} holds {stored['mode']} weights already; drop "
+        raise UserInputError(f"{folder} holds {stored} weights already; drop "
                              f"--quantize {quantize}")
     if is_converted(folder):
         tree = restored_abstract(folder, args, dtype)
         return tree if quantize is None else quantize_params(tree, quantize)
-    if stored is not None:
+    if stored is not None:  # compressed-tensors: the mode whose leaves it loads as
+        scheme = read_compressed_tensors(folder)
         quantize = ("int8" if scheme.weight_dtype == np.dtype(np.int8) else
                     "fp8-tensor" if scheme.weight_strategy == "tensor" else "fp8")
     if quantize is None:
