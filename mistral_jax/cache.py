@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.args import ModelArgs
-from mistral_jax.sharding import constrain_cache_layer
+from mistral_jax.partitioning import constrain_cache_layer
 
 
 class LayerCache(TypedDict):

@@ -16,32 +16,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.errors import CheckpointError
+from mistral_jax.quantize import STORAGE_DTYPES, is_quantized
+from mistral_jax.safetensors_file import check_dtype, read_header
+from mistral_jax.tree import ParamPath, flatten, is_linear_weight, sibling, split_dims
 
-ParamPath = tuple[str, ...]
 # Names some exporters add that carry nothing the model needs.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-# The safetensors dtypes a weight may have (-> numpy dtype name): floats, and the int8 / fp8
-# of compressed-tensors weights, which must come with their scales (quant.py).
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I8": "int8", "F8_E4M3": "float8_e4m3fn"}
-
-
-def check_dtype(path: Path, name: str, dtype: str) -> None:
-    """CheckpointError unless `dtype` (a safetensors dtype such as 'BF16') may hold a weight:
-    the one check of the loader (`plan_checkpoint`) and the converter (`tensor_locations`)."""
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; expected one of "
-                              f"{sorted(SAFETENSORS_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -98,8 +87,6 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | None:
     """Map a checkpoint tensor name to its place in params; None if it is not a model weight."""
     if name.endswith((".weight_scale", ".input_scale")):  # compressed-tensors (quant.py)
-        from mistral_jax.quant import scale_target
-
         return scale_target(name, layout, args)
     hf = layout == "hf"
     a = args
@@ -197,19 +184,6 @@ def _no_weights(folder: Path, layout: str) -> str:
     return msg
 
 
-def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) from a safetensors header, validated by safetensors itself."""
-    try:
-        with safe_open(path, framework="np") as f:
-            out = {}
-            for name in f.keys():
-                sl = f.get_slice(name)
-                out[name] = (tuple(sl.get_shape()), sl.get_dtype())
-            return out
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
-
-
 @dataclass(frozen=True)
 class PlannedTensor:
     file: Path
@@ -223,8 +197,6 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
     `abstract` is the params pytree of ShapeDtypeStructs (`model.abstract_params`).
     Raises CheckpointError for an unknown tensor, a wrong shape, a duplicate or a missing one.
     """
-    from mistral_jax.quant import STORAGE_DTYPES, is_quantized, scale_shapes
-
     expected = flatten(abstract)
     plan, seen = [], {}
     for path in files:
@@ -328,8 +300,6 @@ def _torch_shape(target: TensorTarget, shape: tuple[int, ...]) -> tuple[int, ...
 
 def iter_tensors(plan: list[PlannedTensor], dtype) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
     """Read, transform and cast each planned tensor, one at a time, from the memory map."""
-    from mistral_jax.quant import STORAGE_DTYPES
-
     by_file: dict[Path, list[PlannedTensor]] = {}
     for p in plan:
         by_file.setdefault(p.file, []).append(p)
@@ -353,8 +323,6 @@ def _broadcast(transform: Callable[[np.ndarray], np.ndarray], shape: tuple[int, 
 
 def _get_tensor(f, path: Path, name: str) -> np.ndarray:
     """A tensor from an open safetensors file; fp8, which numpy lacks, via a memory map."""
-    from mistral_jax.quant import STORAGE_DTYPES
-
     sl = f.get_slice(name)
     dt = sl.get_dtype()
     if not dt.startswith("F8"):
@@ -369,81 +337,33 @@ def _get_tensor(f, path: Path, name: str) -> np.ndarray:
                      shape=(end - start,)).reshape(shape)
 
 
-def flatten(tree, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
-    """Nested dicts (params, abstract params, logical axes) -> {path tuple: leaf}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+def scale_target(name: str, layout: str, args: ModelArgs):
+    """`checkpoint.tensor_target` for `<weight>.weight_scale` / `<weight>.input_scale` names."""
+    base, leaf = name.rsplit(".", 1)
+    target = tensor_target(base + ".weight", layout, args)
+    if target is None or not is_linear_weight(target.path, 3 if target.expert is not None else 0):
+        return None
+    if leaf == "input_scale":
+        return TensorTarget(sibling(target.path, "input_scale"),
+                            lambda s: np.asarray(s, np.float32).reshape(()), target.expert)
+    n_in = len(split_dims(target.path, 3)[1]) if target.path[-1] == "kernel" else 1
+
+    def transform(s: np.ndarray) -> np.ndarray:
+        s = np.asarray(s, np.float32)
+        if s.size == 1:  # per tensor: `plan_checkpoint` broadcasts it over the channels
+            return s.reshape(())
+        if n_in > 1:  # a single output dim (wo): rows are the channels as they are
+            return s.reshape(-1)
+        # Output channels are the rows of [out, in]: move them like a one-column weight
+        # (this applies HF's q/k row permutation too).
+        return target.transform(s.reshape(-1, 1))[0]
+
+    return TensorTarget(sibling(target.path, "scale"), transform, target.expert)
 
 
-def unflatten(flat: dict[ParamPath, Any]) -> dict:
-    """{path tuple: leaf} -> nested dicts (the inverse of `flatten`)."""
-    tree: dict = {}
-    for path, v in flat.items():
-        set_leaf(tree, path, v)
-    return tree
-
-
-def set_leaf(tree: dict, path: ParamPath, value) -> None:
-    """tree[path[0]][path[1]]... = value, creating the dicts on the way."""
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
-                place: Callable[[ParamPath, np.ndarray], object] | None = None,
-                progress: bool = False,
-                finish: Callable[[ParamPath, np.ndarray], dict[ParamPath, np.ndarray]] | None = None):
-    """Load a safetensors checkpoint folder into a params pytree of `dtype`.
-
-    `place(path, host_array)` puts each finished leaf on its device(s) (default
-    `jax.device_put`); it is called once per leaf as soon as the leaf is complete,
-    so at most one leaf (a stacked expert weight for MoE) is held on the host.
-    `finish(path, host_array) -> {path: host_array}` may first turn a finished leaf
-    into other leaves (LoRA merge, quantization: `lora.load_hooks`). Weights stored
-    int8/fp8 with a `weight_scale` (compressed-tensors) stay so (`quant.py`).
-    """
-    import jax
-
-    from mistral_jax.quant import checkpoint_abstract, read_compressed_tensors
-
-    folder = Path(folder)
-    np_dtype = np.dtype(dtype)
-    files = safetensors_files(folder, layout)
-    abstract, implied = checkpoint_abstract(files, layout, args, np_dtype,
-                                            read_compressed_tensors(folder))
-    plan = plan_checkpoint(files, layout, args, abstract)
-    expected = flatten(abstract)
-    place = place or (lambda path, arr: jax.device_put(arr))
-    pending: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
-    params: dict = {}
-    items = iter_tensors(plan, np_dtype)
-    if progress:
-        from tqdm import tqdm
-
-        items = tqdm(items, total=len(plan), desc=f"loading {folder.name}", unit="tensor")
-
-    def emit(path: ParamPath, w: np.ndarray) -> None:
-        for leaf_path, leaf in (finish(path, w) if finish else {path: w}).items():
-            set_leaf(params, leaf_path, place(leaf_path, leaf))
-
-    for p, w in items:
-        path = p.target.path
-        if p.target.expert is None:
-            emit(path, w)
-            continue
-        buf, done = pending.setdefault(path, (np.empty(expected[path].shape, expected[path].dtype),
-                                              set()))
-        buf[p.target.expert] = w
-        done.add(p.target.expert)
-        if len(done) == buf.shape[0]:
-            emit(path, buf)
-            del pending[path]
-    for path, w in implied.items():  # e.g. dynamic activation scales, not stored in files
-        emit(path, w)
-    return params
+def scale_shapes(leaf: str, shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """Checkpoint shapes accepted for a scale of params shape `shape` (one expert's slice)."""
+    if leaf.endswith("input_scale"):
+        return {(), (1,)}
+    n = int(np.prod(shape))
+    return {(n, 1), (n,), (1,), ()}

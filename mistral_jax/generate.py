@@ -27,11 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mistral_jax.cache import init_cache as model_init_cache
 from mistral_jax.errors import UserInputError
+from mistral_jax.kernels import Kernels
+from mistral_jax.mesh import gather, mesh_of
 from mistral_jax.model import forward as model_forward
-from mistral_jax.model import init_cache as model_init_cache
+from mistral_jax.partitioning import use_mesh
 from mistral_jax.sampling import FirstIds, Strategy, check_seed, make_strategy, prng_key
-from mistral_jax.sharding import gather, mesh_of, use_mesh
 
 MIN_BUCKET = 16
 
@@ -61,6 +63,12 @@ class SamplingState:
     done: jax.Array
     rng: jax.Array
     step: jax.Array
+
+
+def _kernels_kw(kernels: Kernels | None) -> dict:
+    """`forward`'s kernels keyword: absent for None, so any forward with the plain contract
+    (a toy model in tests) works."""
+    return {} if kernels is None else {"kernels": kernels}
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -101,6 +109,7 @@ def prefill(
     forward: ForwardFn,
     init_cache: InitCacheFn,
     strategy: Strategy,
+    kernels: Kernels | None = None,
     cache_len: int,
     dtype: Any,
     chunk_size: int,
@@ -135,6 +144,7 @@ def prefill(
             args=args,
             logits_index=jnp.clip(idx, 0, chunk_size - 1),
             fresh_prefill=n_chunks == 1,
+            **_kernels_kw(kernels),
         )
         picked = logits[:, 0]
         last_logits = jnp.where(here[:, None], picked.astype(jnp.float32), last_logits)
@@ -172,11 +182,13 @@ def decode_step(
     args: Any,
     forward: ForwardFn,
     strategy: Strategy,
+    kernels: Kernels | None = None,
 ) -> SamplingState:
     """Feed each live row its latest token (done rows feed padding) and sample the next."""
     last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [B, 1]
     pos = jnp.where(state.done, -1, state.positions)[:, None]  # [B, 1]
-    logits, cache = forward(params, jnp.maximum(last, 0), pos, state.cache, args=args)
+    logits, cache = forward(params, jnp.maximum(last, 0), pos, state.cache, args=args,
+                            **_kernels_kw(kernels))
     state = state.replace(cache=cache, positions=state.positions + (~state.done).astype(jnp.int32))
     return _record(state, logits[:, -1], eos_id, strategy)
 
@@ -190,6 +202,7 @@ def decode(
     args: Any,
     forward: ForwardFn,
     strategy: Strategy,
+    kernels: Kernels | None = None,
 ) -> SamplingState:
     """Decode until `max_steps` tokens are sampled (<= the buffer's N) or every row is done."""
 
@@ -197,12 +210,13 @@ def decode(
         return (s.step < max_steps) & ~jnp.all(s.done)
 
     def body(s: SamplingState) -> SamplingState:
-        return decode_step(params, s, eos_id, args=args, forward=forward, strategy=strategy)
+        return decode_step(params, s, eos_id, args=args, forward=forward, strategy=strategy,
+                           kernels=kernels)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-_STATIC_MODEL = ("args", "forward")  # the strategy is a pytree argument (sampling.py)
+_STATIC_MODEL = ("args", "forward", "kernels")  # the strategy is a pytree (sampling.py)
 prefill_jit = jax.jit(
     prefill,
     static_argnames=(*_STATIC_MODEL, "init_cache", "cache_len", "dtype", "chunk_size", "n_buf"),
@@ -287,6 +301,7 @@ def _start(
     dtype,
     forward,
     init_cache,
+    kernels=None,
 ):
     """Validate, bucket, pad and prefill. Returns (state, eos, static kwargs for decoding)."""
     prompts = _as_batch(prompts)
@@ -312,7 +327,7 @@ def _start(
     done = np.arange(n_rows) >= len(prompts)
     eos = jnp.int32(-1 if eos_id is None else eos_id)
 
-    static = dict(args=args, forward=forward, strategy=strategy)
+    static = dict(args=args, forward=forward, strategy=strategy, kernels=kernels)
     # Params sharded over a mesh: trace under it, so the KV cache and the MoE layers are
     # split like the weights (sharding.py); a no-op on one device.
     with use_mesh(mesh_of(params)):
@@ -349,12 +364,14 @@ def generate_from_params(
     dtype: Any = jnp.float32,
     forward: ForwardFn = model_forward,
     init_cache: InitCacheFn = model_init_cache,
+    kernels: Kernels | None = None,
     on_first_token: Callable[[], None] | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """`generate` with explicit params and args; `dtype` is the KV cache's dtype.
 
     `forward` / `init_cache` (static under jit) default to `mistral_jax.model`'s; any pair
-    with the same contract works, e.g. a toy model in tests. `on_first_token()` is called
+    with the same contract works, e.g. a toy model in tests. `kernels` (static) goes to
+    `forward` as its `kernels=` (None: not passed). `on_first_token()` is called
     once the prefill has produced every row's first token (e.g. to time it).
     """
     strategy = make_strategy(temperature, top_p, top_k, vocab_limit)
@@ -370,6 +387,7 @@ def generate_from_params(
         dtype=dtype,
         forward=forward,
         init_cache=init_cache,
+        kernels=kernels,
     )
     if on_first_token is not None:
         jax.block_until_ready(state.tokens)
@@ -423,6 +441,7 @@ def generate(
         chunk_size=chunk_size,
         vocab_limit=vocab_limit,
         dtype=model.dtype,
+        kernels=getattr(model, "kernels", None),
         on_first_token=on_first_token,
     )
 
@@ -461,6 +480,7 @@ def generate_stream(
         dtype=model.dtype,
         forward=forward,
         init_cache=init_cache,
+        kernels=getattr(model, "kernels", None) if forward is model_forward else None,
     )
 
     def tokens(state: SamplingState) -> Iterator[int]:

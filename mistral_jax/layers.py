@@ -21,9 +21,9 @@ import jax.numpy as jnp
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.cache import LayerCache, update_layer_cache
-from mistral_jax.kernels import env_choice
+from mistral_jax.kernels import Kernels
 from mistral_jax.lora import lora_einsum
-from mistral_jax.quant import qeinsum
+from mistral_jax.quantize import qeinsum
 from mistral_jax.rope import apply_rope, rope_angles
 
 Dtype = Any
@@ -36,8 +36,9 @@ def scaled_normal(fan_in: int):
 class Linear(nn.Module):
     """x @ kernel through an einsum; the kernel of `shape` has logical `axes`.
 
-    The params may also hold `scale` (a quantized kernel, quant.py) and `lora_a` /
+    The params may also hold `scale` (a quantized kernel, quantize.py) and `lora_a` /
     `lora_b` (an unmerged LoRA adapter, lora.py); `forward` follows what they hold.
+    `qmatmul` picks the quantized matmul's implementation (`Kernels.qmatmul`).
     """
 
     shape: tuple[int, ...]
@@ -45,6 +46,7 @@ class Linear(nn.Module):
     eqn: str
     n_in: int = 1  # how many leading kernel dims are inputs (fan-in for init)
     dtype: Dtype = jnp.float32
+    qmatmul: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -54,7 +56,7 @@ class Linear(nn.Module):
             self.shape, self.dtype)
         if self.has_variable("params", "scale"):  # int8/fp8 kernel + per-channel scale
             y = qeinsum(self.eqn, x, kernel, self.get_variable("params", "scale"),
-                        self.get_variable("params", "input_scale"))
+                        self.get_variable("params", "input_scale"), impl=self.qmatmul)
         else:
             y = jnp.einsum(self.eqn, x, kernel.astype(x.dtype))
         if self.has_variable("params", "lora_a"):  # an unmerged LoRA adapter
@@ -105,23 +107,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(b, t, h, hd)
 
 
-# Overrides `attention_implementation` when a function is traced: 'auto' (default),
-# 'reference' (always `attend`), 'xla' / 'cudnn' (the fused path with that implementation).
-ATTENTION_ENV = "MISTRAL_JAX_ATTENTION"
-ATTENTION_CHOICES = ("auto", "reference", "xla", "cudnn")
-
-
-def attention_implementation(dtype: Any, n_queries: int, head_dim: int) -> str | None:
+def attention_implementation(dtype: Any, n_queries: int, head_dim: int,
+                             choice: str = "auto") -> str | None:
     """Static (trace-time) choice of the fused kernel for a step of `n_queries` new tokens.
 
     'cudnn' on a GPU for a bfloat16/float16 prefill (n_queries > 1, head_dim a multiple
     of 8 up to 128): cuDNN flash attention, 6.7x faster than XLA's einsums for a
     4096-token prompt on an H100. None (the reference `attend`) otherwise: decode steps,
-    where XLA's einsums are as fast, float32, and CPU/TPU. The environment variable
-    MISTRAL_JAX_ATTENTION ('reference', 'xla', 'cudnn') overrides the choice for any
-    prefill; it is read when a function is traced, not when it is called.
+    where XLA's einsums are as fast, float32, and CPU/TPU. `choice` (`Kernels.attention`:
+    'reference', 'xla', 'cudnn') overrides 'auto' for any prefill.
     """
-    choice = env_choice(ATTENTION_ENV, ATTENTION_CHOICES, "auto")
     if n_queries < 2 or choice == "reference":
         return None
     if choice != "auto":
@@ -182,18 +177,20 @@ class Attention(nn.Module):
     args: ModelArgs
     window: int | None
     dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
                  fresh_prefill: bool = False) -> tuple[jax.Array, LayerCache | None]:
         a = self.args
         d, h, kv, hd = a.dim, a.n_heads, a.n_kv_heads, a.head_dim
+        qm = self.kernels.qmatmul
         q = Linear((d, h, hd), ("embed", "q_heads", "head_dim"), "btd,dhk->bthk",
-                   dtype=self.dtype, name="wq")(x)
+                   dtype=self.dtype, qmatmul=qm, name="wq")(x)
         k = Linear((d, kv, hd), ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk",
-                   dtype=self.dtype, name="wk")(x)
+                   dtype=self.dtype, qmatmul=qm, name="wk")(x)
         v = Linear((d, kv, hd), ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk",
-                   dtype=self.dtype, name="wv")(x)
+                   dtype=self.dtype, qmatmul=qm, name="wv")(x)
         cos, sin = rope_angles(positions, hd, a.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -216,7 +213,7 @@ class Attention(nn.Module):
             values = jnp.concatenate([cache["v"].astype(v.dtype), jnp.swapaxes(v, 1, 2)], axis=2)
             k_pos = jnp.concatenate([cache["pos"], positions], axis=1)
             cache = update_layer_cache(cache, k, v, positions)
-        impl = attention_implementation(q.dtype, q.shape[1], hd)
+        impl = attention_implementation(q.dtype, q.shape[1], hd, self.kernels.attention)
         if impl is None:
             out = attend(q, keys, values, attention_mask(positions, k_pos, self.window))
         elif fresh_prefill:  # plain causal by the caller's promise: no reference branch
@@ -227,7 +224,7 @@ class Attention(nn.Module):
                 lambda: fused_causal_attend(q, k, v, self.window, impl),
                 lambda: attend(q, keys, values, attention_mask(positions, k_pos, self.window)))
         out = Linear((h, hd, d), ("q_heads", "head_dim", "embed"), "bthk,hkd->btd", n_in=2,
-                     dtype=self.dtype, name="wo")(out)
+                     dtype=self.dtype, qmatmul=qm, name="wo")(out)
         return out, cache
 
 
@@ -236,34 +233,15 @@ class FeedForward(nn.Module):
 
     args: ModelArgs
     dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d, f = self.args.dim, self.args.hidden_dim
-        w1 = Linear((d, f), ("embed", "mlp"), "btd,df->btf", dtype=self.dtype, name="w1")
-        w3 = Linear((d, f), ("embed", "mlp"), "btd,df->btf", dtype=self.dtype, name="w3")
-        w2 = Linear((f, d), ("mlp", "embed"), "btf,fd->btd", dtype=self.dtype, name="w2")
+        d, f, qm = self.args.dim, self.args.hidden_dim, self.kernels.qmatmul
+        w1 = Linear((d, f), ("embed", "mlp"), "btd,df->btf", dtype=self.dtype, qmatmul=qm,
+                    name="w1")
+        w3 = Linear((d, f), ("embed", "mlp"), "btd,df->btf", dtype=self.dtype, qmatmul=qm,
+                    name="w3")
+        w2 = Linear((f, d), ("mlp", "embed"), "btf,fd->btd", dtype=self.dtype, qmatmul=qm,
+                    name="w2")
         return w2(jax.nn.silu(w1(x)) * w3(x))
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(.))."""
-
-    args: ModelArgs
-    window: int | None
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
-                 fresh_prefill: bool = False) -> tuple[jax.Array, LayerCache | None]:
-        from mistral_jax.moe import MoeFeedForward  # moe builds on this module
-
-        a = self.args
-        h, cache = Attention(a, self.window, self.dtype, name="attention")(
-            RMSNorm(a.norm_eps, self.dtype, name="attention_norm")(x), positions, cache,
-            fresh_prefill)
-        x = x + h
-        ffn = (MoeFeedForward(a, self.dtype, name="feed_forward") if a.moe
-               else FeedForward(a, self.dtype, name="feed_forward"))
-        x = x + ffn(RMSNorm(a.norm_eps, self.dtype, name="ffn_norm")(x))
-        return x, cache

@@ -1,12 +1,11 @@
 """The Mistral/Mixtral transformer and its pure forward function.
 
-    forward(params, tokens, positions, cache, *, args) -> (logits, cache)
+    forward(params, tokens, positions, cache, *, args, kernels=None) -> (logits, cache)
 
-`params` is a plain pytree (nested dicts of arrays), `args` a hashable `ModelArgs`
-(static under `jax.jit`), `cache` the pytree from `init_cache` or None for a
-cache-less full causal pass. Layers are unrolled (one param subtree per layer,
-`layers_0` ... `layers_{n-1}`): on GPUs an unrolled decode step reads weights at
-76-90% of memory bandwidth where `lax.scan` over stacked layers reached 33%.
+`params` is a plain pytree (nested dicts of arrays), `args` a hashable `ModelArgs` and
+`kernels` a hashable `Kernels` (both static under `jax.jit`), `cache` the pytree from
+`init_cache` or None for a cache-less full causal pass. Layers are unrolled (one param
+subtree per layer, `layers_0` ... `layers_{n-1}`; BENCHMARKS.md says why).
 """
 
 from __future__ import annotations
@@ -18,19 +17,47 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from mistral_jax.args import ModelArgs
-from mistral_jax.cache import Cache, init_cache
+from mistral_jax.cache import Cache, LayerCache, init_cache
 from mistral_jax.errors import UserInputError
-from mistral_jax.layers import Dtype, Linear, RMSNorm, TransformerBlock
+from mistral_jax.kernels import Kernels, default_kernels
+from mistral_jax.layers import Attention, Dtype, FeedForward, Linear, RMSNorm
+from mistral_jax.moe import MoeFeedForward
+from mistral_jax.quantize import quantize_leaf, resolve_mode
+from mistral_jax.tree import flatten, owner, split_dims, unflatten
 
 __all__ = ["MistralModel", "forward", "init_cache", "init_params", "abstract_params",
-           "logical_axes", "causal_positions"]
+           "logical_axes", "param_logical_axes", "causal_positions"]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(.))."""
+
+    args: ModelArgs
+    window: int | None
+    dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
+                 fresh_prefill: bool = False) -> tuple[jax.Array, LayerCache | None]:
+        a = self.args
+        h, cache = Attention(a, self.window, self.dtype, self.kernels, name="attention")(
+            RMSNorm(a.norm_eps, self.dtype, name="attention_norm")(x), positions, cache,
+            fresh_prefill)
+        x = x + h
+        ffn = (MoeFeedForward(a, self.dtype, self.kernels, name="feed_forward") if a.moe
+               else FeedForward(a, self.dtype, self.kernels, name="feed_forward"))
+        x = x + ffn(RMSNorm(a.norm_eps, self.dtype, name="ffn_norm")(x))
+        return x, cache
 
 
 class MistralModel(nn.Module):
     args: ModelArgs
     dtype: Dtype = jnp.float32  # parameter dtype at init; compute follows the params' dtype
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
@@ -49,7 +76,8 @@ class MistralModel(nn.Module):
         x = jnp.take(embedding, tokens, axis=0)
         new_cache = [] if cache is not None else None
         for i, window in enumerate(a.layer_windows):
-            x, layer_cache = TransformerBlock(a, window, self.dtype, name=f"layers_{i}")(
+            x, layer_cache = TransformerBlock(a, window, self.dtype, self.kernels,
+                                              name=f"layers_{i}")(
                 x, positions, None if cache is None else cache[i], fresh_prefill)
             if cache is not None:
                 new_cache.append(layer_cache)
@@ -57,18 +85,20 @@ class MistralModel(nn.Module):
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)
         x = RMSNorm(a.norm_eps, self.dtype, name="norm")(x)
         logits = Linear((a.dim, a.vocab_size), ("embed", "vocab"), "btd,dv->btv",
-                        dtype=self.dtype, name="output")(x)
+                        dtype=self.dtype, qmatmul=self.kernels.qmatmul, name="output")(x)
         return logits.astype(jnp.float32), new_cache
 
 
 def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None, *,
-            args: ModelArgs, logits_index: jax.Array | None = None,
+            args: ModelArgs, kernels: Kernels | None = None,
+            logits_index: jax.Array | None = None,
             fresh_prefill: bool = False) -> tuple[jax.Array, Cache | None]:
     """Pure forward pass. tokens, positions [B, T] int32 -> (logits [B, T, V] f32, cache).
 
     With a cache, attention covers the cached keys plus the new ones and the new
     keys are written (see `cache.py`); with `cache=None` it is a plain causal pass.
     `logits_index` [B] keeps only one position per row: logits [B, 1, V].
+    `kernels` (static) picks implementations (kernels.py); None: `default_kernels()`.
     `fresh_prefill=True` (static) promises an empty cache and positions counting up from
     each row's first token with right padding only (a sampler's first prefill): attention
     then skips the empty cache slots and, on GPUs, runs the fused kernel unconditionally.
@@ -80,8 +110,9 @@ def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
     """
     check_inputs(tokens, positions, cache, args)
     check_positions(positions, cache, args)
-    return MistralModel(args).apply({"params": params}, tokens, positions, cache, logits_index,
-                                    fresh_prefill)
+    kernels = default_kernels() if kernels is None else kernels
+    return MistralModel(args, kernels=kernels).apply({"params": params}, tokens, positions,
+                                                     cache, logits_index, fresh_prefill)
 
 
 def check_inputs(tokens, positions, cache: Cache | None, args: ModelArgs) -> None:
@@ -170,9 +201,6 @@ def random_params(args: ModelArgs, seed: int = 0, dtype: Dtype = jnp.bfloat16,
     leaves. With `quantize` ('int8', 'fp8', ...), each weight is quantized as soon as it is
     drawn, so a quantized Mixtral 8x7B never needs its ~93 GB of bfloat16.
     """
-    from mistral_jax.checkpoint import flatten, unflatten
-    from mistral_jax.quant import quantize_leaf, resolve_mode, split_dims
-
     mode = resolve_mode(quantize) if quantize else None
     key = jax.random.PRNGKey(seed)
     out = {}
@@ -222,3 +250,34 @@ def logical_axes(args: ModelArgs):
     boxed = jax.eval_shape(functools.partial(_boxed_init, args, jnp.float32),
                            jax.random.PRNGKey(0))
     return nn.get_partition_spec(boxed)
+
+
+def param_logical_axes(params, args: ModelArgs):
+    """PartitionSpecs of logical axis names for a params tree with extra leaves.
+
+    Covers quantized weights (`scale`: the kernel's lead and output axes; `input_scale`:
+    the lead (expert) axis, none for a Linear's [] scale) and unmerged LoRA (`lora_a`:
+    lead + input axes + rank; `lora_b`: lead + rank + output axes; the rank axis is never
+    sharded). `params` may hold arrays or ShapeDtypeStructs.
+    """
+    base = flatten(logical_axes(args), ())
+    flat = flatten(params)
+    out = {}
+    for path in flat:
+        if path in base:
+            out[path] = base[path]
+            continue
+        found = owner(path, base)
+        if found is None:
+            raise ValueError(f"no logical axes known for param {'/'.join(path)}")
+        kernel, suffix = found
+        spec = tuple(base[kernel])
+        lead, ins, outs = (tuple(spec[i] for i in dims)
+                           for dims in split_dims(kernel, len(spec)))
+        out[path] = PartitionSpec(*{
+            "input_scale": lead,
+            "scale": lead + outs,
+            "lora_a": lead + ins + (None,),
+            "lora_b": lead + (None,) + outs,
+        }[suffix])
+    return unflatten(out)

@@ -18,65 +18,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import sharding
-from mistral_jax.args import ModelArgs, args_from_params_json, load_args
+from mistral_jax.args import ModelArgs
 from mistral_jax.cache import Cache, init_cache
-from mistral_jax.checkpoint import load_params
-from mistral_jax.convert import is_converted, restore_params, stored_quantization
+from mistral_jax.dtypes import resolve_dtype
 from mistral_jax.errors import UserInputError
-from mistral_jax.lora import finish_params, load_hooks
-from mistral_jax.model import (
-    causal_positions,
-    check_inputs,
-    check_positions,
-    forward,
-    init_params,
+from mistral_jax.kernels import Kernels, default_kernels
+from mistral_jax.load import load
+from mistral_jax.mesh import (
+    gather,
+    init_cache_sharded,
+    init_params_sharded,
+    resolve_mesh,
+    shard_batch,
 )
-
-DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
-          "fp32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
-
-
-def auto_dtype() -> str:
-    """What dtype='auto' loads: float32 on the CPU backend, where XLA computes bfloat16
-    through float32 copies of the weights (2x slower decode and no smaller: BENCHMARKS.md,
-    "bfloat16 on the CPU"), bfloat16 on GPUs and TPUs."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+from mistral_jax.model import causal_positions, check_inputs, check_positions, forward, init_params
+from mistral_jax.partitioning import use_mesh
 
 
-def resolve_dtype(dtype: Any) -> jnp.dtype:
-    """'bfloat16' / 'float32' / 'float16' / 'auto' (`auto_dtype`) or a dtype -> a numpy
-    dtype; else UserInputError."""
-    if isinstance(dtype, str):
-        if dtype == "auto":
-            dtype = auto_dtype()
-        if dtype not in DTYPES:
-            raise UserInputError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, "
-                                 f"got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype is None:  # (numpy reads None as float64)
-        raise UserInputError("dtype must be bfloat16, float16 or float32, got None")
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        raise UserInputError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}") from None
-    if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)):
-        raise UserInputError(f"dtype must be bfloat16, float16 or float32, got {dt}")
-    return dt
-
-
-@functools.partial(jax.jit, static_argnames=("args",))
-def jit_forward(params, tokens, positions, cache, *, args):
-    return forward(params, tokens, positions, cache, args=args)
+@functools.partial(jax.jit, static_argnames=("args", "kernels"))
+def jit_forward(params, tokens, positions, cache, *, args, kernels=None):
+    return forward(params, tokens, positions, cache, args=args, kernels=kernels)
 
 
 class Transformer:
     """A model: its `args`, its `params` pytree, and convenience methods around `forward`."""
 
     def __init__(self, args: ModelArgs, params: Any, *, folder: Path | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, kernels: Kernels | None = None):
         self.args = args
         self.params = params
+        self.kernels = default_kernels() if kernels is None else kernels
         self.folder = folder
         self.mesh = mesh  # the params are sharded over it (sharding.py); None: one device
         self.load_seconds: float | None = None
@@ -86,7 +57,8 @@ class Transformer:
                     max_batch_size: int | None = None, progress: bool = False,
                     lora_path: str | Path | None = None, lora_merge: bool | None = None,
                     lora_scaling: float | None = None, quantize: str | None = None,
-                    mesh: Any = None, **arg_overrides: Any) -> Transformer:
+                    mesh: Any = None, kernels: Kernels | None = None,
+                    **arg_overrides: Any) -> Transformer:
         """Load a Mistral-layout, HF-layout or converted (`mistral-jax-convert`) model folder.
 
         `arg_overrides` replace fields of the folder's args (e.g. `rope_theta=1e4` for
@@ -103,45 +75,30 @@ class Transformer:
         (`auto_dtype`: float32 on a CPU).
         `mesh`: a `jax.sharding.Mesh` with axes data/tensor/expert, a spec such as
         'tensor=4,expert=2', or 'auto' (every device along tensor); each weight is then
-        placed straight onto its shards (sharding.py). None: the default device.
+        placed straight onto its shards (mesh.py). None: the default device.
+        `kernels`: which implementations `forward` runs (kernels.py); None:
+        `default_kernels()`.
         """
         del max_batch_size
         folder = Path(folder)
-        dt = resolve_dtype(dtype)
         start = time.perf_counter()
-        mesh = sharding.resolve_mesh(mesh)
-        hooks = dict(lora_path=lora_path, lora_merge=lora_merge, lora_scaling=lora_scaling,
-                     quantize=quantize)
-        if is_converted(folder):  # written by mistral-jax-convert: restore the Orbax checkpoint
-            # Checks (quantize= on quantized weights, the adapter) before reading any array.
-            args = args_from_params_json(folder / "params.json", **arg_overrides)
-            stored = stored_quantization(folder)
-            finish, post = load_hooks(folder, args, dt, prequantized=stored and stored["mode"],
-                                      **hooks)
-            shardings = None if mesh is None else sharding.param_shardings(args, mesh)
-            params = restore_params(folder, args, dt, shardings, progress=progress)
-            params = post(finish_params(params, finish))
-        else:
-            args, layout = load_args(folder, **arg_overrides)
-            finish, post = load_hooks(folder, args, dt, **hooks)
-            place = None if mesh is None else sharding.place_fn(args, mesh)
-            params = post(load_params(folder, args, layout, dt, place=place, progress=progress,
-                                      finish=finish))
-        if mesh is not None:  # leaves the load hooks added or changed
-            params = sharding.place_params(params, args, mesh)
-        model = cls(args, params, folder=folder, mesh=mesh)
+        mesh = resolve_mesh(mesh)
+        args, params = load(folder, dtype=resolve_dtype(dtype), mesh=mesh, progress=progress,
+                            lora_path=lora_path, lora_merge=lora_merge,
+                            lora_scaling=lora_scaling, quantize=quantize, **arg_overrides)
+        model = cls(args, params, folder=folder, mesh=mesh, kernels=kernels)
         model.load_seconds = time.perf_counter() - start
         return model
 
     @classmethod
     def random(cls, args: ModelArgs, *, seed: int = 0, dtype: Any = "float32",
-               mesh: Any = None) -> Transformer:
+               mesh: Any = None, kernels: Kernels | None = None) -> Transformer:
         """A model with random weights (tests, benchmarks), computed into its shards on `mesh`."""
-        mesh = sharding.resolve_mesh(mesh)
+        mesh = resolve_mesh(mesh)
         if mesh is None:
-            return cls(args, init_params(args, seed, resolve_dtype(dtype)))
-        params = sharding.init_params_sharded(args, mesh, seed, resolve_dtype(dtype))
-        return cls(args, params, mesh=mesh)
+            return cls(args, init_params(args, seed, resolve_dtype(dtype)), kernels=kernels)
+        params = init_params_sharded(args, mesh, seed, resolve_dtype(dtype))
+        return cls(args, params, mesh=mesh, kernels=kernels)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -149,7 +106,7 @@ class Transformer:
 
     def init_cache(self, batch_size: int, max_seq_len: int) -> Cache:
         if self.mesh is not None:  # batch along data, KV heads along tensor
-            return sharding.init_cache_sharded(self.args, self.mesh, batch_size, max_seq_len,
+            return init_cache_sharded(self.args, self.mesh, batch_size, max_seq_len,
                                                self.dtype)
         return init_cache(self.args, batch_size, max_seq_len, self.dtype)
 
@@ -160,12 +117,14 @@ class Transformer:
         check_inputs(tokens, positions, cache, self.args)  # before the int32 casts below
         check_positions(positions, cache, self.args)  # values: outside the jit below
         if self.mesh is not None:  # rows along data; traced under the mesh (sharding.py)
-            tokens, positions = sharding.shard_batch(
+            tokens, positions = shard_batch(
                 self.mesh, np.asarray(tokens, np.int32), np.asarray(positions, np.int32))
-            with sharding.use_mesh(self.mesh):
-                return jit_forward(self.params, tokens, positions, cache, args=self.args)
+            with use_mesh(self.mesh):
+                return jit_forward(self.params, tokens, positions, cache, args=self.args,
+                                   kernels=self.kernels)
         return jit_forward(self.params, jnp.asarray(tokens, jnp.int32),
-                           jnp.asarray(positions, jnp.int32), cache, args=self.args)
+                           jnp.asarray(positions, jnp.int32), cache, args=self.args,
+                           kernels=self.kernels)
 
     def logits(self, tokens, seqlens: list[int] | None = None) -> jax.Array:
         """Full causal forward -> float32 logits: tokens [B, T] -> [B, T, V], [T] -> [T, V].
@@ -196,7 +155,7 @@ class Transformer:
     @staticmethod
     def _gathered(logits: jax.Array) -> jax.Array:
         if not logits.is_fully_addressable:  # multi-host: every process gets all the logits
-            logits = jnp.asarray(sharding.gather(logits))
+            logits = jnp.asarray(gather(logits))
         return logits
 
 

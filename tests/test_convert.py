@@ -184,8 +184,8 @@ MESH_SCRIPT = textwrap.dedent("""
             reads.append((self.name, int(np.prod(self.store[idx].shape)), int(np.prod(self.shape))))
             return self.store[idx]
 
-    open_array = convert_mod._open_array
-    convert_mod._open_array = lambda folder, path, ctx: Recording(open_array(folder, path, ctx),
+    open_array = convert_mod.open_array
+    convert_mod.open_array = lambda folder, path, ctx: Recording(open_array(folder, path, ctx),
                                                                   ".".join(path))
     params = convert_mod.restore_params(dst, args, "float32", shardings)
     ref = load_params(src, args, layout, np.float32)

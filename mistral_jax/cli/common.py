@@ -26,11 +26,15 @@ import jax
 import numpy as np
 
 from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.dtypes import DTYPES
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
+from mistral_jax.generate import generate
+from mistral_jax.mesh import initialize_distributed, make_mesh
+from mistral_jax.quantize import is_quantized
 from mistral_jax.sampling import check_seed, make_strategy
-from mistral_jax.sharding import initialize_distributed, make_mesh
 from mistral_jax.tokenizer import Tokenizer, check_utf8, load_tokenizer, tokenizer_files
-from mistral_jax.transformer import DTYPES, Transformer
+from mistral_jax.transformer import Transformer
+from mistral_jax.tree import flatten
 
 EXIT_USER_ERROR = 2
 COMPILE_CACHE_ENV = "MISTRAL_JAX_COMPILE_CACHE"  # a folder, or 'off'
@@ -274,9 +278,6 @@ def weight_format(params: Any, dtype: Any) -> str:
     """How the weights are stored, for the load line: 'bfloat16', or for quantized
     weights (--quantize, or a quantized checkpoint) e.g. 'int8 weights, bfloat16
     activations' ('... weights and activations' where the checkpoint quantizes inputs too)."""
-    from mistral_jax.checkpoint import flatten
-    from mistral_jax.quant import is_quantized
-
     flat = flatten(params)
     stored = sorted({QUANTIZED_NAMES.get(str(x.dtype), str(x.dtype))
                      for x in flat.values() if is_quantized(x)})
@@ -394,8 +395,6 @@ def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_
 
     Returns the generated ids per prompt (cut at eos, as `generate` does) and the timings.
     """
-    from mistral_jax.generate import generate
-
     marks: dict[str, float] = {}
     with CompileTimer() as compile_timer:
         start = time.perf_counter()

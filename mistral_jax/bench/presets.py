@@ -1,0 +1,28 @@
+"""Model shapes the benchmark can run with random weights.
+"""
+
+from __future__ import annotations
+
+from mistral_jax.args import ModelArgs, MoeArgs
+
+_SHAPES_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
+                  n_kv_heads=8, norm_eps=1e-5, rope_theta=1e6)
+
+PRESETS: dict[str, ModelArgs] = {
+    # CPU-sized shapes for CI and quick checks.
+    "tiny": ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                      norm_eps=1e-5, vocab_size=512),
+    "tiny-moe": ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4,
+                          n_kv_heads=2, norm_eps=1e-5, vocab_size=512, moe=MoeArgs(4, 2)),
+    "small": ModelArgs(dim=512, n_layers=8, head_dim=64, hidden_dim=1536, n_heads=8,
+                       n_kv_heads=2, norm_eps=1e-5, vocab_size=32768),  # 58M params
+    "small-moe": ModelArgs(dim=512, n_layers=8, head_dim=64, hidden_dim=1536, n_heads=8,
+                           n_kv_heads=2, norm_eps=1e-5, vocab_size=32768,
+                           moe=MoeArgs(8, 2)),  # 190M params, 151M in experts
+    # Published shapes (params.json of the released checkpoints).
+    "mistral-7b": ModelArgs(**_SHAPES_7B, vocab_size=32768),  # Mistral-7B-v0.3
+    "mixtral-8x7b": ModelArgs(**_SHAPES_7B, vocab_size=32000, moe=MoeArgs(8, 2)),
+    "codestral-22b": ModelArgs(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384,
+                               n_heads=48, n_kv_heads=8, norm_eps=1e-5, vocab_size=32768,
+                               rope_theta=1e6),
+}

@@ -1,0 +1,507 @@
+"""The benchmark command: prefill, decode and generate speed against the hardware's limits.
+
+    python -m mistral_jax.bench --preset mistral-7b --batch 1 8 64 --prompt-len 512 --gen-len 128
+
+It times generate's own prefill, decode loop and single decode step, and `generate`
+end to end, for each batch, prompt and generation length; docs/design/benchmark.md
+says what each figure means and how it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax.args import ModelArgs
+from mistral_jax.bench.costs import decode_bytes, nbytes, prefill_flops
+from mistral_jax.bench.presets import PRESETS
+from mistral_jax.bench.probes import (
+    Hardware,
+    choose_peak,
+    device_peak_memory,
+    hardware_fractions,
+    measure_copy_bandwidth,
+    measure_matmul_flops,
+    memory_estimate,
+)
+from mistral_jax.bench.vs_transformers import (
+    HF_NOISY_SPREAD,
+    bench_transformers_threads,
+    build_transformers_model,
+    hf_logits_rel_err,
+)
+from mistral_jax.cache import init_cache
+from mistral_jax.cli.common import COMPILE_CACHE_ENV, default_cache_dir, enable_compilation_cache
+from mistral_jax.dtypes import resolve_dtype
+from mistral_jax.errors import MistralJaxError, UserInputError
+from mistral_jax.generate import decode as generate_decode
+from mistral_jax.generate import decode_step as generate_decode_step
+from mistral_jax.generate import generate_from_params
+from mistral_jax.generate import prefill as generate_prefill
+from mistral_jax.kernels import CHOICES, ENV, Kernels, default_kernels
+from mistral_jax.model import causal_positions, forward, random_params
+from mistral_jax.moe import default_decode_kernel
+from mistral_jax.quantize import MODES
+from mistral_jax.sampling import Greedy, prng_key
+from mistral_jax.transformer import Transformer
+
+# ----------------------------------------------------------------------------- setup
+
+
+# ----------------------------------------------------------------------------- model arithmetic
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+
+def bench_config(params, args: ModelArgs, *, batch: int, prompt_len: int, gen_len: int,
+                 repeats: int, seed: int, kernels: Kernels | None = None, hf_model=None,
+                 torch_threads: Sequence[int | None] = (None,)) -> dict:
+    """All figures for one (batch, prompt_len, gen_len); see the module docstring. MFU
+    and % of the bandwidth floor come later (`hardware_fractions`), once the probes
+    have run again after the workload."""
+    dtype = params["embedding"].dtype
+    cache_len = prompt_len + gen_len
+    rng = np.random.default_rng(seed)
+    tokens_np = rng.integers(0, args.vocab_size, (batch, prompt_len), dtype=np.int32)
+    tokens = jnp.asarray(tokens_np)
+    row: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+
+    # generate's own programs: its prefill, its decode loop, its one-step decode (greedy).
+    kw = dict(args=args, forward=forward, strategy=Greedy(), kernels=kernels)
+    positions = causal_positions(tokens)
+    done, rng, eos = jnp.zeros((batch,), bool), prng_key(seed), jnp.int32(-1)  # eos: never
+    max_steps = jnp.int32(gen_len)
+    n_steps = gen_len - 1  # the prefill samples the first token
+
+    def prefill_fn(p, t, pos, d, key, e):
+        return generate_prefill(p, t, pos, d, key, e, init_cache=init_cache, cache_len=cache_len,
+                                dtype=dtype, chunk_size=prompt_len, n_buf=gen_len, **kw)
+
+    start = time.perf_counter()
+    prefill = jax.jit(prefill_fn).lower(params, tokens, positions, done, rng, eos).compile()
+    row["compile_prefill_s"] = time.perf_counter() - start
+    state = prefill(params, tokens, positions, done, rng, eos)
+    start = time.perf_counter()
+    loop = jax.jit(lambda p, st, e, m: generate_decode(p, st, e, m, **kw),
+                   donate_argnums=(1,)).lower(params, state, eos, max_steps).compile()
+    row["compile_decode_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    step = jax.jit(lambda p, st, e: generate_decode_step(p, st, e, **kw),
+                   donate_argnums=(1,)).lower(params, state, eos).compile()
+    row["compile_step_s"] = time.perf_counter() - start
+    del state
+
+    ttfts, loops, steps = [], [], []
+    for r in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        state = prefill(params, tokens, positions, done, rng, eos)
+        np.asarray(state.tokens[:, 0])  # the first token reaches the host
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        state = jax.block_until_ready(loop(params, state, eos, max_steps))
+        loop_s = (time.perf_counter() - start) / n_steps
+        del state
+        state = jax.block_until_ready(prefill(params, tokens, positions, done, rng, eos))
+        start = time.perf_counter()
+        for _ in range(n_steps):  # dispatched asynchronously: no host round trip per token
+            state = step(params, state, eos)
+        jax.block_until_ready(state.tokens)
+        step_s = (time.perf_counter() - start) / n_steps
+        del state
+        if r:
+            ttfts.append(ttft)
+            loops.append(loop_s)
+            steps.append(step_s)
+
+    ttft, loop_s = statistics.median(ttfts), statistics.median(loops)
+    flops = prefill_flops(args, batch, prompt_len)
+    moved = decode_bytes(args, params, batch, cache_len, dtype)
+    row.update(
+        ttft_ms=ttft * 1e3,
+        prefill_tok_s=batch * prompt_len / ttft,
+        prefill_flops=flops,
+        prefill_tflops=flops / ttft / 1e12,
+        decode_ms_step=loop_s * 1e3,
+        decode_tok_s=batch / loop_s,
+        step_dispatch_ms=statistics.median(steps) * 1e3,
+        decode_bytes_per_step=moved["total"],
+        decode_kv_bytes_per_step=moved["kv"],
+    )
+
+    prompts = tokens_np.tolist()
+    gen = functools.partial(generate_from_params, params, args, prompts, max_tokens=gen_len,
+                            dtype=dtype, kernels=kernels)
+    start = time.perf_counter()
+    ours_tokens, _ = gen()
+    first = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gen()
+        runs.append(time.perf_counter() - start)
+    gen_s = statistics.median(runs)
+    row.update(generate_s=gen_s, generate_tok_s=batch * gen_len / gen_s,
+               compile_generate_s=max(first - gen_s, 0.0))
+
+    peak = device_peak_memory()
+    if peak is not None:
+        row.update(peak_memory_bytes=peak, memory_source="device peak_bytes_in_use")
+    else:
+        estimates = [m for m in map(memory_estimate, (prefill, loop, step)) if m]
+        row.update(peak_memory_bytes=max(estimates) if estimates else None,
+                   memory_source=MEMORY_ESTIMATE)
+
+    if hf_model is not None:
+        hf = bench_transformers_threads(hf_model, tokens_np, gen_len, repeats, torch_threads)
+        hf_tokens = hf.pop("hf_tokens")
+        row.update(hf)
+        row["vs_hf_generate"] = row["generate_tok_s"] / row["hf_generate_tok_s"]
+        row["vs_hf_ttft"] = row["hf_ttft_ms"] / row["ttft_ms"]
+        row["hf_greedy_rows_equal"] = float(np.mean(
+            [list(h) == o for h, o in zip(hf_tokens.tolist(), ours_tokens)]))
+    return row
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+COLUMNS = (  # (header, key, format)
+    ("B", "batch", "{:d}"), ("P", "prompt_len", "{:d}"), ("G", "gen_len", "{:d}"),
+    ("TTFT ms", "ttft_ms", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
+    ("TFLOP/s", "prefill_tflops", "{:.3f}"), ("MFU %", "prefill_mfu_pct", "{:.1f}"),
+    ("decode ms/step", "decode_ms_step", "{:.3f}"), ("decode tok/s", "decode_tok_s", "{:.1f}"),
+    ("% BW floor", "pct_of_bandwidth_floor", "{:.1f}"),
+    ("ms/step, one dispatch each", "step_dispatch_ms", "{:.3f}"),
+    ("generate tok/s", "generate_tok_s", "{:.1f}"),
+    ("compile s (prefill+decode)", "compile_s", "{:.2f}"),
+    ("peak mem GB", "peak_memory_gb", "{:.3f}"),
+    ("HF generate tok/s", "hf_generate_tok_s", "{:.1f}"), ("vs HF", "vs_hf_generate", "{:.2f}x"),
+)
+
+
+# A cell of the first key is marked where the row's flag (second key) is set; the notes
+# below the table say why.
+MARKS = {"prefill_mfu_pct": ("prefill_above_peak", "*"),
+         "pct_of_bandwidth_floor": ("decode_above_bandwidth", "*"),
+         "vs_hf_generate": ("hf_noisy", "~")}
+NOTES = {
+    "*": "Marked *: above 100%, so the run went faster than the peak (MFU) or copy bandwidth "
+         "(% BW floor) it is taken against: that probe under-read this device (a busy CPU, or "
+         "--matmul-n / --copy-mib too small to reach the peak). Not an efficiency.",
+    "~": f"Marked ~: transformers' timed rounds differed more than {HF_NOISY_SPREAD:g}x "
+         "(hf_*_range in the JSON): on a busy CPU torch's multi-threaded calls stall while "
+         "other jobs hold the cores (one thread avoids it).",
+}
+MEMORY_ESTIMATE = "XLA memory_analysis of the larger program"
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A markdown table of the result rows, then a note for each kind of marked cell."""
+    cols = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)
+            or c[1] in ("compile_s", "peak_memory_gb")]
+    estimated = [r.get("memory_source") == MEMORY_ESTIMATE for r in rows
+                 if r.get("peak_memory_bytes") is not None]
+    all_estimated = bool(estimated) and all(estimated)
+    headers = [h + (" (XLA est.)" if k == "peak_memory_gb" and all_estimated else "")
+               for h, k, _ in cols]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
+    used = set()
+    for r in rows:
+        r = dict(r, compile_s=r["compile_prefill_s"] + r["compile_decode_s"],
+                 peak_memory_gb=None if r.get("peak_memory_bytes") is None
+                 else r["peak_memory_bytes"] / 1e9)
+        cells = []
+        for _, k, fmt in cols:
+            cell = "-" if r.get(k) is None else fmt.format(r[k])
+            flag, mark = MARKS.get(k, (None, ""))
+            if flag and r.get(flag):
+                cell += mark
+                used.add(mark)
+            if (k == "peak_memory_gb" and not all_estimated and r.get(k) is not None
+                    and r.get("memory_source") == MEMORY_ESTIMATE):
+                cell += " est."
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    if all_estimated:
+        lines.append("Peak memory: XLA's estimate for the largest compiled program "
+                     "(arguments + outputs + temporaries); this device reports no allocator peak.")
+    lines += [NOTES[mark] for mark in NOTES if mark in used]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m mistral_jax.bench`."""
+    p = argparse.ArgumentParser(prog="python -m mistral_jax.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="model shape with random weights (ignored with --ckpt)")
+    p.add_argument("--ckpt", type=Path, help="a model folder (Mistral or HF layout) to load instead")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the preset's shapes with this many layers (a big shape on a small "
+                   "device: per-layer figures; not with --ckpt)")
+    p.add_argument("--dtype", default="auto",
+                   help="bfloat16 | float16 | float32; auto: float32 on a CPU, bfloat16 "
+                   "elsewhere (transformer.auto_dtype)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, nargs="+", default=[64])
+    p.add_argument("--gen-len", type=int, nargs="+", default=[32])
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per figure (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=list(MODES), default=None,
+                   help="weight-only int8/fp8 attention and feed-forward weights (quant.py)")
+    p.add_argument("--attention", choices=CHOICES["attention"], default=None,
+                   help=f"prefill attention kernel (Kernels.attention, kernels.py; default: "
+                   f"{ENV['attention']}, else auto)")
+    p.add_argument("--qmatmul", choices=CHOICES["qmatmul"], default=None,
+                   help=f"quantized decode matmul: XLA or the Pallas kernel (Kernels.qmatmul; "
+                   f"default: {ENV['qmatmul']}, else auto = xla)")
+    p.add_argument("--moe-kernel", choices=CHOICES["moe"], default=None,
+                   help=f"MoE decode path: XLA's gather, its row-block tiling or the Pallas "
+                   f"kernel (Kernels.moe; default: {ENV['moe']}, else auto = tiled on the CPU "
+                   "for float32/int8 experts, xla otherwise)")
+    p.add_argument("--vs-transformers", action="store_true",
+                   help="also time transformers' PyTorch model on the same weights")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch CPU threads for --vs-transformers (default: torch's own)")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="buffer for the copy-bandwidth probe (default 1024 on GPU, 256 elsewhere)")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help="matmul size for the measured peak (default 8192 on GPU, 1024 elsewhere)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak to take MFU against (default: datasheet for known GPUs, else measured)")
+    p.add_argument("--compile-cache", "--compile-cache-dir", dest="compile_cache", metavar="DIR",
+                   type=Path, default=None,
+                   help="JAX's persistent compilation cache, so that a second start skips most "
+                   f"compilation (default {default_cache_dir()}; --compile-cache-dir: old name)")
+    p.add_argument("--cache-min-compile-secs", type=float, default=None,
+                   help="store only programs that took at least this long to compile (default: "
+                   "$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, else JAX's 1 s)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"neither read nor write the compilation cache (or set "
+                   f"{COMPILE_CACHE_ENV}=off)")
+    p.add_argument("--json", type=Path, help="also write the JSON result here")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _validate(ns: argparse.Namespace) -> None:
+    for name in ("batch", "prompt_len"):
+        if any(v < 1 for v in getattr(ns, name)):
+            raise UserInputError(f"--{name.replace('_', '-')} values must be >= 1")
+    if any(v < 2 for v in ns.gen_len):
+        raise UserInputError("--gen-len values must be >= 2 (one prefill token + decode steps)")
+    if ns.repeats < 1:
+        raise UserInputError("--repeats must be >= 1")
+    if ns.torch_threads is not None and ns.torch_threads < 1:
+        raise UserInputError("--torch-threads must be >= 1")
+    if ns.ckpt is not None and not ns.ckpt.is_dir():
+        raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
+    if ns.layers is not None and (ns.layers < 1 or ns.ckpt is not None):
+        raise UserInputError("--layers must be >= 1, and applies to a --preset, not --ckpt")
+    if ns.quantize and ns.vs_transformers:
+        raise UserInputError("--quantize cannot be combined with --vs-transformers "
+                             "(transformers' model is built from unquantized weights)")
+    if ns.json is not None:  # checked before the run, not after it
+        if ns.json.is_dir():
+            raise UserInputError(f"--json {ns.json}: is a directory; give a file name")
+        blocking = next((p for p in ns.json.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise UserInputError(f"--json {ns.json}: {blocking} is a file, not a directory")
+
+
+def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
+    if ns.ckpt is not None:
+        model = Transformer.from_folder(ns.ckpt, dtype=dtype, quantize=ns.quantize)
+        return model.args, model.params, str(ns.ckpt)
+    args, name = PRESETS[ns.preset], ns.preset
+    if ns.layers is not None:
+        plural = "s" if ns.layers > 1 else ""
+        args = dataclasses.replace(args, n_layers=ns.layers)
+        name = f"{name} ({ns.layers} layer{plural})"
+    params = random_params(args, ns.seed, dtype, ns.quantize)
+    return args, params, f"{name} {ns.quantize}" if ns.quantize else name
+
+
+def chosen_kernels(ns: argparse.Namespace) -> Kernels:
+    """The flags over the default (`kernels.default_kernels`: MISTRAL_JAX_*, else 'auto')."""
+    default = default_kernels()
+    return Kernels(attention=ns.attention or default.attention, moe=ns.moe_kernel or default.moe,
+                   qmatmul=ns.qmatmul or default.qmatmul)
+
+
+def moe_kernel_used(args: ModelArgs, params: Any, kernels: Kernels) -> str | None:
+    """The MoE decode path a decode step takes (None for a dense model): `kernels.moe`, or
+    for 'auto' moe.default_decode_kernel's choice for the first layer's experts, named
+    'xla (default)' or 'tiled (default)'."""
+    if args.moe is None:
+        return None
+    if kernels.moe != "auto":
+        return kernels.moe
+    ff = params["layers_0"]["feed_forward"]
+    return f"{default_decode_kernel(ff['w1'], ff['w2'], ff['w3'])} (default)"
+
+
+def enable_cache(ns: argparse.Namespace) -> Path | None:
+    """Turn on JAX's persistent compilation cache as the flags say; returns its folder.
+    Without --cache-min-compile-secs, JAX's own threshold stands (its
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, else 1 s)."""
+    if ns.no_compile_cache:
+        return None
+    return enable_compilation_cache(ns.compile_cache, ns.cache_min_compile_secs)
+
+
+def run(ns: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed CLI arguments; returns {'meta', 'results'}."""
+    _validate(ns)
+    kernels = chosen_kernels(ns)
+    cache_dir = enable_cache(ns)
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = resolve_dtype(ns.dtype)
+    copy_bytes = (ns.copy_mib or (1024 if on_gpu else 256)) << 20
+    matmul_n = ns.matmul_n or (8192 if on_gpu else 1024)
+    # Probed before and again after the workload; the higher of the two counts, since a
+    # busy machine can only make a probe read low. The first probes run before the weights
+    # load, so that their buffers (1 GiB on a GPU) never sit beside the weights and raise
+    # the allocator's peak that each row reports.
+    copy_probes = [measure_copy_bandwidth(copy_bytes)]
+    matmul_probes = [measure_matmul_flops(dtype, matmul_n)]
+    args, params, model_name = _load_model(ns, dtype)
+    if args.max_seq_len is not None and max(ns.prompt_len) + max(ns.gen_len) > args.max_seq_len:
+        raise UserInputError(f"prompt + generation length exceeds max_seq_len={args.max_seq_len}")
+    device = jax.devices()[0]
+
+    hf_model = None
+    torch_threads: list[int | None] = [None]  # None: as set (--torch-threads) or torch's own
+    meta: dict[str, Any] = {}
+    if ns.vs_transformers:
+        import torch
+        import transformers
+
+        hf_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        if ns.torch_threads:
+            torch.set_num_threads(ns.torch_threads)
+        elif hf_device == "cpu":  # torch's own count (all cores, as XLA's) and one thread
+            torch_threads = sorted({1, torch.get_num_threads()})
+        hf_model = build_transformers_model(params, args, hf_device)
+        n = min(min(ns.prompt_len), 64)
+        probe = np.random.default_rng(ns.seed).integers(0, args.vocab_size, (1, n))
+        meta.update(torch=torch.__version__, transformers=transformers.__version__,
+                    hf_device=hf_device,
+                    torch_threads=[n or torch.get_num_threads() for n in torch_threads],
+                    hf_logits_rel_err=hf_logits_rel_err(hf_model, params, args, probe))
+
+    results = []
+    for batch in sorted(ns.batch):
+        for prompt_len in ns.prompt_len:
+            for gen_len in ns.gen_len:
+                results.append(bench_config(
+                    params, args, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+                    repeats=ns.repeats, seed=ns.seed, kernels=kernels, hf_model=hf_model,
+                    torch_threads=torch_threads))
+
+    copy_probes.append(measure_copy_bandwidth(copy_bytes))
+    matmul_probes.append(measure_matmul_flops(dtype, matmul_n))
+    copy_bw, matmul = max(copy_probes), max(matmul_probes)
+    hw = Hardware(copy_bw, matmul, *choose_peak(matmul, matmul_n, dtype, device.device_kind,
+                                                ns.peak_tflops))
+    for row in results:
+        row.update(hardware_fractions(row, hw))
+
+    weight_bytes = sum(nbytes(x) for x in jax.tree_util.tree_leaves(params))
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m mistral_jax.bench " + " ".join(ns.argv),
+        "model": model_name, "args": dataclasses.asdict(args),
+        "dtype": jnp.dtype(dtype).name,
+        "n_params": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)),
+        "weight_bytes": weight_bytes,
+        "device": device.device_kind, "platform": device.platform,
+        "n_devices": jax.device_count(), "host": platform.node(), "cpu_count": os.cpu_count(),
+        "jax": jax.__version__, "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "attention": kernels.attention,
+        "qmatmul": kernels.qmatmul,
+        "moe_kernel": moe_kernel_used(args, params, kernels),
+        "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
+        "copy_bandwidth_gbps_probes": [x / 1e9 for x in copy_probes],
+        "matmul_tflops_measured": matmul / 1e12, "matmul_n": matmul_n,
+        "matmul_tflops_probes": [x / 1e12 for x in matmul_probes],
+        "peak_tflops": hw.peak_flops / 1e12, "peak_source": hw.peak_source,
+        "rows_above_peak": sum(bool(r["prefill_above_peak"]) for r in results),
+        "rows_above_bandwidth": sum(bool(r["decode_above_bandwidth"]) for r in results),
+        "compile_cache_dir": str(cache_dir) if cache_dir else None,
+        "compile_cache_min_compile_secs":
+            jax.config.jax_persistent_cache_min_compile_time_secs if cache_dir else None,
+        **meta,
+    }
+    return {"meta": meta, "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: prints the table and one JSON line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parse_args(argv)
+    ns.argv = argv
+    if ns.vs_transformers:  # let torch share the GPU: JAX would otherwise take 75% of it
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        out = run(ns)
+    except MistralJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = out["meta"]
+    print(f"# {m['model']} {m['dtype']} ({m['n_params'] / 1e9:.3f}B params, "
+          f"{m['weight_bytes'] / 1e9:.3f} GB) on {m['device']} x{m['n_devices']}, jax {m['jax']}")
+    print(f"# copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s, MFU against "
+          f"{m['peak_tflops']:.3f} TFLOP/s ({m['peak_source']}); probes before/after the run: "
+          + ", ".join(f"{x:.1f}" for x in m["copy_bandwidth_gbps_probes"]) + " GB/s, "
+          + ", ".join(f"{x:.3f}" for x in m["matmul_tflops_probes"]) + " TFLOP/s; "
+          + ("" if m["load_avg_1m"] is None else f"load average {m['load_avg_1m']:.2f}"))
+    if "hf_logits_rel_err" in m:
+        threads = " or ".join(map(str, m["torch_threads"]))
+        print(f"# transformers {m['transformers']} on {m['hf_device']} ({threads} torch threads"
+              + (", the faster per row" if len(m["torch_threads"]) > 1 else "")
+              + f"): logits rel err {m['hf_logits_rel_err']:.2e}")
+    print(format_table(out["results"]))
+    text = json.dumps(out, default=float)
+    print(text)
+    if ns.json is not None:
+        tmp = ns.json.with_name(ns.json.name + ".tmp")
+        try:
+            ns.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text + "\n")
+            tmp.replace(ns.json)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            print(f"error: --json {ns.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

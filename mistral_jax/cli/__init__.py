@@ -1,0 +1,1 @@
+"""The command-line front ends: sample, chat and demo, and what they share (common.py)."""

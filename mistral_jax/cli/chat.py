@@ -1,0 +1,248 @@
+"""`python -m mistral_jax.chat`: an interactive multi-turn instruct chat, streamed token by token.
+
+    python -m mistral_jax.chat --ckpt DIR --system "Answer in one sentence."
+
+Type a message and press Enter; the answer streams to stdout as it is generated.
+`/reset` starts a new conversation, `/quit` or Ctrl-D leaves, Ctrl-C stops an answer.
+Any other single word starting with '/' is taken for a mistyped command: a notice lists
+the commands and nothing is sent. A line starting with '//' is sent with one '/' less
+(`//etc` sends "/etc"). Each turn re-encodes the whole conversation with the chat
+template (as mistral-chat does); timings and notices go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from mistral_jax.args import ModelArgs
+from mistral_jax.cli import common as cli
+from mistral_jax.errors import MistralJaxError, UserInputError
+from mistral_jax.generate import generate_stream
+from mistral_jax.sampling import SEED_MIN
+from mistral_jax.tokenizer import StreamDecoder, Tokenizer, check_utf8
+from mistral_jax.transformer import Transformer
+
+DEFAULT_MAX_TOKENS = 512
+COMMANDS = ("/reset", "/quit")
+HELP = "/reset starts a new conversation, /quit or Ctrl-D exits, Ctrl-C stops an answer"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m mistral_jax.chat",
+                           description=f"Interactive instruct chat ({HELP}).")
+    cli.add_model_flags(p)
+    p.add_argument("--system", metavar="TEXT", default=None, help="system prompt")
+    cli.add_sampling_flags(
+        p, max_tokens=None, temperature=0.7,
+        max_tokens_help=f"most tokens per answer (default: {DEFAULT_MAX_TOKENS}, or what is "
+        "left of the model's context if that is less)")
+    cli.add_chunk_flag(p)
+    return p
+
+
+def read_message(interactive: bool) -> str | None:
+    """The next user line, or None at end of input (Ctrl-D, or no stdin at all)."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        return None
+    try:
+        if interactive:
+            return input("> ")
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+    except EOFError:
+        return None
+
+
+def keep_bad_bytes() -> None:
+    """Read stdin with 'surrogateescape', so a line that is not UTF-8 arrives as text that
+    `check_utf8` reports (byte and all) instead of a UnicodeDecodeError ending the chat."""
+    try:
+        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass  # no stdin, or not a text file (a test's StringIO): nothing to decode
+
+
+def shortest_turn(tok: Tokenizer, system: str | None) -> int:
+    """Tokens of the shortest possible first turn: the system prompt (if any) and a
+    one-token user message, through the chat template."""
+    with_one = tok.encode_chat([{"role": "user", "content": "a"}], system=system)
+    return len(with_one) - len(tok.encode("a", bos=False)) + 1
+
+
+def check_room(tok: Tokenizer, ns: argparse.Namespace, args: ModelArgs) -> None:
+    """Refuse at startup a --system / --max-tokens that leaves no room for any message."""
+    if args.max_seq_len is None:
+        return
+    shortest = shortest_turn(tok, ns.system)
+    what = "with the --system prompt, " if ns.system is not None else ""
+    if shortest >= args.max_seq_len:
+        raise UserInputError(
+            f"a one-token message is {shortest} tokens {what}through the chat template: it "
+            f"leaves no room for an answer in the model's context of {args.max_seq_len}: "
+            "shorten --system")
+    if ns.max_tokens is not None and shortest + ns.max_tokens > args.max_seq_len:
+        raise UserInputError(
+            f"--max-tokens {ns.max_tokens} leaves no room for a message in the model's "
+            f"context of {args.max_seq_len} (a one-token message is {shortest} tokens "
+            f"{what}through the chat template): use at most {args.max_seq_len - shortest}")
+
+
+def parse_line(text: str) -> tuple[str, str]:
+    """What a user line asks: ("skip", ""), ("command", "/reset"), ("unknown", word) for a
+    single word starting with '/' that is no command, or ("send", text) ('//...' sends the
+    line with its first '/' removed)."""
+    stripped = text.strip()
+    if not stripped:
+        return "skip", ""
+    if stripped.startswith("//"):
+        return "send", text.replace("/", "", 1)
+    if stripped in COMMANDS:
+        return "command", stripped
+    if stripped.startswith("/") and len(stripped.split()) == 1:
+        return "unknown", stripped
+    return "send", text
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """--seed + turn, wrapped into [-2**63, 2**63) (so --seed 2**63-1 works past turn 0)."""
+    return (seed + turn - SEED_MIN) % 2**64 + SEED_MIN
+
+
+def answer_budget(prompt: list[int], ns: argparse.Namespace, args: ModelArgs) -> int:
+    """--max-tokens, checked against the context; by default whatever fits, up to 512."""
+    if ns.max_tokens is not None:
+        cli.check_lengths([prompt], ns.max_tokens, args, ["the conversation"])
+        return ns.max_tokens
+    if args.max_seq_len is None:
+        return DEFAULT_MAX_TOKENS
+    if len(prompt) >= args.max_seq_len:
+        raise UserInputError(f"the conversation is {len(prompt)} tokens and fills the model's "
+                             f"context of {args.max_seq_len}")
+    return min(DEFAULT_MAX_TOKENS, args.max_seq_len - len(prompt))
+
+
+def answer(model: Transformer, tok: Tokenizer, prompt: list[int], max_tokens: int,
+           ns: argparse.Namespace, turn: int) -> str:
+    """Stream the answer of turn 0, 1, ... to stdout; returns its text (cut short by Ctrl-C).
+
+    Turn n samples with seed `--seed + n`, so asking again after /reset gives a new draw.
+    An answer that stops because it filled the model's context (no eos) says so on stderr.
+    """
+    stream = StreamDecoder(tok)
+    ids: list[int] = []
+    sampling = {**cli.sampling_kwargs(ns), "max_tokens": max_tokens,
+                "seed": turn_seed(ns.seed, turn)}
+    chunk_size = cli.chunk_size_for(ns, model.args, [prompt])
+    with cli.CompileTimer() as compile_timer:
+        start = time.perf_counter()
+        first = None
+        try:
+            for token in generate_stream(prompt, model, eos_id=tok.eos_id,
+                                         chunk_size=chunk_size,
+                                         vocab_limit=cli.decodable_ids(tok, model.args),
+                                         **sampling):
+                if first is None:
+                    first = time.perf_counter() - start - compile_timer.seconds
+                ids.append(token)
+                sys.stdout.write(stream.push(token))
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(stream.flush() + "\n")
+            cli.log("(answer stopped)")
+            return tok.decode(ids)
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        total = time.perf_counter() - start - compile_timer.seconds
+    if turn == 0 or compile_timer.seconds > 0:
+        cli.log(f"compiled in {compile_timer.seconds:.2f} s")
+    stats = cli.GenStats(n_tokens=len(ids), first_token_s=first or 0.0, total_s=total,
+                         compile_s=compile_timer.seconds)
+    cli.log(f"[{stats.summary()}]")
+    context = model.args.max_seq_len
+    if context is not None and len(ids) == max_tokens and len(prompt) + len(ids) >= context:
+        cli.log(f"(answer cut at the model's context of {context} tokens; /reset starts a "
+                "new conversation)")
+    return tok.decode(ids)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    ns = build_parser().parse_args(argv)
+    cli.check_sampling(ns)
+    if ns.system is not None:
+        cli.check_text(ns.system, "--system")
+    folder, args, tok = cli.prepare(ns)
+    check_room(tok, ns, args)
+    model = cli.load_model(ns, folder)
+
+    keep_bad_bytes()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    cli.log(f"chat with {folder} ({HELP})")
+    messages: list[dict[str, Any]] = []
+    n_answers = 0
+    while True:
+        try:
+            text = read_message(interactive)
+        except KeyboardInterrupt:
+            text = None
+        if text is None:  # Ctrl-D / end of input
+            if interactive:
+                print()
+            return 0
+        kind, text = parse_line(text)
+        if kind == "skip":
+            continue
+        if kind == "unknown":
+            cli.log(f"{text}: not a command, not sent; commands: {', '.join(COMMANDS)} (to "
+                    "send a line starting with '/', begin it with '//')")
+            continue
+        if kind == "command" and text == "/quit":
+            return 0
+        if kind == "command" and text == "/reset":
+            messages = []
+            cli.log("(new conversation)")
+            continue
+        try:
+            check_utf8(text, "the message")
+        except UserInputError as e:  # this line only: the chat goes on
+            cli.log(f"error: {e}")
+            continue
+        turn = [*messages, {"role": "user", "content": text}]
+        try:
+            prompt = tok.encode_chat(turn, system=ns.system)
+            max_tokens = answer_budget(prompt, ns, args)
+        except MistralJaxError as e:  # this turn only: the chat goes on
+            cli.log(f"error: {' '.join(str(e).split())} (/reset starts a new conversation)")
+            continue
+        try:
+            reply = answer(model, tok, prompt, max_tokens, ns, n_answers)
+        except jax.errors.JaxRuntimeError as e:  # out of memory: this turn only
+            message = cli.out_of_memory(e)
+            if message is None:
+                raise
+            cli.log(f"error: {message} (/reset starts a new conversation)")
+            continue
+        n_answers += 1
+        messages = turn
+        if reply:  # mistral-common rejects an empty assistant message
+            messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m mistral_jax.chat` / `mistral-jax-chat`; returns the exit status."""
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

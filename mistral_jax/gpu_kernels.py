@@ -1,0 +1,212 @@
+"""Pallas GPU kernels (Triton) for the decode step's memory-bound matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Triton: 4 warps, 2 pipeline stages for the in-kernel loops over the reduced dim.
+NUM_WARPS, NUM_STAGES = 4, 2
+
+
+MIN_PROGRAMS = 256  # aim for about two programs per SM on an H100 (132 SMs)
+
+
+def _pallas_call(kernel, **kwargs):
+    """`pl.pallas_call` lowered through Triton on GPUs (see the module docstring)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.triton as pltriton
+
+    params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return pl.pallas_call(kernel, compiler_params=params, **kwargs)
+
+
+def _block(size: int, largest: int) -> int:
+    """The largest power of two <= `largest` that divides `size` (Triton loads need powers
+    of two)."""
+    b = largest
+    while size % b:
+        b //= 2
+    return b
+
+
+def _split(blocks: int, programs: int) -> int:
+    """How many ways to split a reduction of `blocks` blocks so that `programs` * split
+    reaches MIN_PROGRAMS (a power of two dividing `blocks`, at most 16)."""
+    split = 1
+    while programs * split < MIN_PROGRAMS and blocks % (2 * split) == 0 and split < 16:
+        split *= 2
+    return split
+
+
+def _qmatmul_kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, steps: int):
+    import jax.experimental.pallas as pl
+
+    rows, block_n = o_ref.shape[1], o_ref.shape[2]
+    base = pl.program_id(1) * steps * block_k
+
+    def body(i, acc):
+        k = pl.ds(base + i * block_k, block_k)
+        x = x_ref[:, k]
+        return acc + jnp.dot(x, q_ref[k, :].astype(x.dtype), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, block_n), jnp.float32))
+    o_ref[0] = acc * s_ref[...].astype(jnp.float32)[None, :]
+
+
+def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, block_n: int | None = None,
+                   block_k: int | None = None, split_k: int | None = None,
+                   interpret: bool = False) -> jax.Array:
+    """(x @ q.astype(x.dtype)) * scale in one pass over q. x [M, K], q int8/fp8 [K, N],
+    scale [N] -> [M, N] in x.dtype.
+
+    Each program reads a [K / split_k, block_n] slab of q once, converting it in
+    registers, and accumulates in float32; split_k partial sums are added afterwards.
+    Rows are padded to 16 (the smallest dot Triton emits).
+    """
+    import jax.experimental.pallas as pl
+
+    m, k = x.shape
+    n = q.shape[1]
+    block_n = block_n or _block(n, 32)
+    block_k = block_k or _block(k, 256)
+    if split_k is None:
+        split_k = _split(k // block_k, n // block_n)
+    if n % block_n or k % (block_k * split_k):
+        raise ValueError(f"qmatmul_pallas: K={k}, N={n} do not divide into blocks "
+                         f"{block_k}x{split_k}, {block_n}")
+    rows = max(16, -(-m // 16) * 16)
+    xp = jnp.pad(x, ((0, rows - m), (0, 0)))
+    out = _pallas_call(
+        functools.partial(_qmatmul_kernel, block_k=block_k, steps=k // (block_k * split_k)),
+        grid=(n // block_n, split_k),
+        in_specs=[pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
+                  pl.BlockSpec((k, block_n), lambda j, s: (0, j)),
+                  pl.BlockSpec((block_n,), lambda j, s: (j,))],
+        out_specs=pl.BlockSpec((1, rows, block_n), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((split_k, rows, n), jnp.float32),
+        interpret=interpret,
+    )(xp, q, scale)
+    return out.sum(0)[:m].astype(x.dtype)
+
+
+def _matvec_step(v: jax.Array, w: jax.Array) -> jax.Array:
+    """v [b_in] (float32) @ w [b_in, b_out] -> [b_out] float32, as multiply + reduce: one
+    row of activations needs no tensor-core dot (and Triton's dot needs >= 16 rows)."""
+    return jnp.sum(v[:, None] * w.astype(jnp.float32), axis=0)
+
+
+def _moe_up_kernel(idx_ref, x_ref, w1_ref, w3_ref, *rest, block_d: int, steps: int,
+                   scaled: bool):
+    """Program (a, j): h[a, F-block j] = silu(x[a] @ w1[e]) * (x[a] @ w3[e]), e = idx[a]."""
+    import jax.experimental.pallas as pl
+
+    s1_ref, s3_ref, h_ref = rest if scaled else (None, None, *rest)
+    a, j = pl.program_id(0), pl.program_id(1)
+    e = idx_ref[a]
+    block_f = h_ref.shape[-1]
+    f = pl.ds(j * block_f, block_f)
+
+    def body(i, acc):
+        d = pl.ds(i * block_d, block_d)
+        v = x_ref[a, d].astype(jnp.float32)
+        return acc[0] + _matvec_step(v, w1_ref[e, d, f]), acc[1] + _matvec_step(v, w3_ref[e, d, f])
+
+    zero = jnp.zeros((block_f,), jnp.float32)
+    g, u = jax.lax.fori_loop(0, steps, body, (zero, zero))
+    if scaled:
+        g = g * s1_ref[e, f].astype(jnp.float32)
+        u = u * s3_ref[e, f].astype(jnp.float32)
+    h_ref[0, :] = (jax.nn.silu(g) * u).astype(h_ref.dtype)
+
+
+def _moe_down_kernel(idx_ref, h_ref, w2_ref, *rest, block_f: int, steps: int, scaled: bool):
+    """Program (a, j, s): y[s, a, D-block j] = h[a, F-part s] @ w2[e][F-part s, D-block j]."""
+    import jax.experimental.pallas as pl
+
+    s2_ref, y_ref = rest if scaled else (None, *rest)
+    a, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = idx_ref[a]
+    block_d = y_ref.shape[-1]
+    d = pl.ds(j * block_d, block_d)
+    base = s * steps * block_f
+
+    def body(i, acc):
+        f = pl.ds(base + i * block_f, block_f)
+        return acc + _matvec_step(h_ref[a, f].astype(jnp.float32), w2_ref[e, f, d])
+
+    y = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_d,), jnp.float32))
+    if scaled:
+        y = y * s2_ref[e, d].astype(jnp.float32)
+    y_ref[0, 0, :] = y
+
+
+def moe_decode_pallas(x: jax.Array, experts: jax.Array, w1, w2, w3, *,
+                      block_f: int | None = None, block_d: int | None = None,
+                      block_out: int | None = None, block_in: int | None = None,
+                      interpret: bool = False) -> jax.Array:
+    """One MoE layer for few tokens, reading only the selected experts' weights, in place.
+
+    x [N, D], experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, k, D] in x.dtype: each
+    (token, slot)'s expert output, for the caller to mix (`moe_experts.mix_slots`).
+    Each w may also be a pair (kernel int8/fp8, scale f32 [E, out]): the kernel tile is
+    converted in registers and the output scaled per channel. Two kernels: the gate/up
+    products and SwiGLU for each assignment's F-blocks (h [A, F] in x.dtype, as the XLA
+    path rounds it), then the down product split over F (partial sums added here).
+    Accumulates in float32. Blocks
+    (powers of two dividing their dim; None: the defaults below): gate/up reads
+    [block_d, block_f] tiles, down reads [block_in, block_out] tiles.
+    """
+    import jax.experimental.pallas as pl
+
+    def parts(w):
+        return (w[0], w[1]) if isinstance(w, tuple) else (w, None)
+
+    (k1, s1), (k2, s2), (k3, s3) = parts(w1), parts(w2), parts(w3)
+    scaled = s1 is not None
+    if (s2 is not None) != scaled or (s3 is not None) != scaled:
+        raise ValueError("moe_decode_pallas: w1, w2 and w3 must all be quantized or none")
+    n, k = experts.shape
+    _, d, f = k1.shape
+    a = n * k
+    idx = experts.reshape(a).astype(jnp.int32)
+    xa = jnp.repeat(x, k, axis=0)  # [A, D]: the token row of each assignment
+    whole = pl.no_block_spec  # the kernels index the whole arrays themselves
+
+    block_f = block_f or _block(f, 64)
+    block_d = block_d or _block(d, 64)
+    block_out = block_out or _block(d, 128)
+    block_in = block_in or _block(f, 64)
+    for name, b, size in (("block_f", block_f, f), ("block_d", block_d, d),
+                          ("block_out", block_out, d), ("block_in", block_in, f)):
+        if size % b or b & (b - 1):
+            raise ValueError(f"moe_decode_pallas: {name}={b} must be a power of two dividing {size}")
+
+    # Gate/up: A x F/block_f programs, each reading [D, block_f] of w1[e] and of w3[e].
+    up_in = [idx, xa, k1, k3] + ([s1, s3] if scaled else [])
+    h = _pallas_call(
+        functools.partial(_moe_up_kernel, block_d=block_d, steps=d // block_d, scaled=scaled),
+        grid=(a, f // block_f),
+        in_specs=[whole] * len(up_in),
+        out_specs=pl.BlockSpec((1, block_f), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((a, f), x.dtype),
+        interpret=interpret,
+    )(*up_in)
+
+    # Down: A x D/block_out x split programs, each reading [F / split, block_out] of w2[e].
+    split = _split(f // block_in, a * (d // block_out))
+    down_in = [idx, h, k2] + ([s2] if scaled else [])
+    y = _pallas_call(
+        functools.partial(_moe_down_kernel, block_f=block_in, steps=f // (block_in * split),
+                          scaled=scaled),
+        grid=(a, d // block_out, split),
+        in_specs=[whole] * len(down_in),
+        out_specs=pl.BlockSpec((1, 1, block_out), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((split, a, d), jnp.float32),
+        interpret=interpret,
+    )(*down_in)
+
+    return y.sum(0).astype(x.dtype).reshape(n, k, d)
