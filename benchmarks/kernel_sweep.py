@@ -26,11 +26,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
 
-from mistral_jax.args import MoeArgs  # noqa: E402
-from mistral_jax.bench import expected_expert_fraction  # noqa: E402
-from mistral_jax.kernels import moe_decode_pallas, qmatmul_pallas  # noqa: E402
-from mistral_jax.moe import moe_dense, moe_gather, route  # noqa: E402
-from mistral_jax.quant import MODES, param_bytes, quantize_array  # noqa: E402
+from mistral_jax.args import MoeArgs
+from mistral_jax.bench.costs import expected_expert_fraction
+from mistral_jax.gpu_kernels import moe_decode_pallas, qmatmul_pallas
+from mistral_jax.moe import route
+from mistral_jax.moe_experts import moe_dense, moe_gather
+from mistral_jax.quantize import MODES, param_bytes, quantize_array
 
 
 def time_call(fn, x, weights: tuple, inner: int, repeats: int) -> float:

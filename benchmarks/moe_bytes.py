@@ -28,18 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
 
-from mistral_jax.args import MoeArgs  # noqa: E402
-from mistral_jax.bench import expected_expert_fraction  # noqa: E402
-from mistral_jax.moe import (  # noqa: E402
-    ExpertWeight,
-    grouped_block_size,
-    moe_dense,
-    moe_gather,
-    moe_grouped,
-    moe_pallas,
-    moe_tiled,
-)
-from mistral_jax.quant import quantize_array, resolve_mode  # noqa: E402
+from mistral_jax.args import MoeArgs
+from mistral_jax.bench.costs import expected_expert_fraction
+from mistral_jax.moe_experts import ExpertWeight, moe_dense, moe_gather
+from mistral_jax.moe_paths import grouped_block_size, moe_grouped, moe_pallas, moe_tiled
+from mistral_jax.quantize import quantize_array, resolve_mode
 
 SHAPES = {  # dim, hidden_dim, num_experts, num_experts_per_tok
     "8x7b": (4096, 14336, 8, 2),

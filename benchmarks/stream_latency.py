@@ -20,8 +20,8 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mistral_jax
 
-from mistral_jax.generate import generate_stream  # noqa: E402
-from mistral_jax.transformer import Transformer  # noqa: E402
+from mistral_jax.generate import generate_stream
+from mistral_jax.transformer import Transformer
 
 DEMO = Path(__file__).resolve().parents[1] / "mistral_jax" / "demo_model"
 

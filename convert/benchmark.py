@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               f"conversion itself added {rss - base:.0f} MB (largest tensor {largest / 1e6:.0f} MB)")
         import jax
 
-        from mistral_jax.convert import restore_params
+        from mistral_jax.orbax_restore import restore_params
 
         start = time.perf_counter()
         params = restore_params(work / "dst", args, None)

@@ -40,8 +40,8 @@ import optax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mistral_jax.args import ModelArgs, args_to_params_json  # noqa: E402
-from mistral_jax.model import causal_positions, forward, init_params  # noqa: E402
+from mistral_jax.args import ModelArgs, args_to_params_json
+from mistral_jax.model import causal_positions, forward, init_params
 
 DEMO_ARGS = ModelArgs(
     dim=64, n_layers=8, head_dim=16, hidden_dim=192, n_heads=4, n_kv_heads=2, norm_eps=1e-5,

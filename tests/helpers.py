@@ -107,7 +107,7 @@ def write_mistral_folder(folder: Path, args: ModelArgs, state: dict[str, np.ndar
 
 def hf_config(args: ModelArgs) -> dict:
     """A MistralForCausalLM / MixtralForCausalLM config.json for args, float32."""
-    from mistral_jax.bench import hf_config_dict
+    from mistral_jax.bench.vs_transformers import hf_config_dict
 
     return hf_config_dict(args, "float32")
 

@@ -62,7 +62,6 @@ def leaf_report(model) -> dict:
     """Per leaf: total bytes, the bytes of each addressable shard, and the per-device total."""
     import jax
 
-    from mistral_jax.sharding import bytes_per_device
 
     leaves = {}
     for path, x in jax.tree_util.tree_flatten_with_path(model.params)[0]:
@@ -78,7 +77,8 @@ def decode_collectives(model, batch_size: int = 4) -> list[list]:
     """[op, element count] of each collective in the compiled decode step (one token per row)."""
     import re
 
-    from mistral_jax.sharding import shard_batch, use_mesh
+    from mistral_jax.mesh import shard_batch
+    from mistral_jax.partitioning import use_mesh
     from mistral_jax.transformer import jit_forward
 
     cache = model.init_cache(batch_size, 16)
@@ -96,7 +96,7 @@ def meshes(out: Path) -> None:
     import jax
     from helpers import random_mistral_state, write_mistral_folder
 
-    from mistral_jax.sharding import make_mesh, parse_mesh_spec
+    from mistral_jax.mesh import make_mesh, parse_mesh_spec
     from mistral_jax.transformer import Transformer
 
     assert jax.device_count() == 8, jax.devices()
@@ -185,3 +185,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def bytes_per_device(tree) -> dict:
+    """How many bytes of `tree`'s arrays each (addressable) device holds."""
+    import jax
+
+    out: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out

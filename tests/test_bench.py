@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax import bench
+from mistral_jax.bench import costs, probes
+from mistral_jax.bench import run as bench
 from mistral_jax.cache import init_cache
+from mistral_jax.errors import UserInputError
+from mistral_jax.kernels import Kernels, kernels_from_env
 from mistral_jax.layers import (
-    ATTENTION_ENV,
     attend,
     attention_implementation,
     attention_mask,
@@ -76,7 +78,6 @@ def test_plain_causal_detects_masks_the_fused_kernel_cannot_express():
 
 
 def test_attention_implementation_is_chosen_statically(monkeypatch):
-    monkeypatch.delenv(ATTENTION_ENV, raising=False)
     assert attention_implementation(jnp.bfloat16, 128, 128) is None  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention_implementation(jnp.bfloat16, 128, 128) == "cudnn"
@@ -84,20 +85,19 @@ def test_attention_implementation_is_chosen_statically(monkeypatch):
     assert attention_implementation(jnp.bfloat16, 1, 128) is None  # decode stays on XLA
     assert attention_implementation(jnp.float32, 128, 128) is None  # cuDNN takes half only
     assert attention_implementation(jnp.bfloat16, 128, 12) is None  # head_dim % 8
-    monkeypatch.setenv(ATTENTION_ENV, "reference")
-    assert attention_implementation(jnp.bfloat16, 128, 128) is None
-    monkeypatch.setenv(ATTENTION_ENV, "xla")
-    assert attention_implementation(jnp.float32, 128, 128) == "xla"
-    assert attention_implementation(jnp.float32, 1, 128) is None
-    monkeypatch.setenv(ATTENTION_ENV, "flash")
-    with pytest.raises(ValueError, match=ATTENTION_ENV):
-        attention_implementation(jnp.float32, 128, 128)
+    assert attention_implementation(jnp.bfloat16, 128, 128, "reference") is None
+    assert attention_implementation(jnp.float32, 128, 128, "xla") == "xla"
+    assert attention_implementation(jnp.float32, 1, 128, "xla") is None
+    with pytest.raises(UserInputError, match="attention='flash'"):
+        Kernels(attention="flash")
+    with pytest.raises(UserInputError, match="MISTRAL_JAX_ATTENTION"):
+        kernels_from_env({"MISTRAL_JAX_ATTENTION": "flash"})
+    assert kernels_from_env({"MISTRAL_JAX_ATTENTION": "XLA"}) == Kernels(attention="xla")
 
 
 def _logits(monkeypatch, choice, args, params, tokens, positions, cache):
-    monkeypatch.setenv(ATTENTION_ENV, choice)
-    # a fresh jit per choice: the environment is read when tracing
-    fn = jax.jit(lambda p, t, q, c: forward(p, t, q, c, args=args))
+    kernels = Kernels(attention=choice)  # static: one trace per choice, in one process
+    fn = jax.jit(lambda p, t, q, c: forward(p, t, q, c, args=args, kernels=kernels))
     return fn(params, tokens, positions, cache)
 
 
@@ -138,14 +138,14 @@ def test_forward_lowers_for_cuda_with_cudnn_prefill_attention(monkeypatch, windo
         pytest.skip("this JAX probes cuDNN differently")
     monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
-    monkeypatch.setenv(ATTENTION_ENV, "cudnn")
     # 7B head geometry (32 query heads over 8 KV heads of 128), two thin layers.
     args = tiny_args(dim=256, n_layers=2, head_dim=128, n_heads=32, n_kv_heads=8,
                      hidden_dim=512, vocab_size=256, sliding_window=window)
     s = jax.ShapeDtypeStruct
     params = abstract_params(args, jnp.bfloat16)
     cache = jax.eval_shape(lambda: init_cache(args, 1, t, dtype=jnp.bfloat16))
-    fn = jax.jit(functools.partial(forward, args=args, fresh_prefill=fresh))
+    fn = jax.jit(functools.partial(forward, args=args, fresh_prefill=fresh,
+                                   kernels=Kernels(attention="cudnn")))
     target = "__cudnn$fmhaSoftmax"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to XLA's attention
@@ -173,14 +173,6 @@ def test_decode_attending_in_place_equals_full_forward_across_window_wrap():
         logits, cache = fwd(params, tokens[:, i:i + 1], jnp.full((2, 1), i, jnp.int32), cache)
         steps.append(logits[:, 0])
     assert rel_err(jnp.stack(steps, axis=1), full) <= 1e-5
-    # the benchmark's fused greedy step reproduces the argmax of the full forward
-    step = jax.jit(functools.partial(bench.decode_step, args=args), donate_argnums=(3,))
-    cache = init_cache(args, 2, 10, jnp.float32)
-    for i in range(5):
-        _, cache = fwd(params, tokens[:, i:i + 1], jnp.full((2, 1), i, jnp.int32), cache)
-    token, position, cache = step(params, tokens[:, 5], jnp.full((2,), 5, jnp.int32), cache)
-    np.testing.assert_array_equal(np.asarray(token), np.asarray(jnp.argmax(full[:, 5], -1)))
-    assert np.asarray(position).tolist() == [6, 6]
 
 
 def test_prefill_flops_and_decode_bytes_follow_the_shapes():
@@ -199,8 +191,8 @@ def test_prefill_flops_and_decode_bytes_follow_the_shapes():
     assert moved["kv"] == args.n_layers * (2 * b * 16 * args.n_kv_heads * args.head_dim * 4
                                            + b * 16 * 4)
     moe = tiny_moe_args()
-    assert bench.expected_expert_fraction(moe.moe, 1) == pytest.approx(0.5)
-    assert bench.expected_expert_fraction(moe.moe, 64) == pytest.approx(1.0)
+    assert costs.expected_expert_fraction(moe.moe, 1) == pytest.approx(0.5)
+    assert costs.expected_expert_fraction(moe.moe, 64) == pytest.approx(1.0)
     few = bench.decode_bytes(moe, abstract_params(moe), 1, 16, jnp.float32)["weights"]
     many = bench.decode_bytes(moe, abstract_params(moe), 64, 16, jnp.float32)["weights"]
     assert few < many
@@ -273,7 +265,7 @@ def test_best_seconds_takes_the_fastest_call(monkeypatch):
     """The probes report the best call, not the median: a busy machine only adds time."""
     clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # calls of 3 s, 1 s, 2 s
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    assert bench._best_seconds(lambda: None, 3) == 1.0
+    assert probes._best_seconds(lambda: None, 3) == 1.0
 
 
 def _row(**over):
@@ -361,7 +353,7 @@ def test_mfu_peak_is_the_stated_one_where_there_is_one():
     assert peak == 989.4e12 and source.startswith("datasheet")
     for kind, flops in (("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835e12),
                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12)):
-        assert bench.stated_peak_flops(kind, jnp.bfloat16) == flops, kind
+        assert probes.stated_peak_flops(kind, jnp.bfloat16) == flops, kind
     assert bench.choose_peak(1e12, 64, jnp.float32, "cpu", None) == (
         1e12, "measured 64^3 float32 matmul")
 
@@ -456,7 +448,7 @@ def test_bench_layers_flag_runs_the_preset_shapes_with_fewer_layers(tmp_path, ca
 def test_bench_runs_the_pallas_kernels_when_asked_and_records_the_choice(tmp_path, capsys,
                                                                         monkeypatch):
     """--qmatmul / --moe-kernel (here the interpreted kernels on tiny-moe int8) reach the
-    decode step, are recorded in the JSON, and leave the environment as it was."""
+    decode step as a Kernels value, are recorded in the JSON, and touch no environment."""
     monkeypatch.delenv("MISTRAL_JAX_MOE_KERNEL", raising=False)
     monkeypatch.setenv("MISTRAL_JAX_QMATMUL", "xla")
     out = tmp_path / "kernels.json"
@@ -495,7 +487,6 @@ def test_cudnn_prefill_matches_reference_on_gpu(monkeypatch):
     params = init_params(args, 0, jnp.bfloat16)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 0, args.vocab_size)
     positions = causal_positions(tokens)
-    monkeypatch.delenv(ATTENTION_ENV, raising=False)
     assert attention_implementation(jnp.bfloat16, 128, args.head_dim) == "cudnn"
     hlo = jax.jit(lambda p, t, q: forward(p, t, q, None, args=args)).lower(
         params, tokens, positions).as_text()

@@ -27,10 +27,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mistral_jax import chat, cli, demo, sample
+from mistral_jax.cli import chat, demo, sample
+from mistral_jax.cli import common as cli
+from mistral_jax.dtypes import auto_dtype, resolve_dtype
 from mistral_jax.generate import generate
 from mistral_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
-from mistral_jax.transformer import Transformer, auto_dtype, resolve_dtype
+from mistral_jax.transformer import Transformer
 from tests.helpers import (
     random_mistral_state,
     tiny_args,
@@ -511,7 +513,7 @@ def test_sample_lora_flag_loads_the_adapter(random_folders, tok, capsys, monkeyp
 
 def test_lora_help_says_when_the_adapter_stays_unmerged_and_loading_does_so(random_folders,
                                                                            tmp_path):
-    from mistral_jax.checkpoint import flatten
+    from mistral_jax.tree import flatten
 
     for module in (sample, chat):
         text = " ".join(module.build_parser().format_help().split())
@@ -564,7 +566,7 @@ def test_default_dtype_is_float32_on_the_cpu_and_bfloat16_on_accelerators(random
 
 def test_weight_format_of_quantized_params():
     from mistral_jax.model import init_params
-    from mistral_jax.quant import quantize_params
+    from mistral_jax.quantize import quantize_params
 
     args = tiny_args(n_layers=1, vocab_size=64)
     params = init_params(args, 0, np.float32)

@@ -33,12 +33,16 @@ from helpers import (
 )
 
 import mistral_jax.convert as convert_mod
+import mistral_jax.orbax_restore as restore_mod
+import mistral_jax.orbax_write as write_mod
 from convert.benchmark import convert_in_child, synthetic_args, write_synthetic
 from convert.safetensors_to_orbax import main
-from mistral_jax import CheckpointError, MistralJaxError, ModelArgs, Transformer
-from mistral_jax.args import args_from_params_json
-from mistral_jax.convert import MANIFEST, convert, is_converted, read_manifest, restore_params
+from mistral_jax.args import ModelArgs, args_from_params_json
+from mistral_jax.convert import convert
+from mistral_jax.errors import CheckpointError, MistralJaxError
 from mistral_jax.model import abstract_params
+from mistral_jax.orbax_restore import MANIFEST, is_converted, read_manifest, restore_params
+from mistral_jax.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = np.array([[1, 7, 42, 300, 5, 11, 2]])
@@ -163,8 +167,10 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     import mistral_jax.convert as convert_mod
+import mistral_jax.orbax_restore as restore_mod
+import mistral_jax.orbax_write as write_mod
     from mistral_jax.args import load_args
-    from mistral_jax.checkpoint import load_params
+    from mistral_jax.load import load_params
     from mistral_jax.model import logical_axes
 
     src, dst = sys.argv[1], sys.argv[2]
@@ -184,10 +190,10 @@ MESH_SCRIPT = textwrap.dedent("""
             reads.append((self.name, int(np.prod(self.store[idx].shape)), int(np.prod(self.shape))))
             return self.store[idx]
 
-    open_array = convert_mod.open_array
-    convert_mod.open_array = lambda folder, path, ctx: Recording(open_array(folder, path, ctx),
+    open_array = restore_mod.open_array
+    restore_mod.open_array = lambda folder, path, ctx: Recording(open_array(folder, path, ctx),
                                                                   ".".join(path))
-    params = convert_mod.restore_params(dst, args, "float32", shardings)
+    params = restore_mod.restore_params(dst, args, "float32", shardings)
     ref = load_params(src, args, layout, np.float32)
     flat_p = jax.tree_util.tree_leaves_with_path(params)
     flat_s = jax.tree.leaves(shardings)
@@ -223,7 +229,7 @@ def test_restore_onto_a_mesh_reads_only_each_devices_shard(sources, tmp_path):
 
 def test_verify_rejects_a_written_tensor_that_differs_from_the_source(sources, tmp_path,
                                                                        monkeypatch):
-    copy = convert_mod._copy
+    copy = write_mod._copy
     calls = []
 
     def corrupt_fifth_block(value, dtype, pool):
@@ -233,7 +239,7 @@ def test_verify_rejects_a_written_tensor_that_differs_from_the_source(sources, t
             out.reshape(-1)[0] += 1
         return out
 
-    monkeypatch.setattr(convert_mod, "_copy", corrupt_fifth_block)
+    monkeypatch.setattr(write_mod, "_copy", corrupt_fifth_block)
     dst = tmp_path / "out"
     with pytest.raises(CheckpointError, match="verification failed"):
         convert(sources["dense", "hf"], dst, dtype="float32", verify=True)
@@ -337,7 +343,7 @@ def signal_in_gc_callback():
 
 def _signal_on_third_copy(send):
     """A stand-in for convert._copy that calls `send()` as the third tensor is copied."""
-    copy, calls = convert_mod._copy, []
+    copy, calls = write_mod._copy, []
 
     def copy_then_signal(value, dtype, pool):
         calls.append(1)
@@ -354,20 +360,19 @@ def test_a_signal_dropped_in_a_gc_callback_still_stops_the_conversion(
         sources, tmp_path, monkeypatch, capsys, signal_in_gc_callback, signum, status, phase):
     """The signal is recorded and acted on at the next tensor / chunk: exit 130 (SIGINT) or
     143 (SIGTERM), no destination, no partial folder (it used to run to the end, exit 0)."""
-    import mistral_jax.model
 
     if phase == "writing":
-        monkeypatch.setattr(convert_mod, "_copy",
+        monkeypatch.setattr(write_mod, "_copy",
                             _signal_on_third_copy(lambda: signal_in_gc_callback(signum)))
     else:
-        abstract = mistral_jax.model.abstract_params
+        abstract = convert_mod.abstract_params
 
         def abstract_then_signal(*a, **k):
             out = abstract(*a, **k)
             signal_in_gc_callback(signum)
             return out
 
-        monkeypatch.setattr(mistral_jax.model, "abstract_params", abstract_then_signal)
+        monkeypatch.setattr(convert_mod, "abstract_params", abstract_then_signal)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     dst = tmp_path / "out"
     assert main([str(sources["dense", "mistral"]), str(dst), "--quiet"]) == status
@@ -411,7 +416,7 @@ def test_a_second_signal_does_not_cut_the_clean_up_short(sources, tmp_path, monk
             removed.append(path)
         return rmtree(path, *a, **k)
 
-    monkeypatch.setattr(convert_mod, "_copy",
+    monkeypatch.setattr(write_mod, "_copy",
                         _signal_on_third_copy(lambda: signal.raise_signal(signal.SIGINT)))
     monkeypatch.setattr(convert_mod.shutil, "rmtree", signal_then_rmtree)
     dst = tmp_path / "out"
@@ -547,9 +552,9 @@ class _Failed:
 
 
 def test_disk_full_mid_conversion_leaves_nothing(sources, tmp_path, monkeypatch):
-    create = convert_mod._create_array
+    create = write_mod._create_array
     budget = [200_000]
-    monkeypatch.setattr(convert_mod, "_create_array",
+    monkeypatch.setattr(write_mod, "_create_array",
                         lambda *a, **k: _FullDisk(create(*a, **k), budget))
     dst = tmp_path / "out"
     with pytest.raises(CheckpointError, match="No space left on device"):
@@ -619,7 +624,7 @@ def test_all_zero_tensors_keep_their_chunk_files_and_round_trip(tmp_path):
         convert(src, dst, dtype="bfloat16", quantize=quantize)
         for name, leaf in read_manifest(dst)["leaves"].items():
             files = {p.name for p in (dst / "params" / name).iterdir()}
-            assert set(convert_mod._chunk_keys(leaf["shape"], leaf["chunks"])) <= files, name
+            assert set(restore_mod._chunk_keys(leaf["shape"], leaf["chunks"])) <= files, name
         direct = Transformer.from_folder(src, dtype="bfloat16", quantize=quantize)
         converted = Transformer.from_folder(dst, dtype="bfloat16")
         assert not np.asarray(converted.params["norm"]["weight"], np.float32).any()
@@ -691,5 +696,5 @@ def test_peak_memory_stays_far_below_the_checkpoint_size(big_source, sources, tm
     growth = (rss - base_rss) * 2**20
     print(f"\n{size / 1e9:.2f} GB, {n} tensors (largest {largest / 1e6:.0f} MB): peak RSS "
           f"{rss:.0f} MB vs {base_rss:.0f} MB for a tiny model; {out.strip()}")
-    assert growth <= 2 * largest + 2 * convert_mod.WRITE_WINDOW + (64 << 20), (rss, base_rss)
+    assert growth <= 2 * largest + 2 * write_mod.WRITE_WINDOW + (64 << 20), (rss, base_rss)
     assert growth < size / 3

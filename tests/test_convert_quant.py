@@ -25,15 +25,11 @@ from test_lora import random_adapter, write_adapter
 from test_quant import write_compressed_tensors
 
 from convert.safetensors_to_orbax import main
-from mistral_jax import Transformer, UserInputError
-from mistral_jax.checkpoint import flatten
-from mistral_jax.convert import (
-    MANIFEST,
-    convert,
-    read_manifest,
-    restore_params,
-    stored_quantization,
-)
+from mistral_jax.convert import convert
+from mistral_jax.errors import UserInputError
+from mistral_jax.orbax_restore import MANIFEST, read_manifest, restore_params, stored_quantization
+from mistral_jax.transformer import Transformer
+from mistral_jax.tree import flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = np.array([[1, 7, 42, 300, 5, 11, 2], [3, 9, 200, 17, 64, 8, 1]])
@@ -197,9 +193,10 @@ def test_folders_converted_before_quantization_existed_still_load(sources, tmp_p
 MESH_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from mistral_jax import Transformer, sharding
-    from mistral_jax.checkpoint import flatten
-    from mistral_jax.convert import restore_params
+    from mistral_jax.transformer import Transformer
+    from mistral_jax import sharding
+    from mistral_jax.tree import flatten
+    from mistral_jax.orbax_restore import restore_params
 
     src, dst = sys.argv[1], sys.argv[2]
     spec = "data=2,tensor=2,expert=2"
@@ -251,8 +248,8 @@ def test_quantized_folder_restores_with_orbax_standard_checkpointer(sources, tmp
 W8A8_MESH_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from mistral_jax import Transformer
-    from mistral_jax.checkpoint import flatten
+    from mistral_jax.transformer import Transformer
+    from mistral_jax.tree import flatten
 
     src, dst = sys.argv[1], sys.argv[2]
     spec = "data=2,tensor=2,expert=2"

@@ -17,11 +17,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import mistral_jax
-from mistral_jax import Transformer
 from mistral_jax.args import load_args
 from mistral_jax.generate import generate
 from mistral_jax.model import causal_positions, forward, init_params
 from mistral_jax.tokenizer import load_tokenizer
+from mistral_jax.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = Path(mistral_jax.__file__).parent / "demo_model"

@@ -15,18 +15,16 @@ import pytest
 from helpers import rel_err, tiny_moe_args
 from jax import export
 
-from mistral_jax import MoeArgs
+from mistral_jax.args import MoeArgs
 from mistral_jax.cache import init_cache
-from mistral_jax.kernels import moe_decode_pallas, qmatmul_pallas
+from mistral_jax.errors import UserInputError
+from mistral_jax.gpu_kernels import moe_decode_pallas, qmatmul_pallas
+from mistral_jax.kernels import Kernels, kernels_from_env
 from mistral_jax.model import causal_positions, forward, init_params
-from mistral_jax.moe import MOE_KERNEL_ENV, ExpertWeight, moe, moe_gather, moe_pallas, route
-from mistral_jax.quant import (
-    QMATMUL_ENV,
-    qeinsum,
-    quantize_array,
-    quantize_params,
-    resolve_mode,
-)
+from mistral_jax.moe import moe, route
+from mistral_jax.moe_experts import ExpertWeight, mix_slots, moe_gather
+from mistral_jax.moe_paths import moe_pallas
+from mistral_jax.quantize import qeinsum, quantize_array, quantize_params, resolve_mode
 
 TRITON = "__gpu$xla.gpu.triton"
 S = jax.ShapeDtypeStruct
@@ -112,7 +110,7 @@ def test_mixed_quantized_and_plain_expert_weights_are_refused():
     weights, experts = route(logits, 2)
     q = _quantized("int8", ws[0])[0]
     with pytest.raises(ValueError, match="all be quantized or none"):
-        moe_decode_pallas(x, weights, experts, tuple(q[:2]), ws[1], ws[2], interpret=True)
+        moe_decode_pallas(x, experts, tuple(q[:2]), ws[1], ws[2], interpret=True)
 
 
 def test_moe_kernel_block_sizes_are_checked_and_any_valid_choice_agrees():
@@ -120,29 +118,46 @@ def test_moe_kernel_block_sizes_are_checked_and_any_valid_choice_agrees():
     weights, experts = route(logits, 2)
     want = moe_gather(x, weights, experts, *ws)
     for blocks in (dict(block_f=128, block_d=16), dict(block_out=16, block_in=128)):
-        got = moe_decode_pallas(x, weights, experts, *ws, interpret=True, **blocks)
+        got = mix_slots(moe_decode_pallas(x, experts, *ws, interpret=True, **blocks), weights)
         assert rel_err(got, want) <= 1e-5
     with pytest.raises(ValueError, match="block_f=48 must be a power of two dividing 128"):
-        moe_decode_pallas(x, weights, experts, *ws, block_f=48, interpret=True)
+        moe_decode_pallas(x, experts, *ws, block_f=48, interpret=True)
 
 
-def test_kernel_environment_variables_pick_the_path_and_name_themselves(monkeypatch):
+def test_kernel_choices_pick_the_path_and_bad_values_name_themselves():
     x, logits, *ws = _layer(1, 8)
     weights, experts = route(logits, 2)
     prefill_x, prefill_logits, *_ = _layer(40, 8)
     for value, kernel_used in (("xla", False), ("pallas-interpret", True)):
-        monkeypatch.setenv(MOE_KERNEL_ENV, value)  # read when traced: a new trace each time
-        decode = str(jax.make_jaxpr(lambda *a: moe(*a))(x, weights, experts, *ws))
+        fn = functools.partial(moe, kernel=Kernels(moe=value).moe)
+        decode = str(jax.make_jaxpr(fn)(x, weights, experts, *ws))
         assert ("pallas_call" in decode) == kernel_used
         w, ex = route(prefill_logits, 2)  # a prefill keeps the grouped path either way
-        assert "pallas_call" not in str(jax.make_jaxpr(lambda *a: moe(*a))(prefill_x, w, ex, *ws))
-    monkeypatch.setenv(MOE_KERNEL_ENV, "triton")
-    with pytest.raises(ValueError, match=MOE_KERNEL_ENV):
-        moe(x, weights, experts, *ws)
-    q, scale = quantize_array(ws[0][0], resolve_mode("int8"), (0,))
-    monkeypatch.setenv(QMATMUL_ENV, "fast")
-    with pytest.raises(ValueError, match=QMATMUL_ENV):
-        qeinsum("nd,df->nf", x, q, scale)
+        assert "pallas_call" not in str(jax.make_jaxpr(fn)(prefill_x, w, ex, *ws))
+    with pytest.raises(UserInputError, match="moe='triton'"):
+        Kernels(moe="triton")
+    with pytest.raises(UserInputError, match="MISTRAL_JAX_QMATMUL"):
+        kernels_from_env({"MISTRAL_JAX_QMATMUL": "fast"})
+
+
+def test_two_kernel_choices_live_in_one_process_and_agree():
+    """The same int8 Mixtral forward with the default kernels and with both Pallas kernels
+    (interpreted), one after the other in one process: each choice is its own trace (a
+    static argument), neither leaks into the other, and the logits agree."""
+    args = tiny_moe_args(moe=MoeArgs(4, 2))
+    params = quantize_params(init_params(args, jax.random.PRNGKey(0)), "int8")
+    tokens = jnp.asarray([[5, 9, 2, 7]], jnp.int32)
+    fwd = jax.jit(forward, static_argnames=("args", "kernels"))
+    fast = Kernels(moe="pallas-interpret", qmatmul="pallas-interpret")
+    decode = (params, tokens[:, :1], jnp.zeros((1, 1), jnp.int32), None)
+    plain = fwd(*decode, args=args, kernels=Kernels())[0]
+    kernel = fwd(*decode, args=args, kernels=fast)[0]
+    again = fwd(*decode, args=args, kernels=Kernels())[0]
+    assert rel_err(kernel, plain) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(plain))
+    jaxprs = [str(jax.make_jaxpr(functools.partial(forward, args=args, kernels=k))(*decode))
+              for k in (Kernels(), fast)]
+    assert "pallas_call" not in jaxprs[0] and "pallas_call" in jaxprs[1]
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
@@ -156,8 +171,8 @@ def test_mixtral_decode_with_the_kernel_equals_the_default_decode(monkeypatch, k
         params = quantize_params(params, "int8")
     tokens = jnp.asarray([[5, 9, 2, 7, 1], [3, 3, 8, 4, 6]], jnp.int32)
 
-    def run():
-        step = jax.jit(functools.partial(forward, args=args))
+    def run(kernels):
+        step = jax.jit(functools.partial(forward, args=args, kernels=kernels))
         cache = init_cache(args, 2, 16, dtype=dtype)
         logits, cache = step(params, tokens[:, :3], causal_positions(tokens[:, :3]), cache)
         out = [logits]
@@ -167,10 +182,8 @@ def test_mixtral_decode_with_the_kernel_equals_the_default_decode(monkeypatch, k
             out.append(logits)
         return out
 
-    monkeypatch.setenv(MOE_KERNEL_ENV, "xla")
-    want = run()
-    monkeypatch.setenv(MOE_KERNEL_ENV, "pallas-interpret")
-    got = run()
+    want = run(Kernels(moe="xla"))
+    got = run(Kernels(moe="pallas-interpret"))
     tol = 2e-2 if kind == "bfloat16" else 1e-5
     for g, w in zip(got, want):
         assert rel_err(g.astype(jnp.float32), w.astype(jnp.float32)) <= tol
@@ -229,24 +242,22 @@ def test_kernels_compiled_on_gpu_equal_the_xla_paths(monkeypatch, kind):
     assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2
     if kind != "bfloat16":
         q, scale = ws[0].kernel[0], ws[0].scale[0]  # one expert's [D, F] int8/fp8 kernel
-        monkeypatch.setenv(QMATMUL_ENV, "xla")
-        want = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale))(x)
-        monkeypatch.setenv(QMATMUL_ENV, "pallas")
-        got = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale))(x)
+        want = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale, impl="xla"))(x)
+        got = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale, impl="pallas"))(x)
         assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2
 
 
 def test_quantized_mixtral_decode_step_with_both_kernels_lowers_for_cuda(monkeypatch):
-    """A whole int8 Mixtral decode step (bf16 activations, B=2) with MISTRAL_JAX_QMATMUL and
-    MISTRAL_JAX_MOE_KERNEL set to pallas, lowered for CUDA: every attention projection and
-    every MoE layer becomes Triton calls inside the model, as the GPU run will compile it."""
-    monkeypatch.setenv(QMATMUL_ENV, "pallas")
-    monkeypatch.setenv(MOE_KERNEL_ENV, "pallas")
+    """A whole int8 Mixtral decode step (bf16 activations, B=2) with Kernels(qmatmul='pallas',
+    moe='pallas'), lowered for CUDA: every attention projection and every MoE layer becomes
+    Triton calls inside the model, as the GPU run will compile it."""
     args = tiny_moe_args(moe=MoeArgs(8, 2), dim=128, hidden_dim=256, head_dim=32)
     params = jax.eval_shape(lambda: quantize_params(
         init_params(args, jax.random.PRNGKey(0), dtype=jnp.bfloat16), "int8"))
     cache = jax.eval_shape(lambda: init_cache(args, 2, 64, dtype=jnp.bfloat16))
     token = S((2, 1), jnp.int32)
-    calls = _triton_calls(functools.partial(forward, args=args), params, token, token, cache)
+    kernels = Kernels(moe="pallas", qmatmul="pallas")
+    calls = _triton_calls(functools.partial(forward, args=args, kernels=kernels), params, token,
+                          token, cache)
     # Per layer: wq, wk, wv, wo through qmatmul, the MoE layer's two kernels.
     assert len(calls) == args.n_layers * (4 + 2)

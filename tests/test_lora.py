@@ -22,11 +22,14 @@ from helpers import (
 )
 from safetensors.numpy import save_file
 
-from mistral_jax import CheckpointError, ConfigError, Transformer
 from mistral_jax.args import LoraArgs, args_from_params_json
-from mistral_jax.checkpoint import flatten, tensor_target
-from mistral_jax.lora import attach_lora, detach_lora, load_lora, merge_lora
-from mistral_jax.quant import quantize_params, sibling
+from mistral_jax.checkpoint import tensor_target
+from mistral_jax.errors import CheckpointError, ConfigError
+from mistral_jax.lora import attach_lora, detach_lora, merge_lora
+from mistral_jax.lora_file import load_lora
+from mistral_jax.quantize import quantize_params
+from mistral_jax.transformer import Transformer
+from mistral_jax.tree import flatten, sibling
 
 RANK = 4
 DENSE_MODULES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",

@@ -24,15 +24,17 @@ from helpers import (
     write_mistral_folder,
 )
 
-from mistral_jax import CheckpointError, ConfigError, Transformer, forward, init_cache
 from mistral_jax.args import (
     MoeArgs,
     args_from_hf_config,
     args_from_params_json,
     args_to_params_json,
 )
-from mistral_jax.errors import UserInputError
-from mistral_jax.model import causal_positions
+from mistral_jax.cache import init_cache
+from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
+from mistral_jax.kernels import Kernels
+from mistral_jax.model import causal_positions, forward
+from mistral_jax.transformer import Transformer
 
 # (n_heads, n_kv_heads): GQA ratios 1, 2 and 4; windows on and off; both rope thetas and vocabs.
 CONFIGS = {
@@ -583,7 +585,6 @@ def test_logits_index_keeps_one_position_per_row():
 def test_fresh_prefill_equals_prefill_through_the_cache(attention, monkeypatch):
     """fresh_prefill skips the empty cache slots (and, with a fused kernel, the reference
     branch): same logits and the same cache as the general path, windows and padding included."""
-    monkeypatch.setenv("MISTRAL_JAX_ATTENTION", attention)  # read when forward is traced
     args = tiny_args(sliding_window=(6, None), vocab_size=300)
     model = Transformer.random(args, seed=31)
     lens = [13, 4]
@@ -594,8 +595,9 @@ def test_fresh_prefill_equals_prefill_through_the_cache(attention, monkeypatch):
     results = []
     for fresh in (False, True):
         cache = init_cache(args, 2, 32, jnp.float32)
-        logits, cache = jax.jit(functools.partial(forward, args=args, fresh_prefill=fresh))(
-            model.params, toks, pos, cache)
+        step = functools.partial(forward, args=args, fresh_prefill=fresh,
+                                 kernels=Kernels(attention=attention))
+        logits, cache = jax.jit(step)(model.params, toks, pos, cache)
         results.append((np.asarray(logits), cache))
     (general, cache_a), (fresh, cache_b) = results
     for r, n in enumerate(lens):
@@ -698,8 +700,8 @@ def test_positions_past_the_cache_are_refused_where_wrapping_would_be_wrong(
 
 
 def test_random_params_match_the_declared_params_and_their_scales():
-    from mistral_jax.checkpoint import flatten
     from mistral_jax.model import abstract_params, random_params
+    from mistral_jax.tree import flatten
 
     args = tiny_args()
     params = random_params(args, seed=3, dtype=jnp.float32)

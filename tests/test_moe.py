@@ -24,26 +24,21 @@ from helpers import (
     write_mistral_folder,
 )
 
-from mistral_jax import CheckpointError, ConfigError, MoeArgs, Transformer, UserInputError
+from mistral_jax.args import MoeArgs
+from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 from mistral_jax.model import init_params
-from mistral_jax.moe import (
+from mistral_jax.moe import MoeFeedForward, moe, moe_strategy, route
+from mistral_jax.moe_experts import ExpertWeight, dense_weight, moe_dense, moe_gather
+from mistral_jax.moe_paths import (
     MAX_BLOCK,
     MIN_BLOCK,
-    MOE_KERNEL_ENV,
-    ExpertWeight,
-    MoeFeedForward,
-    dense_weight,
     grouped_block_size,
-    moe,
-    moe_dense,
-    moe_gather,
     moe_grouped,
     moe_ragged,
-    moe_strategy,
     moe_tiled,
-    route,
 )
-from mistral_jax.quant import quantize_array, quantize_params, resolve_mode
+from mistral_jax.quantize import quantize_array, quantize_params, resolve_mode
+from mistral_jax.transformer import Transformer
 
 # Random tiny Mixtral configs, all with GQA (4 query heads over 2 KV heads).
 CONFIGS = {
@@ -304,9 +299,9 @@ def test_tiled_decode_reads_each_selected_expert_in_row_blocks():
 
 
 def test_decode_on_the_cpu_tiles_float32_and_int8_experts_and_gathers_others(monkeypatch):
-    """Unset MISTRAL_JAX_MOE_KERNEL, a CPU decode step takes `moe_tiled` when every expert
-    kernel is float32 or int8 and `moe_gather` otherwise (bfloat16, fp8, or a mix); the
-    variable overrides the choice either way. A prefill groups whatever the dtype."""
+    """With Kernels.moe 'auto', a CPU decode step takes `moe_tiled` when every expert
+    kernel is float32 or int8 and `moe_gather` otherwise (bfloat16, fp8, or a mix); a named
+    kernel overrides the choice either way. A prefill groups whatever the dtype."""
     import mistral_jax.moe as moe_module
 
     assert jax.default_backend() == "cpu"
@@ -323,15 +318,11 @@ def test_decode_on_the_cpu_tiles_float32_and_int8_experts_and_gathers_others(mon
     cases = [(ws, None, "moe_tiled"), (int8, None, "moe_tiled"), (fp8, None, "moe_gather"),
              (bf16, None, "moe_gather"), ([int8[0], bf16[1], ws[2]], None, "moe_gather"),
              (ws, "xla", "moe_gather"), (bf16, "tiled", "moe_tiled")]
-    for weights_, env, path in cases:
-        if env is None:
-            monkeypatch.delenv(MOE_KERNEL_ENV, raising=False)
-        else:
-            monkeypatch.setenv(MOE_KERNEL_ENV, env)
+    for weights_, kernel, path in cases:
         taken.clear()
-        moe(x.astype(_kernel_dtype(weights_[1])), weights, experts, *weights_)
-        assert taken == [path], (env, taken)
-    monkeypatch.delenv(MOE_KERNEL_ENV)
+        moe(x.astype(_kernel_dtype(weights_[1])), weights, experts, *weights_,
+            kernel=kernel or "auto")
+        assert taken == [path], (kernel, taken)
     x40, logits40, *_ = _layer(40, 8)
     taken.clear()
     moe(x40, *route(logits40, 2), *ws)
@@ -547,8 +538,10 @@ import jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 from helpers import rel_err
 from test_moe import _expert_weights, _layer
-from mistral_jax.moe import dense_weight, moe, moe_dense, route
-from mistral_jax.sharding import expert_parallel, make_mesh, use_mesh
+from mistral_jax.moe_experts import dense_weight, moe_dense
+from mistral_jax.moe import moe, route
+from mistral_jax.partitioning import expert_parallel, use_mesh
+from mistral_jax.mesh import make_mesh
 assert jax.device_count() == 8
 mesh = make_mesh("expert=4,tensor=2")
 for kind in ("int8", "lora", "mixed"):

@@ -26,29 +26,20 @@ from helpers import (
 )
 from safetensors.numpy import save_file
 
-from mistral_jax import (
-    CheckpointError,
-    ConfigError,
-    ModelArgs,
-    MoeArgs,
-    Transformer,
-    UserInputError,
-)
-from mistral_jax.model import abstract_params, random_params
-from mistral_jax.quant import (
+from mistral_jax.args import ModelArgs, MoeArgs
+from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
+from mistral_jax.model import abstract_params, param_logical_axes, random_params
+from mistral_jax.quant import main as quant_main
+from mistral_jax.quantize import (
     MODES,
-    QMATMUL_ENV,
     dequantize,
-    drop_activation_quantization,
-    flatten,
     param_bytes,
-    param_logical_axes,
     qeinsum,
     quantize_array,
     quantize_params,
-    quantized_abstract_params,
 )
-from mistral_jax.quant import main as quant_main
+from mistral_jax.transformer import Transformer
+from mistral_jax.tree import flatten, unflatten
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 TOKENS = np.random.default_rng(7).integers(0, 512, (2, 16))
@@ -103,10 +94,8 @@ def test_fused_pallas_quantized_matmul_equals_the_xla_path(monkeypatch, eqn, x_s
     w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
     for mode in ("int8", "fp8"):
         q, s = quantize_array(w, MODES[mode], tuple(range(n_in)))
-        monkeypatch.setenv(QMATMUL_ENV, "xla")
-        want = qeinsum(eqn, x, q, s)
-        monkeypatch.setenv(QMATMUL_ENV, "pallas-interpret")
-        got = qeinsum(eqn, x, q, s)
+        want = qeinsum(eqn, x, q, s, impl="xla")
+        got = qeinsum(eqn, x, q, s, impl="pallas-interpret")
         assert got.shape == want.shape and rel_err(got, want) <= 1e-6
 
 
@@ -185,10 +174,10 @@ def test_quantize_at_load_of_a_converted_folder(folder, tmp_path):
                                      loaded.params, want))
 
 
-def test_quantized_abstract_params_and_logical_axes_describe_the_quantized_tree(folder):
+def test_quantized_abstract_tree_and_logical_axes_describe_the_quantized_tree(folder):
     args, path = folder
     params = Transformer.from_folder(path, dtype="bfloat16", quantize="int8").params
-    abstract = flatten(quantized_abstract_params(args, "int8", jnp.bfloat16))
+    abstract = flatten(quantize_params(abstract_params(args, jnp.bfloat16), "int8"))
     flat = flatten(params)
     assert abstract.keys() == flat.keys()
     for p, leaf in flat.items():
@@ -206,7 +195,7 @@ def test_quantized_abstract_params_and_logical_axes_describe_the_quantized_tree(
 def test_random_quantized_params_have_the_quantized_structure_and_scale():
     args = tiny_moe_args()
     params = random_params(args, seed=1, quantize="fp8")
-    abstract = flatten(quantized_abstract_params(args, "fp8", jnp.bfloat16))
+    abstract = flatten(quantize_params(abstract_params(args, jnp.bfloat16), "fp8"))
     flat = flatten(params)
     assert {p: (v.shape, v.dtype) for p, v in flat.items()} == {
         p: (v.shape, v.dtype) for p, v in abstract.items()}
@@ -223,7 +212,7 @@ def test_quantized_mixtral_8x7b_weights_fit_one_80gb_gpu():
                      moe=MoeArgs(num_experts=8, num_experts_per_tok=2))
     bf16 = param_bytes(abstract_params(args, jnp.bfloat16))
     for mode in ("int8", "fp8"):
-        quant = param_bytes(quantized_abstract_params(args, mode, jnp.bfloat16))
+        quant = param_bytes(quantize_params(abstract_params(args, jnp.bfloat16), mode))
         print(f"mixtral-8x7b {mode}: {quant / 1e9:.1f} GB (bfloat16 {bf16 / 1e9:.1f} GB)")
         assert quant < 0.52 * bf16 and quant < 50e9
 
@@ -526,7 +515,7 @@ def test_dynamic_activation_expert_scales_get_the_expert_axis(dynamic_mixtral):
     """Sharding: `w1_input_scale` [E] is split with its experts; a Linear's [] replicated."""
     from jax.sharding import PartitionSpec
 
-    from mistral_jax.sharding import tree_specs
+    from mistral_jax.mesh import tree_specs
 
     _, args, model, _ = dynamic_mixtral
     axes = flatten(param_logical_axes(model.params, args))
@@ -542,9 +531,11 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
 from helpers import rel_err
-from mistral_jax.moe import ExpertWeight, moe, route
-from mistral_jax.quant import MODES, quantize_array
-from mistral_jax.sharding import expert_parallel, make_mesh, use_mesh
+from mistral_jax.moe_experts import ExpertWeight
+from mistral_jax.moe import moe, route
+from mistral_jax.quantize import MODES, quantize_array
+from mistral_jax.partitioning import expert_parallel, use_mesh
+from mistral_jax.mesh import make_mesh
 assert jax.device_count() == 8
 mesh = make_mesh("expert=4,tensor=2")
 rng = np.random.default_rng(0)
@@ -700,3 +691,8 @@ def test_memory_plan_counts_the_weights_a_quantized_load_holds(tmp_path, capsys,
     if quantize is None:  # already quantized: as from_folder, quantize= is refused
         assert main(argv + ["--quantize", "int8"]) == 2
         assert "weights already; drop --quantize int8" in capsys.readouterr().err
+
+
+def drop_activation_quantization(params):
+    """params without `input_scale` leaves: activations of every layer stay unquantized."""
+    return unflatten({p: v for p, v in flatten(params).items() if p[-1] != "input_scale"})

@@ -67,7 +67,7 @@ def test_readme_command_runs(command, tmp_path):
 
 def test_readme_pure_function_snippet_runs_on_the_demo_model():
     """The README's `forward` / `init_cache` block runs as written, given a `model`."""
-    from mistral_jax import Transformer
+    from mistral_jax.transformer import Transformer
 
     text = (REPO / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)

@@ -31,7 +31,7 @@ from sharding_worker import DECODE_HLO_MESHES, DENSE_MESHES, MOE_MESHES, tiny_mo
 
 from mistral_jax.args import MoeArgs
 from mistral_jax.errors import ConfigError, UserInputError
-from mistral_jax.sharding import (
+from mistral_jax.mesh import (
     cache_shardings,
     initialize_distributed,
     make_mesh,
@@ -117,7 +117,7 @@ def test_fewer_kv_heads_than_tensor_devices_are_replicated_not_an_error():
     devices = np.array(jax.devices()[:1])
     cache = cache_shardings(args, Mesh(devices.reshape(1, 1, 1), ("data", "tensor", "expert")), 4)
     assert cache[0]["k"].spec == P(None, None, None, None)  # size-1 axes split nothing
-    from mistral_jax.sharding import logical_to_spec
+    from mistral_jax.partitioning import logical_to_spec
 
     assert logical_to_spec((4, 32, 8, 16), ("batch", "cache_len", "kv_heads", "head_dim"),
                            {"data": 2, "tensor": 16}, what="cache") == P("data", None, None, None)
@@ -140,7 +140,7 @@ def test_indivisible_split_is_a_config_error_naming_axis_and_parameter(args, mes
 
 def test_quantization_scales_get_the_output_axes_of_their_kernel():
     from mistral_jax.model import abstract_params
-    from mistral_jax.quant import quantize_params
+    from mistral_jax.quantize import quantize_params
 
     args = tiny_args(n_heads=8, n_kv_heads=4)
     specs = tree_specs(quantize_params(abstract_params(args), "int8"), args, {"tensor": 4})
