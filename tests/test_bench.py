@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.bench import costs, probes
+from mistral_jax.bench import costs, probes, vs_transformers
 from mistral_jax.bench import run as bench
 from mistral_jax.cache import init_cache
 from mistral_jax.errors import UserInputError
@@ -318,7 +318,7 @@ def test_transformers_keeps_its_faster_thread_setting(monkeypatch):
         return {"hf_ttft_ms": 100.0 / speed[n] if n == 1 else 1.0, "hf_ttft_ms_range": [n, n],
                 "hf_generate_tok_s": speed[n], "hf_noisy": False, "hf_tokens": None}
 
-    monkeypatch.setattr(bench, "bench_transformers", fake)
+    monkeypatch.setattr(vs_transformers, "bench_transformers", fake)
     before = torch.get_num_threads()
     try:
         out = bench.bench_transformers_threads(None, None, 3, 1, [1, 2])

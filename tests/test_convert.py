@@ -166,9 +166,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    import mistral_jax.convert as convert_mod
-import mistral_jax.orbax_restore as restore_mod
-import mistral_jax.orbax_write as write_mod
+    import mistral_jax.orbax_restore as restore_mod
     from mistral_jax.args import load_args
     from mistral_jax.load import load_params
     from mistral_jax.model import logical_axes
