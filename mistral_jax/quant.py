@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -16,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax.bench.presets import PRESETS
-from mistral_jax.errors import MistralJaxError, UserInputError
+from mistral_jax.cli.common import run as run_command
+from mistral_jax.errors import UserInputError
 from mistral_jax.model import random_params
 from mistral_jax.orbax_restore import folder_quantization
 from mistral_jax.quantize import MODES, param_bytes, quantize_params
@@ -93,9 +93,9 @@ def text_prompts(tok, n: int, length: int) -> np.ndarray:
     return np.array(rows, np.int32)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     """`python -m mistral_jax.quant`: quality of int8 / fp8 against bfloat16, one JSON line each."""
-    p = argparse.ArgumentParser(prog="python -m mistral_jax.quant", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m mistral_jax.quant", description=_main.__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", type=Path,
                      help="a model folder (prompts: the fixed texts, tokenized, each continued "
@@ -110,35 +110,31 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
 
-    try:
-        if ns.prompts < 1 or ns.prompt_len < 2 or ns.new_tokens < 1:
-            raise UserInputError(f"--prompts and --new-tokens must be >= 1 and --prompt-len "
-                                 f">= 2, got {ns.prompts}, {ns.new_tokens} and {ns.prompt_len}")
-        if ns.ckpt is not None:
-            stored = folder_quantization(ns.ckpt) if ns.ckpt.is_dir() else None
-            if stored is not None:  # checked before anything loads
-                raise UserInputError(
-                    f"--ckpt {ns.ckpt} holds quantized weights ({stored}): this report "
-                    "compares quantization against the bfloat16 weights; give the "
-                    "unquantized folder it was converted from")
-            tok = load_tokenizer(ns.ckpt)
-            prompts = text_prompts(tok, ns.prompts, ns.prompt_len)
-            model = Transformer.from_folder(ns.ckpt, dtype="bfloat16")
-            args, params, name = model.args, model.params, str(ns.ckpt)
-        else:
-            if ns.preset not in PRESETS:
-                raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, "
-                                     f"got {ns.preset!r}")
-            args, name = PRESETS[ns.preset], ns.preset
-            params = random_params(args, ns.seed, jnp.bfloat16)  # leaf by leaf, as the bench
-            prompts = np.random.default_rng(ns.seed).integers(
-                0, args.vocab_size, (ns.prompts, ns.prompt_len)).astype(np.int32)
-        if args.max_seq_len is not None and ns.prompt_len + ns.new_tokens > args.max_seq_len:
-            raise UserInputError(f"--prompt-len {ns.prompt_len} + --new-tokens {ns.new_tokens} "
-                                 f"exceeds the model's max_seq_len={args.max_seq_len}")
-    except MistralJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if ns.prompts < 1 or ns.prompt_len < 2 or ns.new_tokens < 1:
+        raise UserInputError(f"--prompts and --new-tokens must be >= 1 and --prompt-len "
+                             f">= 2, got {ns.prompts}, {ns.new_tokens} and {ns.prompt_len}")
+    if ns.ckpt is not None:
+        stored = folder_quantization(ns.ckpt) if ns.ckpt.is_dir() else None
+        if stored is not None:  # checked before anything loads
+            raise UserInputError(
+                f"--ckpt {ns.ckpt} holds quantized weights ({stored}): this report "
+                "compares quantization against the bfloat16 weights; give the "
+                "unquantized folder it was converted from")
+        tok = load_tokenizer(ns.ckpt)
+        prompts = text_prompts(tok, ns.prompts, ns.prompt_len)
+        model = Transformer.from_folder(ns.ckpt, dtype="bfloat16")
+        args, params, name = model.args, model.params, str(ns.ckpt)
+    else:
+        if ns.preset not in PRESETS:
+            raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, "
+                                 f"got {ns.preset!r}")
+        args, name = PRESETS[ns.preset], ns.preset
+        params = random_params(args, ns.seed, jnp.bfloat16)  # leaf by leaf, as the bench
+        prompts = np.random.default_rng(ns.seed).integers(
+            0, args.vocab_size, (ns.prompts, ns.prompt_len)).astype(np.int32)
+    if args.max_seq_len is not None and ns.prompt_len + ns.new_tokens > args.max_seq_len:
+        raise UserInputError(f"--prompt-len {ns.prompt_len} + --new-tokens {ns.new_tokens} "
+                             f"exceeds the model's max_seq_len={args.max_seq_len}")
 
     def fwd(tree):
         return lambda t, pos: jit_forward(tree, jnp.asarray(t), jnp.asarray(pos), None,
@@ -154,6 +150,11 @@ def main(argv=None) -> int:
                           "bf16_weight_bytes": param_bytes(params), **report}), flush=True)
         del qparams
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; an error a user can act on is one line `error: ...` and exit status 2."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.cli.common import run as run_command
 from mistral_jax.compressed_tensors import read_compressed_tensors
 from mistral_jax.dtypes import resolve_dtype
-from mistral_jax.errors import MistralJaxError, UserInputError
+from mistral_jax.errors import UserInputError
 from mistral_jax.mesh import (
     initialize_distributed,
     make_mesh,
@@ -95,7 +95,7 @@ def planned_params(folder: str | Path, args: ModelArgs, dtype: Any = jnp.bfloat1
     return quantize_params(abstract_params(args, dtype), quantize)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     """`python -m mistral_jax.sharding FOLDER --mesh SPEC`: per-device memory of a mesh.
 
     Reads only the folder's configs (params.json / config.json, a converted folder's
@@ -104,22 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     8-bit weights; `--quantize` plans a load that quantizes.
     """
     p = argparse.ArgumentParser(prog="python -m mistral_jax.sharding",
-                                description=main.__doc__.splitlines()[0])
+                                description=_main.__doc__.splitlines()[0])
     p.add_argument("folder", help="model folder with params.json or config.json")
     p.add_argument("--mesh", required=True, help="e.g. 'tensor=8' or 'tensor=8,expert=2'")
     p.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype")
     p.add_argument("--quantize", choices=list(MODES),
                    help="plan a load that quantizes (as from_folder(quantize=...))")
     ns = p.parse_args(argv)
-    try:
-        args, _ = load_args(ns.folder)
-        sizes = parse_mesh_spec(ns.mesh)
-        dtype = resolve_dtype(ns.dtype)
-        params = planned_params(ns.folder, args, dtype, ns.quantize)
-        plan = bytes_per_device_plan(args, sizes, dtype, params)
-    except MistralJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, _ = load_args(ns.folder)
+    sizes = parse_mesh_spec(ns.mesh)
+    dtype = resolve_dtype(ns.dtype)
+    params = planned_params(ns.folder, args, dtype, ns.quantize)
+    plan = bytes_per_device_plan(args, sizes, dtype, params)
     gib = 1024 ** 3
     kernels = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)
                       if jnp.dtype(x.dtype).itemsize == 1})
@@ -131,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"KV cache: {plan['kv_per_token'] / 1024:.1f} KiB per device per cached token "
           f"of one sequence")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; an error a user can act on is one line `error: ...` and exit status 2."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -40,20 +40,21 @@ from mistral_jax.bench.probes import (
     measure_matmul_flops,
     memory_estimate,
 )
+from mistral_jax.bench.report import MEMORY_ESTIMATE, format_table
 from mistral_jax.bench.vs_transformers import (
-    HF_NOISY_SPREAD,
     bench_transformers_threads,
     build_transformers_model,
     hf_logits_rel_err,
 )
 from mistral_jax.cache import init_cache
 from mistral_jax.cli.common import COMPILE_CACHE_ENV, default_cache_dir, enable_compilation_cache
+from mistral_jax.cli.common import run as run_command
+from mistral_jax.decode import decode as generate_decode
+from mistral_jax.decode import decode_step as generate_decode_step
+from mistral_jax.decode import prefill as generate_prefill
 from mistral_jax.dtypes import resolve_dtype
-from mistral_jax.errors import MistralJaxError, UserInputError
-from mistral_jax.generate import decode as generate_decode
-from mistral_jax.generate import decode_step as generate_decode_step
+from mistral_jax.errors import UserInputError
 from mistral_jax.generate import generate_from_params
-from mistral_jax.generate import prefill as generate_prefill
 from mistral_jax.kernels import CHOICES, ENV, Kernels, default_kernels
 from mistral_jax.model import causal_positions, forward, random_params
 from mistral_jax.moe import default_decode_kernel
@@ -186,70 +187,6 @@ def bench_config(params, args: ModelArgs, *, batch: int, prompt_len: int, gen_le
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-COLUMNS = (  # (header, key, format)
-    ("B", "batch", "{:d}"), ("P", "prompt_len", "{:d}"), ("G", "gen_len", "{:d}"),
-    ("TTFT ms", "ttft_ms", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
-    ("TFLOP/s", "prefill_tflops", "{:.3f}"), ("MFU %", "prefill_mfu_pct", "{:.1f}"),
-    ("decode ms/step", "decode_ms_step", "{:.3f}"), ("decode tok/s", "decode_tok_s", "{:.1f}"),
-    ("% BW floor", "pct_of_bandwidth_floor", "{:.1f}"),
-    ("ms/step, one dispatch each", "step_dispatch_ms", "{:.3f}"),
-    ("generate tok/s", "generate_tok_s", "{:.1f}"),
-    ("compile s (prefill+decode)", "compile_s", "{:.2f}"),
-    ("peak mem GB", "peak_memory_gb", "{:.3f}"),
-    ("HF generate tok/s", "hf_generate_tok_s", "{:.1f}"), ("vs HF", "vs_hf_generate", "{:.2f}x"),
-)
-
-
-# A cell of the first key is marked where the row's flag (second key) is set; the notes
-# below the table say why.
-MARKS = {"prefill_mfu_pct": ("prefill_above_peak", "*"),
-         "pct_of_bandwidth_floor": ("decode_above_bandwidth", "*"),
-         "vs_hf_generate": ("hf_noisy", "~")}
-NOTES = {
-    "*": "Marked *: above 100%, so the run went faster than the peak (MFU) or copy bandwidth "
-         "(% BW floor) it is taken against: that probe under-read this device (a busy CPU, or "
-         "--matmul-n / --copy-mib too small to reach the peak). Not an efficiency.",
-    "~": f"Marked ~: transformers' timed rounds differed more than {HF_NOISY_SPREAD:g}x "
-         "(hf_*_range in the JSON): on a busy CPU torch's multi-threaded calls stall while "
-         "other jobs hold the cores (one thread avoids it).",
-}
-MEMORY_ESTIMATE = "XLA memory_analysis of the larger program"
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """A markdown table of the result rows, then a note for each kind of marked cell."""
-    cols = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)
-            or c[1] in ("compile_s", "peak_memory_gb")]
-    estimated = [r.get("memory_source") == MEMORY_ESTIMATE for r in rows
-                 if r.get("peak_memory_bytes") is not None]
-    all_estimated = bool(estimated) and all(estimated)
-    headers = [h + (" (XLA est.)" if k == "peak_memory_gb" and all_estimated else "")
-               for h, k, _ in cols]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
-    used = set()
-    for r in rows:
-        r = dict(r, compile_s=r["compile_prefill_s"] + r["compile_decode_s"],
-                 peak_memory_gb=None if r.get("peak_memory_bytes") is None
-                 else r["peak_memory_bytes"] / 1e9)
-        cells = []
-        for _, k, fmt in cols:
-            cell = "-" if r.get(k) is None else fmt.format(r[k])
-            flag, mark = MARKS.get(k, (None, ""))
-            if flag and r.get(flag):
-                cell += mark
-                used.add(mark)
-            if (k == "peak_memory_gb" and not all_estimated and r.get(k) is not None
-                    and r.get("memory_source") == MEMORY_ESTIMATE):
-                cell += " est."
-            cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
-    if all_estimated:
-        lines.append("Peak memory: XLA's estimate for the largest compiled program "
-                     "(arguments + outputs + temporaries); this device reports no allocator peak.")
-    lines += [NOTES[mark] for mark in NOTES if mark in used]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,18 +399,14 @@ def run(ns: argparse.Namespace) -> dict:
     return {"meta": meta, "results": results}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: prints the table and one JSON line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
     ns.argv = argv
     if ns.vs_transformers:  # let torch share the GPU: JAX would otherwise take 75% of it
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    try:
-        out = run(ns)
-    except MistralJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = run(ns)
     m = out["meta"]
     print(f"# {m['model']} {m['dtype']} ({m['n_params'] / 1e9:.3f}B params, "
           f"{m['weight_bytes'] / 1e9:.3f} GB) on {m['device']} x{m['n_devices']}, jax {m['jax']}")
@@ -501,6 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --json {ns.json}: {e.strerror or e}", file=sys.stderr)
             return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; an error a user can act on is one line `error: ...` and exit status 2."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":
