@@ -8,10 +8,8 @@ positions. Prefilling more tokens than the window stays exact because attention
 runs over the cache *before* the write plus the new keys (as in mistral-inference);
 only the newest `size` tokens of a row are then written.
 
-Keys and values are stored heads before slots, [B, K, S, Hd]: attention's batched matmuls
-over (batch, KV head) then read the cache as it is stored. Stored [B, S, K, Hd], XLA
-transposed each layer's whole k and v cache on every decode step before its matmuls
-(read + write + read again; tests/test_model.py checks the compiled step for it).
+Keys and values are stored heads before slots, [B, K, S, Hd], as attention's batched
+matmuls read them (BENCHMARKS.md, "KV cache stored heads before slots").
 """
 
 from __future__ import annotations

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.errors import CheckpointError
 from mistral_jax.quantize import STORAGE_DTYPES, is_quantized
-from mistral_jax.safetensors_file import check_dtype, read_header
+from mistral_jax.safetensors_file import check_dtype, iter_file_tensors, read_header
 from mistral_jax.tree import ParamPath, flatten, is_linear_weight, sibling, split_dims
 
 # Names some exporters add that carry nothing the model needs.
@@ -304,37 +303,17 @@ def iter_tensors(plan: list[PlannedTensor], dtype) -> Iterator[tuple[PlannedTens
     for p in plan:
         by_file.setdefault(p.file, []).append(p)
     for path, items in by_file.items():
-        try:
-            with safe_open(path, framework="np") as f:
-                for p in items:
-                    w = _get_tensor(f, path, p.name)
-                    # int8/fp8 weights keep their dtype, their scales are float32 (quant.py)
-                    dt = (w.dtype if w.dtype in STORAGE_DTYPES.values() else
-                          np.float32 if p.target.path[-1].endswith("scale") else dtype)
-                    w = p.target.transform(w)  # (ascontiguousarray makes 0-d arrays 1-d)
-                    yield p, np.ascontiguousarray(w).reshape(w.shape).astype(dt, copy=False)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: failed to read tensors ({e})") from None
+        arrays = iter_file_tensors(path, [p.name for p in items])
+        for p, (_, w) in zip(items, arrays):
+            # int8/fp8 weights keep their dtype, their scales are float32 (quantize.py)
+            dt = (w.dtype if w.dtype in STORAGE_DTYPES.values() else
+                  np.float32 if p.target.path[-1].endswith("scale") else dtype)
+            w = p.target.transform(w)  # (ascontiguousarray makes 0-d arrays 1-d)
+            yield p, np.ascontiguousarray(w).reshape(w.shape).astype(dt, copy=False)
 
 
 def _broadcast(transform: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]):
     return lambda w: np.broadcast_to(transform(w), shape)
-
-
-def _get_tensor(f, path: Path, name: str) -> np.ndarray:
-    """A tensor from an open safetensors file; fp8, which numpy lacks, via a memory map."""
-    sl = f.get_slice(name)
-    dt = sl.get_dtype()
-    if not dt.startswith("F8"):
-        return f.get_tensor(name)
-    if dt not in STORAGE_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        start, end = json.loads(fh.read(n))[name]["data_offsets"]
-    shape = tuple(sl.get_shape())
-    return np.memmap(path, STORAGE_DTYPES[dt], "r", offset=8 + n + start,
-                     shape=(end - start,)).reshape(shape)
 
 
 def scale_target(name: str, layout: str, args: ModelArgs):

@@ -58,7 +58,7 @@ from mistral_jax.orbax_write import (
     orbax_metadata,
     verify_written,
 )
-from mistral_jax.quantize import quantize_params, resolve_mode
+from mistral_jax.quantize import MODES, quantize_params, resolve_mode
 from mistral_jax.safetensors_file import tensor_locations
 from mistral_jax.tree import flatten, unflatten
 
@@ -334,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=("auto", "mistral", "hf"),
                    help="source layout (auto: params.json -> mistral, else config.json -> "
                         "hf; params.json wins when both are there)")
-    p.add_argument("--quantize", default=None, choices=("int8", "fp8", "fp8-tensor"),
+    p.add_argument("--quantize", default=None, choices=list(MODES),
                    help="write the attention / feed-forward weights quantized: int8 or fp8 "
                         "(e4m3) with a float32 scale per output channel, or fp8-tensor (one "
                         "scale per weight); the other weights stay in --dtype. Not for "

@@ -112,8 +112,8 @@ def attention_implementation(dtype: Any, n_queries: int, head_dim: int,
     """Static (trace-time) choice of the fused kernel for a step of `n_queries` new tokens.
 
     'cudnn' on a GPU for a bfloat16/float16 prefill (n_queries > 1, head_dim a multiple
-    of 8 up to 128): cuDNN flash attention, 6.7x faster than XLA's einsums for a
-    4096-token prompt on an H100. None (the reference `attend`) otherwise: decode steps,
+    of 8 up to 128): cuDNN flash attention (BENCHMARKS.md, "Measurements behind the code's
+    defaults"). None (the reference `attend`) otherwise: decode steps,
     where XLA's einsums are as fast, float32, and CPU/TPU. `choice` (`Kernels.attention`:
     'reference', 'xla', 'cudnn') overrides 'auto' for any prefill.
     """

@@ -11,12 +11,12 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from mistral_jax.args import ModelArgs, config_field, lora_args, read_json
 from mistral_jax.checkpoint import tensor_target
 from mistral_jax.errors import CheckpointError, ConfigError
 from mistral_jax.model import abstract_params
+from mistral_jax.safetensors_file import iter_file_tensors, read_header
 from mistral_jax.tree import ParamPath, flatten, is_linear_weight, sibling, split_dims, unflatten
 
 DEFAULT_SCALING = 2.0
@@ -75,17 +75,11 @@ def _adapter_config(file: Path, args: ModelArgs) -> tuple[float, int | None, str
 
 
 def _read_tensors(file: Path) -> dict[str, tuple[tuple[int, ...], str, np.ndarray | None]]:
-    try:
-        with safe_open(file, framework="np") as f:
-            out = {}
-            for name in f.keys():
-                sl = f.get_slice(name)
-                dt = sl.get_dtype()
-                out[name] = (tuple(sl.get_shape()), dt,
-                             f.get_tensor(name) if dt in _FLOAT_DTYPES else None)
-            return out
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
+    """name -> (shape, safetensors dtype, array for float tensors else None)."""
+    header = read_header(file)
+    floats = dict(iter_file_tensors(file, [n for n, (_, dt) in header.items()
+                                           if dt in _FLOAT_DTYPES]))
+    return {name: (shape, dt, floats.get(name)) for name, (shape, dt) in header.items()}
 
 
 def load_lora(path: str | Path, args: ModelArgs, *, dtype: Any = jnp.float32,

@@ -23,23 +23,19 @@ from mistral_jax.moe_experts import (
 )
 from mistral_jax.quantize import quantize_activations
 
-# Expert kernel dtypes `moe_tiled` was measured faster for on the CPU backend (float32:
-# 6.9x the gather path, a third of dense; int8: 6.0x). XLA's CPU backend copied bfloat16
-# and fp8 blocks element by element through float32, several times slower than the
-# gather path's one copy of each expert (benchmarks/moe_bytes.py, BENCHMARKS.md).
+# Expert kernel dtypes `moe_tiled` is faster for than the gather path on the CPU backend
+# (BENCHMARKS.md, "Mixtral: bytes a MoE layer reads per decode step").
 TILED_CPU_DTYPES = ("float32", "int8")
 
 
-# Rows of a block whose SwiGLU compute takes about as long as reading (and, in plain
-# XLA, copying) one expert's weights: ~256 on GPUs/TPUs (compute / bandwidth balance),
-# ~32 measured on a 2-core CPU (benchmarks/moe_bytes.py). The grouped path's block
-# size minimises blocks x (weight read + block compute) under this balance.
+# Rows of a block whose SwiGLU compute takes about as long as reading one expert's
+# weights (~256 on GPUs/TPUs, ~32 on a 2-core CPU: benchmarks/moe_bytes.py); the grouped
+# path's block size minimises blocks x (weight read + block compute) under it.
 BALANCE_ROWS = {"cpu": 32}
 
 
-# Bytes of expert weights `moe_tiled` reads per loop step, over all its (token, slot)
-# matmuls: small enough for XLA's copies of the slices to stay in cache (timed on the
-# 2-core CPU, Mixtral-8x7B layer, benchmarks/moe_bytes.py).
+# Bytes of expert weights `moe_tiled` reads per loop step: small enough for XLA's copies
+# of the slices to stay in cache (benchmarks/moe_bytes.py).
 TILED_BLOCK_BYTES = 8 << 20
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,25 @@ def read_tensor(f, path: Path, name: str, loc: TensorLocation) -> np.ndarray:
     except OSError as e:
         raise CheckpointError(f"{path}: reading tensor {name!r} failed ({e.strerror or e})") from None
     return buf.view(loc.dtype).reshape(loc.shape)
+
+
+def iter_file_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for each of `names` in the file, memory-mapped by safetensors; fp8
+    (which numpy lacks) through a numpy memory map at its offsets (`tensor_locations`).
+    CheckpointError naming the file if safetensors cannot read it."""
+    fp8 = None
+    try:
+        with safe_open(path, framework="np") as f:
+            for name in names:
+                dt = f.get_slice(name).get_dtype()
+                if not dt.startswith("F8"):
+                    yield name, f.get_tensor(name)
+                    continue
+                if dt not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
+                fp8 = fp8 or tensor_locations(path)[0]
+                loc = fp8[name]
+                yield name, np.memmap(path, loc.dtype, "r", offset=loc.offset,
+                                      shape=(loc.nbytes // loc.dtype.itemsize,)).reshape(loc.shape)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: failed to read tensors ({e})") from None

@@ -30,7 +30,7 @@ from mistral_jax.dtypes import DTYPES
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
 from mistral_jax.generate import generate
 from mistral_jax.mesh import initialize_distributed, make_mesh
-from mistral_jax.quantize import is_quantized
+from mistral_jax.quantize import MODES, is_quantized
 from mistral_jax.sampling import check_seed, make_strategy
 from mistral_jax.tokenizer import Tokenizer, check_utf8, load_tokenizer, tokenizer_files
 from mistral_jax.transformer import Transformer
@@ -89,7 +89,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "merged into the weights at load; kept unmerged (applied beside them) when the "
         "model folder's params.json has a lora block, as in mistral-inference")
     parser.add_argument(
-        "--quantize", default=None, choices=["int8", "fp8", "fp8-tensor"],
+        "--quantize", default=None, choices=list(MODES),
         help="quantize the attention and feed-forward weights as they load (weight-only; "
         "compressed-tensors fp8/int8 checkpoints are loaded quantized without this flag)")
     parser.add_argument(
@@ -387,11 +387,10 @@ def decodable_ids(tok: Tokenizer, args: ModelArgs) -> int | None:
     return tok.n_words if tok.n_words < args.vocab_size else None
 
 
-def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_tokens: int,
-                   temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
-                   seed: int = 0, eos_id: int | None = None, chunk_size: int | None = None,
-                   vocab_limit: int | None = None) -> tuple[list[list[int]], GenStats]:
-    """`generate.generate`, timed: stopped once after the prompts' first token.
+def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer,
+                   **options: Any) -> tuple[list[list[int]], GenStats]:
+    """`generate.generate(prompts, model, **options)`, timed: stopped once after the
+    prompts' first token.
 
     Returns the generated ids per prompt (cut at eos, as `generate` does) and the timings.
     """
@@ -403,10 +402,7 @@ def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer, *, max_
             marks["first"] = time.perf_counter() - start
             marks["compile_first"] = compile_timer.seconds
 
-        out, _ = generate(prompts, model, max_tokens=max_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id,
-                          chunk_size=chunk_size, vocab_limit=vocab_limit,
-                          on_first_token=first_token)
+        out, _ = generate(prompts, model, on_first_token=first_token, **options)
         total = time.perf_counter() - start
     stats = GenStats(n_tokens=sum(len(o) for o in out),
                      first_token_s=marks["first"] - marks["compile_first"],
