@@ -369,7 +369,7 @@ def test_bench_compile_cache_flags():
 
 def test_bench_respects_jax_min_compile_time_env_unless_the_flag_is_given(tmp_path):
     """JAX reads its environment once, at import: hence a fresh interpreter."""
-    code = ("import sys, jax; from mistral_jax import bench; "
+    code = ("import sys, jax; from mistral_jax.bench import run as bench; "
             "bench.enable_cache(bench.parse_args(sys.argv[1:])); "
             "print(jax.config.jax_persistent_cache_min_compile_time_secs)")
     env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="7.5")
