@@ -213,8 +213,8 @@ def test_moe_decode_kernel_lowers_to_triton_for_cuda_at_mixtral_shapes(kind, sha
         return (S((e, in_, out), jnp.int8 if kind == "int8" else jnp.float8_e4m3fn),
                 S((e, out), jnp.float32))
 
-    calls = _triton_calls(moe_decode_pallas, S((n, d), bf), S((n, k), jnp.float32),
-                          S((n, k), jnp.int32), weight(d, f), weight(f, d), weight(d, f))
+    calls = _triton_calls(moe_decode_pallas, S((n, d), bf), S((n, k), jnp.int32),
+                          weight(d, f), weight(f, d), weight(d, f))
     assert len(calls) == 2  # gate/up + SwiGLU, then down
 
 
