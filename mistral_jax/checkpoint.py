@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,27 @@ from mistral_jax.errors import CheckpointError
 ParamPath = tuple[str, ...]
 # Names some exporters add that carry nothing the model needs.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# The output head's names in either layout (and under a Mistral3 language_model prefix).
+LM_HEAD_NAMES = ("lm_head.weight", "output.weight", "language_model.lm_head.weight")
+# A vision-language checkpoint's language model, renamed to the plain layout's names
+# (transformers 5 writes Mistral3 as `language_model.model.*`, loads `model.language_model.*`).
+_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."))
+# Vision encoder and projector weights of Mistral3 (HF) and of the Mistral layout's
+# vision_encoder block: skipped, the language model alone runs (text prompts only).
+VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*|"
+                    r"(vision_encoder|vision_language_adapter|patch_merger|"
+                    r"pre_mm_projector_norm)\..*")
+IMAGES_NOTE = ("{folder}: {n} vision-encoder tensors skipped: images are not supported, "
+               "text prompts work")
+
+
+def language_model_name(name: str) -> str:
+    """A Mistral3 language-model tensor name as the plain layout names it; others unchanged."""
+    for old, new in _LM_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 # The safetensors dtypes a weight may have (-> numpy dtype name): floats, and the int8 / fp8
 # of compressed-tensors weights, which must come with their scales (quant.py).
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -97,6 +119,7 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | None:
     """Map a checkpoint tensor name to its place in params; None if it is not a model weight."""
+    name = language_model_name(name)
     if name.endswith((".weight_scale", ".input_scale")):  # compressed-tensors (quant.py)
         from mistral_jax.quant import scale_target
 
@@ -109,6 +132,8 @@ def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | Non
             "output.weight": "output"})
     if name in top:
         key = top[name]
+        if key == "output" and args.tied_embeddings:  # the embedding is the output head
+            return None
         if key == "embedding":
             return TensorTarget(("embedding",), _identity)
         if key == "norm":
@@ -226,10 +251,13 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
     from mistral_jax.quant import STORAGE_DTYPES, is_quantized, scale_shapes
 
     expected = flatten(abstract)
-    plan, seen = [], {}
+    plan, seen, vision = [], {}, 0
     for path in files:
         for name, (shape, dt) in read_header(path).items():
             if IGNORED.fullmatch(name):
+                continue
+            if VISION.fullmatch(name):
+                vision += 1
                 continue
             target = tensor_target(name, layout, args)
             if target is None or target.path not in expected:
@@ -280,6 +308,8 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
                 "index from another download?)" if unlisted else "")
         raise CheckpointError(
             f"{folder}: {len(missing)} weights missing from the checkpoint: {names}{hint}")
+    if vision:
+        print(IMAGES_NOTE.format(folder=files[0].parent, n=vision), file=sys.stderr)
     return plan
 
 
