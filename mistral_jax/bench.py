@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.args import ModelArgs, MoeArgs
+from mistral_jax.args import ModelArgs, MoeArgs, QueryScaleArgs, YarnArgs
 from mistral_jax.cache import cache_sizes, init_cache
 from mistral_jax.cli import COMPILE_CACHE_ENV, default_cache_dir, enable_compilation_cache
 from mistral_jax.errors import MistralJaxError, UserInputError
@@ -91,6 +91,23 @@ PRESETS: dict[str, ModelArgs] = {
     "codestral-22b": ModelArgs(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384,
                                n_heads=48, n_kv_heads=8, norm_eps=1e-5, vocab_size=32768,
                                rope_theta=1e6),
+    # Ministral-8B-Instruct-2410: 3 of every 4 layers windowed (32k), the 4th full; 128k context.
+    "ministral-8b": ModelArgs(dim=4096, n_layers=36, head_dim=128, hidden_dim=12288, n_heads=32,
+                              n_kv_heads=8, norm_eps=1e-5, vocab_size=131072, rope_theta=1e8,
+                              sliding_window=(32768, 32768, 32768, None)),
+    # Mistral-Nemo-Base-2407: head_dim 128 while dim / n_heads = 160.
+    "nemo-12b": ModelArgs(dim=5120, n_layers=40, head_dim=128, hidden_dim=14336, n_heads=32,
+                          n_kv_heads=8, norm_eps=1e-5, vocab_size=131072, rope_theta=1e6),
+    # Mistral-Small-24B-Base-2501 (the language model of Small 3.1 / 3.2 is this shape).
+    "small-24b": ModelArgs(dim=5120, n_layers=40, head_dim=128, hidden_dim=32768, n_heads=32,
+                           n_kv_heads=8, norm_eps=1e-5, vocab_size=131072, rope_theta=1e8),
+    # Ministral-3-14B's language model; rope as Ministral3Config's default (YaRN x16 over 16k,
+    # query scale beta 0.1, theta 1e6).
+    "ministral3-14b": ModelArgs(dim=5120, n_layers=40, head_dim=128, hidden_dim=16384,
+                                n_heads=32, n_kv_heads=8, norm_eps=1e-5, vocab_size=131072,
+                                rope_theta=1e6, max_seq_len=262144,
+                                yarn=YarnArgs(factor=16.0, original_max_position_embeddings=16384),
+                                llama_4_scaling=QueryScaleArgs(0.1, 16384)),
 }
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s.
@@ -793,7 +810,11 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     args, name = PRESETS[ns.preset], ns.preset
     if ns.layers is not None:
         plural = "s" if ns.layers > 1 else ""
-        args = dataclasses.replace(args, n_layers=ns.layers)
+        # the first layers' windows (a per-layer pattern need not divide --layers)
+        windows = args.sliding_window
+        if isinstance(windows, tuple):
+            windows = args.layer_windows[:ns.layers] if ns.layers < args.n_layers else windows
+        args = dataclasses.replace(args, n_layers=ns.layers, sliding_window=windows)
         name = f"{name} ({ns.layers} layer{plural})"
     params = random_params(args, ns.seed, dtype, ns.quantize)
     return args, params, f"{name} {ns.quantize}" if ns.quantize else name
