@@ -379,3 +379,15 @@ def test_fields_left_out_mean_what_transformers_reads(tmp_path, cfg):
         assert ours.yarn.attention_factor == factor
     else:
         assert ours.yarn is None
+
+
+def test_converted_folders_of_the_new_families_give_the_same_logits(ministral, ministral3,
+                                                                     tmp_path):
+    from mistral_jax.convert import convert
+
+    for i, (ref, hf, _) in enumerate((ministral, ministral3)):
+        dst = tmp_path / f"converted{i}"
+        convert(hf, dst, dtype="float32")
+        direct = Transformer.from_folder(hf, dtype="float32")
+        converted = _check_logits(dst, ref)
+        assert converted.args == direct.args
