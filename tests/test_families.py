@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,3 +392,26 @@ def test_converted_folders_of_the_new_families_give_the_same_logits(ministral, m
         direct = Transformer.from_folder(hf, dtype="float32")
         converted = _check_logits(dst, ref)
         assert converted.args == direct.args
+
+
+def test_an_image_in_a_chat_message_is_a_clear_error(tmp_path):
+    """tekken_240911 (Pixtral's) has an image config: without the refusal mistral-common
+    encodes the image as [IMG] tokens that the language model alone would read as text
+    (or, without opencv, as here, raises an ImportError traceback)."""
+    import shutil
+
+    import mistral_common
+
+    from mistral_jax.errors import TokenizerError
+    from mistral_jax.tokenizer import load_tokenizer
+
+    data = Path(mistral_common.__file__).parent / "data"
+    shutil.copy(data / "tekken_240911.json", tmp_path / "tekken.json")
+    tok = load_tokenizer(tmp_path)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+             "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="}}
+    text = {"type": "text", "text": "What is in this image?"}
+    with pytest.raises(TokenizerError, match=r"^messages\[1\] has an image \(image_url\): images "
+                                             "are not supported"):
+        tok.encode_chat([{"role": "user", "content": "hi"}, {"role": "user", "content": [text, image]}])
+    assert tok.encode_chat([{"role": "user", "content": [text]}])  # text chunks still work
