@@ -354,6 +354,11 @@ def test_params_json_not_run_faithfully_is_refused(tmp_path, patch, message):
      "max_position_embeddings": 64},
     {**HF_BASE, "model_type": "mistral", "rope_scaling": {"type": "yarn", "factor": 2.0},
      "original_max_position_embeddings": 32, "max_position_embeddings": 256},
+    # both blocks: transformers 5 takes the legacy rope_scaling when it is not empty
+    {**HF_BASE, "model_type": "mistral", "rope_theta": 3e5,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 2e5},
+     "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16,
+                      "original_max_position_embeddings": 64}},
 ])
 def test_fields_left_out_mean_what_transformers_reads(tmp_path, cfg):
     """The args equal what transformers' AutoConfig (and its rope standardization) makes
