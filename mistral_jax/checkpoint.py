@@ -27,31 +27,11 @@ from safetensors import SafetensorError, safe_open
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.errors import CheckpointError
+from mistral_jax.hf_config import IMAGES_NOTE, VISION, language_model_name
 
 ParamPath = tuple[str, ...]
 # Names some exporters add that carry nothing the model needs.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-# The output head's names in either layout (and under a Mistral3 language_model prefix).
-LM_HEAD_NAMES = ("lm_head.weight", "output.weight", "language_model.lm_head.weight")
-# A vision-language checkpoint's language model, renamed to the plain layout's names
-# (transformers 5 writes Mistral3 as `language_model.model.*`, loads `model.language_model.*`).
-_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                ("language_model.lm_head.", "lm_head."))
-# Vision encoder and projector weights of Mistral3 (HF) and of the Mistral layout's
-# vision_encoder block: skipped, the language model alone runs (text prompts only).
-VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*|"
-                    r"(vision_encoder|vision_language_adapter|patch_merger|"
-                    r"pre_mm_projector_norm)\..*")
-IMAGES_NOTE = ("{folder}: {n} vision-encoder tensors skipped: images are not supported, "
-               "text prompts work")
-
-
-def language_model_name(name: str) -> str:
-    """A Mistral3 language-model tensor name as the plain layout names it; others unchanged."""
-    for old, new in _LM_PREFIXES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
 # The safetensors dtypes a weight may have (-> numpy dtype name): floats, and the int8 / fp8
 # of compressed-tensors weights, which must come with their scales (quant.py).
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

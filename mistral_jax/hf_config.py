@@ -24,6 +24,7 @@ output head with other values runs with that head (transformers then unties them
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,28 @@ REFUSED = {
     "mistral_large4": "Mistral Large 3 (MLA attention + MoE) is not supported",
     "deepseek_v3": "MLA attention + MoE (Mistral Large 3) is not supported",
 }
+
+# The output head's names in either layout (and under a Mistral3 language_model prefix).
+LM_HEAD_NAMES = ("lm_head.weight", "output.weight", "language_model.lm_head.weight")
+# A vision-language checkpoint's language model, renamed to the plain layout's names
+# (transformers 5 writes Mistral3 as `language_model.model.*`, loads `model.language_model.*`).
+_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."))
+# Vision encoder and projector weights of Mistral3 (HF) and of the Mistral layout's
+# vision_encoder block: skipped, the language model alone runs (text prompts only).
+VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*|"
+                    r"(vision_encoder|vision_language_adapter|patch_merger|"
+                    r"pre_mm_projector_norm)\..*")
+IMAGES_NOTE = ("{folder}: {n} vision-encoder tensors skipped: images are not supported, "
+               "text prompts work")
+
+
+def language_model_name(name: str) -> str:
+    """A Mistral3 language-model tensor name as the plain layout names it; others unchanged."""
+    for old, new in _LM_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def hf_args(cfg: dict, path: Path) -> dict[str, Any]:
@@ -321,7 +344,7 @@ def params_json_extras(cfg: dict, path: Path) -> dict[str, Any]:
 
 def has_output_head(folder: Path, layout: str) -> bool:
     """Whether the folder's safetensors headers hold an output head (lm_head / output)."""
-    from mistral_jax.checkpoint import LM_HEAD_NAMES, read_header, safetensors_files
+    from mistral_jax.checkpoint import read_header, safetensors_files
     from mistral_jax.errors import CheckpointError
 
     try:
