@@ -2,8 +2,9 @@
 
 import warnings
 
-from mistral_jax.args import LoraArgs, ModelArgs, MoeArgs, load_args
+from mistral_jax.args import LoraArgs, ModelArgs, MoeArgs
 from mistral_jax.cache import init_cache
+from mistral_jax.config import load_args
 from mistral_jax.errors import (
     CheckpointError,
     ConfigError,

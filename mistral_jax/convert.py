@@ -24,16 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from mistral_jax.args import (
-    ModelArgs,
+from mistral_jax.args import ModelArgs
+from mistral_jax.checkpoint import plan_checkpoint
+from mistral_jax.compressed_tensors import checkpoint_abstract, read_compressed_tensors
+from mistral_jax.config import (
     args_from_hf_config,
     args_from_params_json,
     args_to_params_json,
     check_folder,
     load_args,
 )
-from mistral_jax.checkpoint import plan_checkpoint, safetensors_files
-from mistral_jax.compressed_tensors import checkpoint_abstract, read_compressed_tensors
 from mistral_jax.dtypes import resolve_dtype
 from mistral_jax.errors import CheckpointError, ConfigError, MistralJaxError, UserInputError
 from mistral_jax.interrupts import Interrupts
@@ -59,7 +59,7 @@ from mistral_jax.orbax_write import (
     verify_written,
 )
 from mistral_jax.quantize import MODES, quantize_params, resolve_mode
-from mistral_jax.safetensors_file import tensor_locations
+from mistral_jax.safetensors_file import safetensors_files, tensor_locations
 from mistral_jax.tree import flatten, unflatten
 
 __all__ = ["ConvertStats", "MANIFEST", "convert", "folder_quantization", "is_converted",

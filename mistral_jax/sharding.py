@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.args import ModelArgs
 from mistral_jax.cli.common import run as run_command
 from mistral_jax.compressed_tensors import read_compressed_tensors
+from mistral_jax.config import load_args
 from mistral_jax.dtypes import resolve_dtype
 from mistral_jax.errors import UserInputError
 from mistral_jax.mesh import (

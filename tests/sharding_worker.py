@@ -154,7 +154,7 @@ def multihost(out: Path, folder: Path, coordinator: str, num_processes: int,
                      str(num_processes), "--process-id", str(process_id))
     import jax
 
-    from mistral_jax.args import load_args
+    from mistral_jax.config import load_args
     from mistral_jax.transformer import Transformer
 
     args, _ = load_args(folder)

@@ -37,7 +37,8 @@ import mistral_jax.orbax_restore as restore_mod
 import mistral_jax.orbax_write as write_mod
 from convert.benchmark import convert_in_child, synthetic_args, write_synthetic
 from convert.safetensors_to_orbax import main
-from mistral_jax.args import ModelArgs, args_from_params_json
+from mistral_jax.args import ModelArgs
+from mistral_jax.config import args_from_params_json
 from mistral_jax.convert import convert
 from mistral_jax.errors import CheckpointError, MistralJaxError
 from mistral_jax.model import abstract_params
@@ -167,7 +168,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     import mistral_jax.orbax_restore as restore_mod
-    from mistral_jax.args import load_args
+    from mistral_jax.config import load_args
     from mistral_jax.load import load_params
     from mistral_jax.model import logical_axes
 

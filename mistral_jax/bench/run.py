@@ -278,7 +278,11 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     args, name = PRESETS[ns.preset], ns.preset
     if ns.layers is not None:
         plural = "s" if ns.layers > 1 else ""
-        args = dataclasses.replace(args, n_layers=ns.layers)
+        # the first layers' windows (a per-layer pattern need not divide --layers)
+        windows = args.sliding_window
+        if isinstance(windows, tuple):
+            windows = args.layer_windows[:ns.layers] if ns.layers < args.n_layers else windows
+        args = dataclasses.replace(args, n_layers=ns.layers, sliding_window=windows)
         name = f"{name} ({ns.layers} layer{plural})"
     params = random_params(args, ns.seed, dtype, ns.quantize)
     return args, params, f"{name} {ns.quantize}" if ns.quantize else name

@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.args import ModelArgs
+from mistral_jax.config import load_args
 from mistral_jax.dtypes import DTYPES
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
 from mistral_jax.generate import generate
