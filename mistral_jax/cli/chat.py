@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 
+from mistral_jax import interrupts
 from mistral_jax.args import ModelArgs
 from mistral_jax.cli import common as cli
 from mistral_jax.errors import MistralJaxError, UserInputError
@@ -140,31 +142,36 @@ def answer(model: Transformer, tok: Tokenizer, prompt: list[int], max_tokens: in
     sampling = {**cli.sampling_kwargs(ns), "max_tokens": max_tokens,
                 "seed": turn_seed(ns.seed, turn)}
     chunk_size = cli.chunk_size_for(ns, model.args, [prompt])
-    with cli.CompileTimer() as compile_timer:
+    # Ctrl-C stops the answer: recorded, and acted on between tokens (never inside a compile);
+    # SIGTERM / SIGHUP still end the chat at once.
+    with cli.CompileTimer() as compile_timer, cli.compile_notices(), \
+            interrupts.deferred((signal.SIGINT,)):
         start = time.perf_counter()
-        first = None
+        first = first_compile = None
         try:
             for token in generate_stream(prompt, model, eos_id=tok.eos_id,
                                          chunk_size=chunk_size,
                                          vocab_limit=cli.decodable_ids(tok, model.args),
                                          **sampling):
                 if first is None:
-                    first = time.perf_counter() - start - compile_timer.seconds
+                    first = time.perf_counter() - start
+                    first_compile = compile_timer.seconds
                 ids.append(token)
                 sys.stdout.write(stream.push(token))
                 sys.stdout.flush()
+                interrupts.check()
+            interrupts.check()
         except KeyboardInterrupt:
             sys.stdout.write(stream.flush() + "\n")
+            sys.stdout.flush()
             cli.log("(answer stopped)")
             return tok.decode(ids)
         sys.stdout.write(stream.flush() + "\n")
         sys.stdout.flush()
-        total = time.perf_counter() - start - compile_timer.seconds
-    if turn == 0 or compile_timer.seconds > 0:
-        cli.log(f"compiled in {compile_timer.seconds:.2f} s")
+        total = time.perf_counter() - start
     stats = cli.GenStats(n_tokens=len(ids), first_token_s=first or 0.0, total_s=total,
-                         compile_s=compile_timer.seconds)
-    cli.log(f"[{stats.summary()}]")
+                         compile_s=compile_timer.seconds, first_compile_s=first_compile or 0.0)
+    cli.log_stats(stats)
     context = model.args.max_seq_len
     if context is not None and len(ids) == max_tokens and len(prompt) + len(ids) >= context:
         cli.log(f"(answer cut at the model's context of {context} tokens; /reset starts a "
@@ -193,9 +200,11 @@ def _main(argv: Sequence[str] | None) -> int:
     n_answers = 0
     while True:
         try:
-            text = read_message(interactive)
-        except KeyboardInterrupt:
-            text = None
+            with interrupts.raising():  # at the prompt a signal ends the chat (readline tidies up)
+                text = read_message(interactive)
+        except KeyboardInterrupt as e:
+            print(file=sys.stderr)
+            return interrupts.exit_status(e)
         if text is None:  # Ctrl-D / end of input
             if interactive:
                 print()
