@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from tqdm import tqdm
 
 from mistral_jax import interrupts
 from mistral_jax.args import ModelArgs
 from mistral_jax.cli import common as cli
+from mistral_jax.decode import bucket
 from mistral_jax.errors import MistralJaxError, UserInputError
 from mistral_jax.generate import generate_stream
 from mistral_jax.sampling import SEED_MIN
@@ -32,6 +34,9 @@ from mistral_jax.tokenizer import StreamDecoder, Tokenizer, check_utf8
 from mistral_jax.transformer import Transformer
 
 DEFAULT_MAX_TOKENS = 512
+# --warmup compiles prefill for each prompt bucket from the shortest first turn up to this
+# many tokens (a conversation only grows through them), and the decode step they share.
+WARMUP_TOKENS = 128
 COMMANDS = ("/reset", "/quit")
 HELP = "/reset starts a new conversation, /quit or Ctrl-D exits, Ctrl-C stops an answer"
 
@@ -46,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         max_tokens_help=f"most tokens per answer (default: {DEFAULT_MAX_TOKENS}, or what is "
         "left of the model's context if that is less)")
     cli.add_chunk_flag(p)
+    p.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=None,
+        help="compile at start-up, behind a progress bar, the programs the first turns need "
+        f"(prompts of up to {WARMUP_TOKENS} tokens), so that they do not stall (default: on "
+        "when stdin is a terminal)")
     return p
 
 
@@ -179,6 +189,45 @@ def answer(model: Transformer, tok: Tokenizer, prompt: list[int], max_tokens: in
     return tok.decode(ids)
 
 
+def warmup_lengths(shortest: int, up_to: int = WARMUP_TOKENS) -> list[int]:
+    """Prompt lengths whose programs cover turns of `shortest` up to `up_to` tokens: both
+    ends of each prefill bucket (decode.bucket), since a turn's token budget, and with it
+    the cache's length, can differ across one: [9, 16, 17, 32, 33, 64, 65, 128] for 9, 128."""
+    lengths, n, up_to = [], shortest, max(up_to, bucket(shortest))
+    while bucket(n) <= up_to:
+        lengths += [n] if bucket(n) == n else [n, bucket(n)]
+        n = bucket(n) + 1
+    return lengths
+
+
+def warm_up(model: Transformer, tok: Tokenizer, ns: argparse.Namespace, progress: bool) -> int:
+    """Compile, behind a progress bar, what turns of `warmup_lengths` tokens need: each
+    prompt is prefilled and one token decoded with the budget a real turn of that length
+    gets (same shapes, same programs; a length compiled already runs in milliseconds).
+    Returns the longest prompt length warmed up."""
+    lengths = warmup_lengths(shortest_turn(tok, ns.system))
+    bar = tqdm(lengths, desc="compiling for the first turns", unit="prompt size",
+               disable=not progress, file=sys.stderr, leave=False)
+    start = time.perf_counter()
+    done = 0
+    for n in bar:
+        prompt = [tok.bos_id] * n
+        try:
+            budget = answer_budget(prompt, ns, model.args)
+        except MistralJaxError:  # no room for an answer at this length (nor beyond)
+            break
+        sampling = {**cli.sampling_kwargs(ns), "max_tokens": budget}
+        tokens = generate_stream(prompt, model, eos_id=None,
+                                 chunk_size=cli.chunk_size_for(ns, model.args, [prompt]),
+                                 vocab_limit=cli.decodable_ids(tok, model.args), **sampling)
+        next(tokens, None)  # dispatches the first decode step: compiled too
+        done = n
+    bar.close()
+    cli.log(f"compiled for prompts of up to {done} tokens in {time.perf_counter() - start:.1f} s "
+            "(longer ones compile when they come)")
+    return done
+
+
 def _main(argv: Sequence[str] | None) -> int:
     ns = build_parser().parse_args(argv)
     cli.check_sampling(ns)
@@ -190,6 +239,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
     keep_bad_bytes()
     interactive = sys.stdin is not None and sys.stdin.isatty()
+    if ns.warmup or (ns.warmup is None and interactive):
+        warm_up(model, tok, ns, progress=sys.stderr.isatty())
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
