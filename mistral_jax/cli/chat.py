@@ -205,7 +205,7 @@ def warm_up(model: Transformer, tok: Tokenizer, ns: argparse.Namespace, progress
     prompt is prefilled and one token decoded with the budget a real turn of that length
     gets (same shapes, same programs; a length compiled already runs in milliseconds).
     Returns the longest prompt length warmed up."""
-    lengths = warmup_lengths(shortest_turn(tok, ns.system))
+    lengths = warmup_lengths(shortest_turn(tok, ns.system), WARMUP_TOKENS)
     bar = tqdm(lengths, desc="compiling for the first turns", unit="prompt size",
                disable=not progress, file=sys.stderr, leave=False)
     start = time.perf_counter()
