@@ -213,3 +213,13 @@ def test_chat_ctrl_c_stops_an_answer_after_its_compile_and_at_the_prompt_exits_1
     assert child.proc.poll() is None  # the chat goes on
     status, _ = child.stop(signal.SIGINT)  # at the prompt: the chat ends
     assert_clean(child, status, signal.SIGINT)
+
+
+def test_the_exit_waits_for_a_compilation_cache_entry_being_written():
+    """JAX writes its persistent cache entries in place: `_writing` spots such a frame in the
+    main thread's stack (the exit then waits until it returns)."""
+    scope: dict = {}
+    exec(compile("def put(frames):\n    return frames()\n", "/x/jax/_src/lru_cache.py", "exec"),
+         scope)
+    assert scope["put"](lambda: interrupts._writing(sys._getframe()))
+    assert not interrupts._writing(sys._getframe())
