@@ -104,6 +104,7 @@ class _State:
         self.lock = threading.Lock()  # held to change sections, and by the exit itself
         self.sections: list[tuple[frozenset[int], str]] = []
         self.pending: int | None = None
+        self.wake_fd = -1  # the watcher's pipe
 
     def policy(self, signum: int) -> str:
         for signals, how in reversed(self.sections):
@@ -132,6 +133,7 @@ def install() -> bool:
     # Python's C-level handler writes each signal's number here at once, whatever the main
     # thread is doing; the watcher acts on it.
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    _state.wake_fd = write_fd
     threading.Thread(target=_watch, args=(read_fd,), name="mistral_jax-signals",
                      daemon=True).start()
     _state.installed = True
@@ -150,11 +152,17 @@ def installed() -> bool:
 def _on_signal(signum: int, frame: Any) -> None:
     """The main thread's handler: raises only inside `raising()`, and never inside a GC
     callback (where Python prints and drops it); otherwise it records."""
-    if _state.policy(signum) == _RAISE and not in_gc_callback(frame):
+    how = _state.policy(signum)
+    if how == _RAISE and not in_gc_callback(frame):
         _state.pending = None
         raise Interrupted(signum)
     if _state.pending is None:
         _state.pending = signum
+    if how == _EXIT:  # the watcher may have looked while a section that has ended was open
+        try:
+            os.write(_state.wake_fd, bytes([signum]))
+        except OSError:
+            pass
 
 
 def _watch(fd: int) -> None:
