@@ -125,15 +125,20 @@ def install() -> bool:
         return True
     if threading.current_thread() is not threading.main_thread():
         return False
+    read_fd, write_fd = os.pipe()
+    try:
+        os.set_blocking(write_fd, False)
+        # Python's C-level handler writes each signal's number here at once, whatever the
+        # main thread is doing; the watcher acts on it.
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (OSError, ValueError):  # e.g. Windows, which wants a socket: Python's handlers stay
+        os.close(read_fd)
+        os.close(write_fd)
+        return False
+    _state.wake_fd = write_fd
     for signum in SIGNALS:
         if signal.getsignal(signum) not in (signal.SIG_IGN, None):
             signal.signal(signum, _on_signal)
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    # Python's C-level handler writes each signal's number here at once, whatever the main
-    # thread is doing; the watcher acts on it.
-    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    _state.wake_fd = write_fd
     threading.Thread(target=_watch, args=(read_fd,), name="mistral_jax-signals",
                      daemon=True).start()
     _state.installed = True
