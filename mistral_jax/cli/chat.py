@@ -3,7 +3,9 @@
     python -m mistral_jax.chat --ckpt DIR --system "Answer in one sentence."
 
 Type a message and press Enter; the answer streams to stdout as it is generated.
-`/reset` starts a new conversation, `/quit` or Ctrl-D leaves, Ctrl-C stops an answer.
+`/reset` starts a new conversation, `/quit` or Ctrl-D leaves, Ctrl-C stops an answer (at
+the prompt it ends the chat, exit status 130). At a terminal the programs the first turns
+need are compiled at start-up, behind a progress bar (`--warmup` / `--no-warmup`).
 Any other single word starting with '/' is taken for a mistyped command: a notice lists
 the commands and nothing is sent. A line starting with '//' is sent with one '/' less
 (`//etc` sends "/etc"). Each turn re-encodes the whole conversation with the chat
