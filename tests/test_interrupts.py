@@ -223,3 +223,29 @@ def test_the_exit_waits_for_a_compilation_cache_entry_being_written():
          scope)
     assert scope["put"](lambda: interrupts._writing(sys._getframe()))
     assert not interrupts._writing(sys._getframe())
+
+
+def test_deferred_sections_record_and_act_at_check_or_at_their_end():
+    code = textwrap.dedent("""
+        import signal, time
+        from mistral_jax import interrupts
+        interrupts.install()
+        with interrupts.deferred():
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.3)  # the watcher leaves it to the section
+            try:
+                interrupts.check()
+            except KeyboardInterrupt as e:
+                print("check raised", interrupts.exit_status(e), flush=True)
+        print("went on", flush=True)
+        with interrupts.deferred():
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            print("finished the section", flush=True)
+        print("never printed", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 143, done.stderr
+    assert done.stdout.splitlines() == ["check raised 130", "went on", "finished the section"]
+    assert done.stderr.strip() == "terminated"
