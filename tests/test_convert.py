@@ -386,13 +386,14 @@ def test_sigterm_with_its_default_action_ends_the_process_after_the_clean_up(sou
     script = textwrap.dedent("""
         import signal, sys
         import mistral_jax.convert as c
-        copy, calls = c._copy, []
+        import mistral_jax.orbax_write as w
+        copy, calls = w._copy, []
         def copy_then_signal(value, dtype, pool):
             calls.append(1)
             if len(calls) == 3:
                 signal.raise_signal(signal.SIGTERM)
             return copy(value, dtype, pool)
-        c._copy = copy_then_signal
+        w._copy = copy_then_signal
         c.convert(sys.argv[1], sys.argv[2])
         print("finished")
     """)
