@@ -2,6 +2,12 @@
 
 import warnings
 
+# First, before jax is imported (seconds): a command's Ctrl-C / SIGTERM / SIGHUP must end it
+# then too. A library import changes no handler (see interrupts.started_as_command).
+from mistral_jax import interrupts as _interrupts
+
+_interrupts.install_if_command()
+
 from mistral_jax.args import LoraArgs, ModelArgs, MoeArgs
 from mistral_jax.cache import init_cache
 from mistral_jax.config import load_args

@@ -205,6 +205,8 @@ def test_chat_streams_answers_over_stdin_reset_and_quit(folders, tok):
     assert "(new conversation)" in res.stderr and "time to first token" in res.stderr
     assert "error: the conversation is" in res.stderr and f"context of {MAX_SEQ_LEN}" in res.stderr
     assert "compiled in" in res.stderr and "Traceback" not in res.stderr
+    # stdin is no terminal: no warm-up, so the first turn says it compiles before it does
+    assert -1 < res.stderr.find("compiling for prompts of up to") < res.stderr.find("time to first")
 
 
 def test_second_start_reads_the_persistent_compilation_cache(folders, tmp_path):
