@@ -77,6 +77,13 @@ def test_notebooks_are_stored_with_their_outputs_and_figures_and_stay_small():
     assert sum(p.stat().st_size for p in NOTEBOOKS) < 400_000  # readable on a repository page
 
 
+def test_readme_links_every_notebook_to_colab_and_says_what_to_set():
+    readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"(notebooks/{path.name})" in readme and COLAB.format(path.stem) in readme, path.name
+    assert "set `REPO_URL`" in readme and "placeholder" in readme
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_without_error(path):
