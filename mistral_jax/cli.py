@@ -111,15 +111,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens: int | None,
-                       temperature: float, max_tokens_help: str | None = None) -> None:
-    """--max-tokens, --temperature, --top-p, --top-k, --seed (checked by `check_sampling`)."""
+                       temperature: float | None, max_tokens_help: str | None = None,
+                       temperature_help: str | None = None, top_p: float | None = 1.0,
+                       top_p_help: str | None = None) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed (checked by `check_sampling`).
+
+    A None default means "the command decides" (sample: by model); the command then says
+    what it chose in `temperature_help` / `top_p_help`."""
     parser.add_argument("--max-tokens", type=int_at_least(1), default=max_tokens,
                         help=max_tokens_help or
                         f"most tokens generated per answer (default: {max_tokens})")
     parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f">= 0; 0 is greedy (default: {temperature})")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus sampling mass, in (0, 1] (default: 1, off)")
+                        help=temperature_help or f">= 0; 0 is greedy (default: {temperature})")
+    parser.add_argument("--top-p", type=float, default=top_p,
+                        help=top_p_help or "nucleus sampling mass, in (0, 1] (default: 1, off)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample among the k most likely tokens, k >= 1 (default: off)")
     parser.add_argument("--seed", type=int, default=0,
