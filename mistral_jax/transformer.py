@@ -22,6 +22,7 @@ from mistral_jax import sharding
 from mistral_jax.args import ModelArgs, args_from_params_json, load_args
 from mistral_jax.cache import Cache, init_cache
 from mistral_jax.checkpoint import load_params
+from mistral_jax.compat import check_from_folder_keywords, torch_dtype_name
 from mistral_jax.convert import is_converted, restore_params, stored_quantization
 from mistral_jax.errors import UserInputError
 from mistral_jax.lora import finish_params, load_hooks
@@ -86,12 +87,17 @@ class Transformer:
                     max_batch_size: int | None = None, progress: bool = False,
                     lora_path: str | Path | None = None, lora_merge: bool | None = None,
                     lora_scaling: float | None = None, quantize: str | None = None,
-                    mesh: Any = None, **arg_overrides: Any) -> Transformer:
+                    mesh: Any = None, num_pipeline_ranks: int = 1, device: Any = None,
+                    softmax_fp32: bool = True, **arg_overrides: Any) -> Transformer:
         """Load a Mistral-layout, HF-layout or converted (`mistral-jax-convert`) model folder.
 
         `arg_overrides` replace fields of the folder's args (e.g. `rope_theta=1e4` for
-        Mistral 7B v0.1 in the Mistral layout). `max_batch_size` is accepted for
-        compatibility with mistral-inference and unused: caches are sized per call.
+        Mistral 7B v0.1 in the Mistral layout). mistral-inference's keywords (compat.py):
+        `max_batch_size` is accepted and unused (caches are sized per call);
+        `num_pipeline_ranks` must be 1 (use `mesh` to shard); `device` ('cpu', 'cuda', a
+        torch.device) must name JAX's default backend, where the weights go; `dtype` may be
+        a torch dtype; `softmax_fp32` must be True (it always is here). Anything else is a
+        UserInputError saying what to do instead.
         `lora_path`: a LoRA adapter file or folder (lora.py), merged into the weights
         unless `lora_merge=False` (by default unmerged only when the folder's params.json
         has a lora block, as in mistral-inference); `lora_scaling` overrides its scaling.
@@ -105,9 +111,11 @@ class Transformer:
         'tensor=4,expert=2', or 'auto' (every device along tensor); each weight is then
         placed straight onto its shards (sharding.py). None: the default device.
         """
-        del max_batch_size
+        check_from_folder_keywords(max_batch_size=max_batch_size,
+                                   num_pipeline_ranks=num_pipeline_ranks, device=device,
+                                   softmax_fp32=softmax_fp32, overrides=arg_overrides)
         folder = Path(folder)
-        dt = resolve_dtype(dtype)
+        dt = resolve_dtype(torch_dtype_name(dtype))
         start = time.perf_counter()
         mesh = sharding.resolve_mesh(mesh)
         hooks = dict(lora_path=lora_path, lora_merge=lora_merge, lora_scaling=lora_scaling,
