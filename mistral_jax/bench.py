@@ -37,7 +37,7 @@ batch size B, prompt length P and generation length G it reports:
   own thread count and with one thread, each figure's faster kept), the ratios, and the
   logits' relative error.
 
-It prints a table, then the whole result as one JSON line (also written to `--json`).
+It prints a table for people on stdout; `--json FILE` writes the whole result as JSON.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -739,6 +740,12 @@ def _validate(ns: argparse.Namespace) -> None:
         raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
     if ns.layers is not None and (ns.layers < 1 or ns.ckpt is not None):
         raise UserInputError("--layers must be >= 1, and applies to a --preset, not --ckpt")
+    if ns.vs_transformers:  # one line now, not an ImportError traceback after the JAX run
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserInputError(
+                f"--vs-transformers needs {' and '.join(missing)} (not installed here): "
+                "pip install torch transformers (or the test extra), or drop --vs-transformers")
     if ns.quantize and ns.vs_transformers:
         raise UserInputError("--quantize cannot be combined with --vs-transformers "
                              "(transformers' model is built from unquantized weights)")
@@ -875,7 +882,7 @@ def run(ns: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: prints the table and one JSON line; returns the exit status."""
+    """CLI entry point: prints the table (and writes --json); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
     ns.argv = argv
@@ -909,9 +916,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (", the faster per row" if len(m["torch_threads"]) > 1 else "")
               + f"): logits rel err {m['hf_logits_rel_err']:.2e}")
     print(format_table(out["results"]))
-    text = json.dumps(out, default=float)
-    print(text)
-    if ns.json is not None:
+    if ns.json is not None:  # the whole result: machines read the file, stdout is for people
+        text = json.dumps(out, default=float)
         tmp = ns.json.with_name(ns.json.name + ".tmp")
         try:
             ns.json.parent.mkdir(parents=True, exist_ok=True)

@@ -245,12 +245,17 @@ def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: Model
     if args.max_seq_len is None:
         return
     for ids, name in zip(prompts, names):
+        if len(ids) >= args.max_seq_len:  # no --max-tokens fits: the prompt is what is too long
+            raise UserInputError(
+                f"{name} is too long: {len(ids)} tokens, and the model's context of "
+                f"{args.max_seq_len} must hold the prompt and at least one new token; shorten "
+                f"it by at least {len(ids) - args.max_seq_len + 1} tokens")
         if len(ids) + max_tokens > args.max_seq_len:
             raise UserInputError(
                 f"{name} is {len(ids)} tokens; with --max-tokens {max_tokens} that is "
                 f"{len(ids) + max_tokens} positions, beyond the model's context of "
                 f"{args.max_seq_len}: shorten it or lower --max-tokens (at most "
-                f"{max(args.max_seq_len - len(ids), 0)})")
+                f"{args.max_seq_len - len(ids)})")
 
 
 def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
