@@ -14,7 +14,6 @@ from mistral_jax.errors import ConfigError
 
 MISTRAL_DEFAULT_ROPE_THETA = 1e6
 
-
 @dataclasses.dataclass(frozen=True)
 class MoeArgs:
     num_experts: int

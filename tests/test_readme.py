@@ -44,6 +44,9 @@ def test_readme_has_the_install_and_test_commands_first():
     text = (REPO / "README.md").read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     assert 'pip install -e ".[test]"' in first_block
+    # the runtime install and both CUDA extras come first too
+    assert "pip install .  " in first_block
+    assert 'pip install ".[cuda13]"' in first_block and 'pip install ".[cuda12]"' in first_block
     assert "python -m pytest -n 2 -q" in first_block
     ci = (REPO / ".ci" / "run").read_text()
     assert "python3 -m pytest -n 2 -q" in ci and 'pip install -q -e ".[test]"' in ci
@@ -85,3 +88,14 @@ def test_python_dash_m_of_an_imported_module_prints_no_runpy_warning():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout
     assert "RuntimeWarning" not in proc.stderr, proc.stderr
+
+
+def test_pyproject_extras_match_the_readme_install_lines():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert extras["cuda12"] == ["jax[cuda12]"] and extras["cuda"] == extras["cuda12"]
+    assert extras["cuda13"][0].startswith("jax[cuda13]")
+    # matplotlib draws the notebooks' figures: an extra (and a test dependency), not a runtime one
+    assert "matplotlib" in extras["notebooks"] and "matplotlib" in extras["test"]
+    assert not [d for d in project["dependencies"] if d.startswith("matplotlib")]

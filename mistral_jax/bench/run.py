@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -260,6 +261,12 @@ def _validate(ns: argparse.Namespace) -> None:
         raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
     if ns.layers is not None and (ns.layers < 1 or ns.ckpt is not None):
         raise UserInputError("--layers must be >= 1, and applies to a --preset, not --ckpt")
+    if ns.vs_transformers:  # one line now, not an ImportError traceback after the JAX run
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserInputError(
+                f"--vs-transformers needs {' and '.join(missing)} (not installed here): "
+                "pip install torch transformers (or the test extra), or drop --vs-transformers")
     if ns.quantize and ns.vs_transformers:
         raise UserInputError("--quantize cannot be combined with --vs-transformers "
                              "(transformers' model is built from unquantized weights)")
@@ -404,7 +411,7 @@ def run(ns: argparse.Namespace) -> dict:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: prints the table and one JSON line; returns the exit status."""
+    """The command: prints the table (and writes --json); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
     ns.argv = argv
@@ -425,9 +432,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
               + (", the faster per row" if len(m["torch_threads"]) > 1 else "")
               + f"): logits rel err {m['hf_logits_rel_err']:.2e}")
     print(format_table(out["results"]))
-    text = json.dumps(out, default=float)
-    print(text)
-    if ns.json is not None:
+    if ns.json is not None:  # the whole result: machines read the file, stdout is for people
+        text = json.dumps(out, default=float)
         tmp = ns.json.with_name(ns.json.name + ".tmp")
         try:
             ns.json.parent.mkdir(parents=True, exist_ok=True)

@@ -26,13 +26,8 @@ import numpy as np
 from mistral_jax.args import ModelArgs
 
 # The commands use these as cli.X; tests patch them there.
-from mistral_jax.cli.timing import (  # noqa: F401
-    CompileTimer,
-    GenStats,
-    compile_notices,
+from mistral_jax.cli.timing import (
     log,
-    log_stats,
-    timed_generate,
 )
 from mistral_jax.config import load_args
 from mistral_jax.dtypes import DTYPES
@@ -124,15 +119,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens: int | None,
-                       temperature: float, max_tokens_help: str | None = None) -> None:
-    """--max-tokens, --temperature, --top-p, --top-k, --seed (checked by `check_sampling`)."""
+                       temperature: float | None, max_tokens_help: str | None = None,
+                       temperature_help: str | None = None, top_p: float | None = 1.0,
+                       top_p_help: str | None = None) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed (checked by `check_sampling`).
+
+    A None default means "the command decides" (sample: by model); the command then says
+    what it chose in `temperature_help` / `top_p_help`."""
     parser.add_argument("--max-tokens", type=int_at_least(1), default=max_tokens,
                         help=max_tokens_help or
                         f"most tokens generated per answer (default: {max_tokens})")
     parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f">= 0; 0 is greedy (default: {temperature})")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus sampling mass, in (0, 1] (default: 1, off)")
+                        help=temperature_help or f">= 0; 0 is greedy (default: {temperature})")
+    parser.add_argument("--top-p", type=float, default=top_p,
+                        help=top_p_help or "nucleus sampling mass, in (0, 1] (default: 1, off)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample among the k most likely tokens, k >= 1 (default: off)")
     parser.add_argument("--seed", type=int, default=0,
@@ -253,12 +253,17 @@ def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: Model
     if args.max_seq_len is None:
         return
     for ids, name in zip(prompts, names):
+        if len(ids) >= args.max_seq_len:  # no --max-tokens fits: the prompt is what is too long
+            raise UserInputError(
+                f"{name} is too long: {len(ids)} tokens, and the model's context of "
+                f"{args.max_seq_len} must hold the prompt and at least one new token; shorten "
+                f"it by at least {len(ids) - args.max_seq_len + 1} tokens")
         if len(ids) + max_tokens > args.max_seq_len:
             raise UserInputError(
                 f"{name} is {len(ids)} tokens; with --max-tokens {max_tokens} that is "
                 f"{len(ids) + max_tokens} positions, beyond the model's context of "
                 f"{args.max_seq_len}: shorten it or lower --max-tokens (at most "
-                f"{max(args.max_seq_len - len(ids), 0)})")
+                f"{args.max_seq_len - len(ids)})")
 
 
 def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
