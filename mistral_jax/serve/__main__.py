@@ -183,8 +183,8 @@ def _main(argv: Sequence[str] | None) -> int:
     engine.start()
     app = create_app(engine, tok, model_name=name, max_model_len=max_len, api_key=ns.api_key,
                      metrics=metrics)
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=ns.shutdown_grace + 5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=ns.shutdown_grace + 10)
     server = _Server(config, engine, app, ns.shutdown_grace)
     host, port = sock.getsockname()[:2]
     server.ready_line = (f"ready: serving {name} on http://{host}:{port} (max batch "
@@ -208,12 +208,10 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
-        old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+        # Kept until the process exits: a signal while the engine stops is not fatal.
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self.on_signal)
+        yield
 
     def on_signal(self, sig, frame) -> None:
         if self.signal is not None:  # a second signal: stop now
@@ -223,6 +221,7 @@ class _Server(uvicorn.Server):
         cli.log(f"{signal.Signals(sig).name}: not taking requests; running ones end within "
                 f"{self.grace:g} s")
         self.app.state.draining = True
+        self.app.state.deadline = time.monotonic() + self.grace + 1.0
         self.engine.drain(self.grace)
         self.should_exit = True  # uvicorn closes the socket, then waits for the responses
 

@@ -37,6 +37,7 @@ def create_app(engine: Engine, tok: Tokenizer, *, model_name: str, max_model_len
                api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
     app = FastAPI(title="mistral_jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
+    app.state.deadline = None  # after a drain: when the streams still open are ended here
     metrics = metrics or Metrics()
     created = int(time.time())
 
@@ -53,20 +54,7 @@ def create_app(engine: Engine, tok: Tokenizer, *, model_name: str, max_model_len
                                        "type": "server_error", "param": None, "code": None}},
                             status_code=500)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key is not None and path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                response = error_response(APIError(
-                    "missing or incorrect API key: send the header `Authorization: Bearer "
-                    "<key>`", status=401, code="invalid_api_key"))
-                metrics.requests.labels(path, "401").inc()
-                return response
-        response = await call_next(request)
-        if path.startswith("/v1/"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
 
     @app.get("/health")
     async def health():
@@ -153,13 +141,24 @@ def create_app(engine: Engine, tok: Tokenizer, *, model_name: str, max_model_len
         held = tok.decode(ids[ids.index(marker) + 1:]) if marker in ids else ""
         return held or None, None, reason
 
+    async def next_event(req: EngineRequest, events: asyncio.Queue[Event]) -> Event | None:
+        """The request's next event; None after DISCONNECT_POLL_S without one. Past a
+        drain's deadline (the engine busy, e.g. compiling), an 'abort' made up here."""
+        try:
+            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            deadline = app.state.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                req.cancel()
+                return Event("", [], None, "abort")
+            return None
+
     async def _complete(request: Request, req: EngineRequest, parsed: Parsed,
                         events: asyncio.Queue[Event]) -> Response:
         text, items = [], []
         while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
+            ev = await next_event(req, events)
+            if ev is None:
                 if await request.is_disconnected():
                     req.cancel()
                     return Response(status_code=499)
@@ -208,7 +207,9 @@ def create_app(engine: Engine, tok: Tokenizer, *, model_name: str, max_model_len
                 yield chunk({"role": "assistant", "content": ""})
             offset = 0
             while True:
-                ev = await events.get()
+                ev = await next_event(req, events)
+                if ev is None:
+                    continue
                 lp = None
                 if parsed.params.logprobs and ev.logprobs:
                     items = list(zip(ev.token_ids, ev.logprobs))
@@ -258,3 +259,38 @@ def create_app(engine: Engine, tok: Tokenizer, *, model_name: str, max_model_len
 
     app.state.metrics = metrics
     return app
+
+
+class _AuthAndCount:
+    """ASGI middleware: the bearer token on /v1/* (with --api-key), and the request
+    counter by endpoint and status. (Starlette's BaseHTTPMiddleware wraps streamed
+    bodies in a task that shutdown cancels; plain ASGI does not.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.api_key is not None:
+            headers = dict(scope.get("headers") or [])
+            if headers.get(b"authorization", b"") != f"Bearer {self.api_key}".encode():
+                self.metrics.requests.labels(path, "401").inc()
+                response = error_response(APIError(
+                    "missing or incorrect API key: send the header `Authorization: Bearer "
+                    "<key>`", status=401, code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        status = []
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(path, str(status[0] if status else 500)).inc()

@@ -76,8 +76,9 @@ def decode_step(params, cache, counts, prev, feed, positions, temperature, top_p
     first b slots (the bucket): feed int32 (-1: feed prev, the pipelined case), positions
     int32 (-1: slot idle, nothing written), the sampling values, fresh bool (the slot's
     first step: its counts restart), want_logprobs bool.
-    Returns (cache, counts, tokens int32[S], logprob f32[b], top_ids int32[b, 20],
-    top_logprobs f32[b, 20]). Logprobs are of the model's distribution (log_softmax of
+    Returns (cache, counts, prev int32[S] (for the next step), tokens int32[b] (the same
+    samples, to read back: prev is donated to the next step), logprob f32[b], top_ids
+    int32[b, 20], top_logprobs f32[b, 20]). Logprobs are of the model's distribution (log_softmax of
     the logits before temperature and penalties).
     """
     b = feed.shape[0]
@@ -109,7 +110,7 @@ def decode_step(params, cache, counts, prev, feed, positions, temperature, top_p
     chosen, top_ids, top_lp = jax.lax.cond(jnp.any(want_logprobs & active), with_logprobs,
                                            without)
     prev = prev.at[:b].set(new)
-    return cache, counts, prev, chosen, top_ids, top_lp
+    return cache, counts, prev, new, chosen, top_ids, top_lp
 
 
 def prefill_chunk(params, cache, slot, tokens, positions, fresh, *, args: Any,

@@ -59,6 +59,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    ignore_eos: bool = False  # go on past eos (vLLM's extension; benchmarks of fixed lengths)
     hold_text_after: int | None = None  # a token id (e.g. [TOOL_CALLS]) after which text is held
 
 
@@ -133,7 +134,11 @@ class Engine:
         n_vocab = vocab_limit or args.vocab_size
         self.counts = jnp.zeros((max_batch, n_vocab), jnp.int32)
         self.prev = jnp.zeros((max_batch,), jnp.int32)
-        self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_waiting)
+        # Unbounded itself: `submit` refuses a request when max_waiting are queued beyond
+        # the free slots (requests the engine has not pulled yet count as waiting).
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.max_waiting = max_waiting
+        self._submit_lock = threading.Lock()
         self.slots: list[_Slot | None] = [None] * max_batch
         self.accepting = True
         self._abort_at: float | None = None  # drain deadline: then running requests end
@@ -148,10 +153,13 @@ class Engine:
         """Queue a request; QueueFull or ShuttingDown if it cannot be taken."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
-        try:
+        if self.error is not None:
+            raise ShuttingDown(f"the engine stopped ({type(self.error).__name__})")
+        with self._submit_lock:
+            free = self.max_batch - self.running
+            if self.waiting.qsize() >= self.max_waiting + free:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting for a slot")
             self.waiting.put_nowait(req)
-        except queue.Full:
-            raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
         self._set_gauges()
 
     @property
@@ -204,10 +212,11 @@ class Engine:
         except BaseException as e:  # the HTTP side reports it; requests end
             self.error = e
             self.log(f"engine error: {type(e).__name__}: {e}")
+            self.accepting = False
             for s in self.slots:
                 if s is not None:
                     self._finish(s, "abort")
-            self.accepting = False
+            self._reap()  # and the waiting ones
 
     def _reap(self) -> None:
         """Free cancelled slots; after a drain's deadline, end everything with 'abort'."""
@@ -302,11 +311,10 @@ class Engine:
             s.fresh = False
             s.pos += 1
             s.dispatched += 1
-        self.cache, self.counts, self.prev, *out = device.decode_step_jit(
+        self.cache, self.counts, self.prev, tokens, *out = device.decode_step_jit(
             self.params, self.cache, self.counts, self.prev, feed, positions, temperature,
             top_p, top_k, keys, counter, presence, frequency, fresh, want_lp, args=self.args,
             forward=self.forward, vocab_limit=self.vocab_limit)
-        tokens = self.prev[:b]
         for x in (tokens, *out):
             x.copy_to_host_async()
         return rows, tokens, out, want_lp.any()
@@ -326,7 +334,7 @@ class Engine:
             elif self.metrics is not None:
                 self.metrics.itl.observe(now - req.last_token_at)
             req.last_token_at = now
-            if t == self.tok.eos_id:
+            if t == self.tok.eos_id and not req.params.ignore_eos:
                 self._finish(s, "stop")
                 continue
             req.output.append(t)
@@ -391,4 +399,4 @@ class Engine:
     def _set_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.running.set(self.running)
-            self.metrics.waiting.set(self.waiting.qsize())
+            self.metrics.waiting.set(max(0, self.waiting.qsize() - (self.max_batch - self.running)))

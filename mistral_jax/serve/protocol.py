@@ -8,6 +8,7 @@ with OpenAI's error fields; the HTTP layer turns it into JSON (400 unless said).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -176,7 +177,7 @@ def sampling(body: dict, kind: str, prompt_len: int, max_len: int,
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         presence_penalty=presence, frequency_penalty=frequency, stop=_stop(body), logprobs=want,
-        hold_text_after=hold_text_after)
+        hold_text_after=hold_text_after, ignore_eos=_bool(body, "ignore_eos"))
     return params, top
 
 
@@ -285,11 +286,17 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int,
 
 
 def piece(tok: Tokenizer, i: int) -> str:
-    """The token's own text (sentencepiece's '▁' as a space), for logprobs."""
+    """The token's own text (sentencepiece's '▁' as a space, a byte piece <0x0A> as its
+    character when it is ASCII), for logprobs."""
     try:
         text = tok._raw.id_to_piece(int(i))
     except Exception:  # noqa: BLE001  (a tokenizer without pieces)
-        text = tok.decode([int(i)])
+        return tok.decode([int(i)])
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        with contextlib.suppress(ValueError):
+            code = int(text[3:5], 16)
+            if code < 128:
+                return chr(code)
     return text.replace("\u2581", " ")
 
 
