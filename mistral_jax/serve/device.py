@@ -44,7 +44,9 @@ def sample_rows(logits, temperature, top_p, top_k, key_data, counter):
     with the key fold_in(seed key, counter): a row's draws depend on its seed and its own
     progress only, never on the other rows.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # top_k(1), not argmax: the same id (the lowest on ties), but XLA's CPU argmax over a
+    # 32k vocabulary took 8 ms for 16 rows where top_k took 1 ms.
+    greedy = jax.lax.top_k(logits, 1)[1][:, 0].astype(jnp.int32)
 
     def sampled():
         vocab = logits.shape[-1]
@@ -90,12 +92,23 @@ def decode_step(params, cache, counts, prev, feed, positions, temperature, top_p
     logits = logits[:, -1]
     if vocab_limit is not None:
         logits = logits[:, :vocab_limit]
-    row_counts = jnp.where(fresh[:, None], 0, counts[:b, : logits.shape[-1]])
-    penalized = (logits - presence[:, None] * (row_counts > 0)
-                 - frequency[:, None] * row_counts.astype(jnp.float32))
-    new = sample_rows(penalized, temperature, top_p, top_k, key_data, counter)
-    row_counts = row_counts.at[jnp.arange(b), new].add(active.astype(jnp.int32))
-    counts = jax.lax.dynamic_update_slice(counts, row_counts, (0, 0))
+    penalties = (presence != 0) | (frequency != 0)
+
+    def penalized_sample(counts):
+        # Counts matter only to rows with a penalty, and such a row has one on every step
+        # of its life (its first step, fresh, restarts them): without any, skip [b, V] work.
+        row_counts = jnp.where(fresh[:, None], 0, counts[:b])
+        penalized = (logits - presence[:, None] * (row_counts > 0)
+                     - frequency[:, None] * row_counts.astype(jnp.float32))
+        new = sample_rows(penalized, temperature, top_p, top_k, key_data, counter)
+        row_counts = row_counts.at[jnp.arange(b), new].add((active & penalties).astype(jnp.int32))
+        return new, jax.lax.dynamic_update_slice(counts, row_counts, (0, 0))
+
+    def plain_sample(counts):
+        return sample_rows(logits, temperature, top_p, top_k, key_data, counter), counts
+
+    new, counts = jax.lax.cond(jnp.any(penalties & active), penalized_sample, plain_sample,
+                               counts)
 
     def with_logprobs():
         lp = jax.nn.log_softmax(logits, axis=-1)
