@@ -74,10 +74,10 @@ def decode_step(params, cache, counts, prev, feed, positions, temperature, top_p
     """Feed every slot of the bucket one token and sample the next.
 
     cache: the whole cache (S slots); counts int32[S, V] ids each slot generated (for the
-    penalties); prev int32[S] the last step's samples. The other arrays are [b] for the
-    first b slots (the bucket): feed int32 (-1: feed prev, the pipelined case), positions
-    int32 (-1: slot idle, nothing written), the sampling values, fresh bool (the slot's
-    first step: its counts restart), want_logprobs bool.
+    penalties, counted for rows with one); prev int32[S] the last step's samples. The other
+    arrays are [b] for the first b slots (the bucket): feed int32 (-1: feed prev, the
+    pipelined case), positions int32 (-1: slot idle, nothing written), the sampling values,
+    fresh bool (unused, kept for the call's shape), want_logprobs bool.
     Returns (cache, counts, prev int32[S] (for the next step), tokens int32[b] (the same
     samples, to read back: prev is donated to the next step), logprob f32[b], top_ids
     int32[b, 20], top_logprobs f32[b, 20]). Logprobs are of the model's distribution (log_softmax of
@@ -94,21 +94,17 @@ def decode_step(params, cache, counts, prev, feed, positions, temperature, top_p
         logits = logits[:, :vocab_limit]
     penalties = (presence != 0) | (frequency != 0)
 
-    def penalized_sample(counts):
-        # Counts matter only to rows with a penalty, and such a row has one on every step
-        # of its life (its first step, fresh, restarts them): without any, skip [b, V] work.
-        row_counts = jnp.where(fresh[:, None], 0, counts[:b])
-        penalized = (logits - presence[:, None] * (row_counts > 0)
-                     - frequency[:, None] * row_counts.astype(jnp.float32))
-        new = sample_rows(penalized, temperature, top_p, top_k, key_data, counter)
-        row_counts = row_counts.at[jnp.arange(b), new].add((active & penalties).astype(jnp.int32))
-        return new, jax.lax.dynamic_update_slice(counts, row_counts, (0, 0))
+    def penalized():
+        row_counts = counts[:b]
+        return (logits - presence[:, None] * (row_counts > 0)
+                - frequency[:, None] * row_counts.astype(jnp.float32))
 
-    def plain_sample(counts):
-        return sample_rows(logits, temperature, top_p, top_k, key_data, counter), counts
-
-    new, counts = jax.lax.cond(jnp.any(penalties & active), penalized_sample, plain_sample,
-                               counts)
+    # Without any penalty, no [b, V] pass over the counts (the cond's branches only read
+    # them: a branch returning the counts made XLA copy all of them, 2 MB, every step).
+    scored = jax.lax.cond(jnp.any(penalties & active), penalized, lambda: logits)
+    new = sample_rows(scored, temperature, top_p, top_k, key_data, counter)
+    # Counted only for rows with a penalty; `reset_counts` zeroes a slot's row on admission.
+    counts = counts.at[jnp.arange(b), new].add((active & penalties).astype(jnp.int32))
 
     def with_logprobs():
         lp = jax.nn.log_softmax(logits, axis=-1)
@@ -141,6 +137,11 @@ def prefill_chunk(params, cache, slot, tokens, positions, fresh, *, args: Any,
     return _put_rows(cache, row, slot)
 
 
+def reset_counts(counts, slot):
+    """Slot `slot`'s generated-id counts zeroed (a new request with a penalty)."""
+    return counts.at[slot].set(0)
+
+
 def clear_slot(cache, slot):
     """Slot `slot` emptied (every position -1): a one-token prompt needs no prefill."""
     return [dict(layer, pos=layer["pos"].at[slot].set(-1)) for layer in cache]
@@ -151,13 +152,21 @@ decode_step_jit = jax.jit(decode_step, static_argnames=(*_STATIC, "vocab_limit")
                           donate_argnames=("cache", "counts", "prev"))
 prefill_chunk_jit = jax.jit(prefill_chunk, static_argnames=_STATIC, donate_argnames=("cache",))
 clear_slot_jit = jax.jit(clear_slot, donate_argnames=("cache",))
+reset_counts_jit = jax.jit(reset_counts, donate_argnames=("counts",))
 
 
 @functools.cache
-def decode_buckets(max_batch: int) -> tuple[int, ...]:
-    """Rows a decode step may run over: powers of two below max_batch, then max_batch."""
+def decode_buckets(max_batch: int, sub_batches: bool = False) -> tuple[int, ...]:
+    """Rows a decode step may run over: all max_batch slots; with sub_batches, also the
+    powers of two below it (a step over the first b slots only).
+
+    Off by default: on the CPU, a 1-row step sliced from a 16-slot cache took 7-8 ms where
+    the whole 16-row step took 4.8 ms (the slice and its write-back cost more than the
+    rows they save; demo model, float32, 2 loaded cores). On GPUs, where a step reads the
+    whole cache, sub-batches may pay: still to be measured.
+    """
     out, b = [], 1
-    while b < max_batch:
+    while sub_batches and b < max_batch:
         out.append(b)
         b *= 2
     return (*out, max_batch)

@@ -254,6 +254,8 @@ class Engine:
             self.slots[i] = _Slot(req, self.tok, seed)
             if len(req.prompt) == 1:
                 self.cache = device.clear_slot_jit(self.cache, jnp.int32(i))
+            if req.params.presence_penalty or req.params.frequency_penalty:
+                self.counts = device.reset_counts_jit(self.counts, jnp.int32(i))
         self._set_gauges()
 
     def _prefill_one(self) -> None:
