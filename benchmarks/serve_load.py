@@ -27,30 +27,42 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], gen: int,
-                      key: str | None) -> dict:
-    body = {"prompt": prompt, "max_tokens": gen, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+async def one_request(url: str, prompt: list[int], gen: int, key: str | None) -> dict:
+    """One streamed completion over a bare asyncio connection: a light client, as the
+    clients share the machine's CPUs with the server. Reads uvicorn's chunked body line
+    by line (each server-sent event arrives as one chunk of whole lines)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": gen, "temperature": 0,
+                       "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    u = urlsplit(url)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
     start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    writer.write((f"POST /v1/completions HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                  f"Connection: close\r\n{auth}\r\n").encode() + body)
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise SystemExit(f"server answered {status!r}: {await reader.read(2000)!r}")
+    while (await reader.readline()).strip():  # headers
+        pass
     arrivals, tokens = [], 0
-    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                arrivals.append(time.perf_counter())
+    while line := await reader.readline():
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"] and chunk["choices"][0]["text"]:
+            arrivals.append(time.perf_counter())
+    writer.close()
     end = time.perf_counter()
     return {"ttft": arrivals[0] - start if arrivals else float("nan"),
             "gaps": np.diff(arrivals).tolist(), "tokens": tokens, "start": start, "end": end}
@@ -59,16 +71,15 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ge
 async def level(url: str, n: int, rounds: int, prompt_len: int, gen: int, key: str | None,
                 seed: int) -> dict:
     rng = np.random.default_rng(seed + n)
-    limits = httpx.Limits(max_connections=n + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def worker(w: int) -> list[dict]:
-            out = []
-            for _ in range(rounds):
-                prompt = rng.integers(1000, 20000, prompt_len).tolist()
-                out.append(await one_request(client, url, prompt, gen, key))
-            return out
 
-        results = [r for rs in await asyncio.gather(*(worker(w) for w in range(n))) for r in rs]
+    async def worker() -> list[dict]:
+        out = []
+        for _ in range(rounds):
+            prompt = rng.integers(1000, 20000, prompt_len).tolist()
+            out.append(await one_request(url, prompt, gen, key))
+        return out
+
+    results = [r for rs in await asyncio.gather(*(worker() for _ in range(n))) for r in rs]
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     total = sum(r["tokens"] for r in results)
     ttft = np.array([r["ttft"] for r in results]) * 1e3
@@ -117,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--quantize", default=None)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="the started server's slots (default: the largest --clients)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not add N = 1 to --clients (ratios are then to the first N)")
     p.add_argument("--rounds", type=int, default=2, help="requests per client (default: 2)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=64)
@@ -127,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     ns = p.parse_args(argv)
-    if 1 not in ns.clients:
+    if 1 not in ns.clients and not ns.no_baseline:
         ns.clients = [1, *ns.clients]
     proc = None
     url = ns.url
     if url is None:
         log = Path(tempfile.mkdtemp()) / "server.log"
-        proc, url = start_server(ns, max(ns.clients), log)
+        proc, url = start_server(ns, ns.max_batch or max(ns.clients), log)
     try:
         asyncio.run(level(url, 1, 1, ns.prompt_len, 4, ns.api_key, ns.seed))  # warm-up
         passes: dict[int, list[dict]] = {n: [] for n in sorted(ns.clients)}

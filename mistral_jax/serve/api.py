@@ -98,14 +98,22 @@ def create_app(engine: Engine, tok: Tokenizer, *, model_name: str, max_model_len
             parsed = parse(body)
         except APIError as e:
             return error_response(e)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        if engine.emit_many is None:  # the first request: uvicorn's one event loop
+            loop = asyncio.get_running_loop()
 
-        def emit(event: Event) -> None:  # engine thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop closed: nobody is listening any more
-                pass
+            def fan_out(pairs) -> None:  # on the loop
+                for r, ev in pairs:
+                    r.emit(ev)
+
+            def emit_many(pairs) -> None:  # engine thread: one wake-up per turn
+                try:
+                    loop.call_soon_threadsafe(fan_out, pairs)
+                except RuntimeError:  # the loop closed: nobody is listening any more
+                    pass
+
+            engine.emit_many = emit_many
+        emit = events.put_nowait
 
         prefix = "cmpl-" if parsed.kind == "completion" else "chatcmpl-"
         req = EngineRequest(protocol.random_id(prefix), parsed.prompt, parsed.params, emit)

@@ -1,8 +1,10 @@
 """Continuous batching: requests share `max_batch` slots of one KV cache, stepped together.
 
 The engine runs in its own thread. The HTTP side hands it a `Request` (`submit`, a
-bounded queue) and hears back through `Request.emit`, called from the engine thread
-once per generated token (the HTTP side makes that thread-safe). Each loop turn:
+bounded queue) and hears back through `Request.emit(event)`, one event per generated
+token. The engine thread collects a turn's events and hands them over at once: to
+`Engine.emit_many(pairs)` if set (the HTTP side: one wake-up of its event loop per step,
+not one per stream), else to each `Request.emit` in turn (then it must be thread-safe). Each loop turn:
 
   1. free the slots of cancelled requests; move waiting requests into free slots;
   2. prefill one chunk of the oldest prompt still being read (a long prompt is read a
@@ -75,7 +77,7 @@ class Event:
 
 
 class Request:
-    """One generation. `emit(event)` is called from the engine thread."""
+    """One generation; its events go to `emit(event)` (see the module docstring)."""
 
     def __init__(self, rid: str, prompt: Sequence[int], params: SamplingParams,
                  emit: Callable[[Event], None]) -> None:
@@ -146,6 +148,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self._rng = np.random.default_rng()
+        self._outbox: list[tuple[Request, Event]] = []
+        self.emit_many: Callable[[list[tuple[Request, Event]]], None] | None = None
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -209,6 +213,7 @@ class Engine:
                 if pending is not None:
                     self._deliver(*pending)
                 pending = dispatched
+                self._flush()
         except BaseException as e:  # the HTTP side reports it; requests end
             self.error = e
             self.log(f"engine error: {type(e).__name__}: {e}")
@@ -217,6 +222,7 @@ class Engine:
                 if s is not None:
                     self._finish(s, "abort")
             self._reap()  # and the waiting ones
+            self._flush()
 
     def _reap(self) -> None:
         """Free cancelled slots; after a drain's deadline, end everything with 'abort'."""
@@ -228,7 +234,7 @@ class Engine:
                 except queue.Empty:
                     break
                 req.finish_reason = "abort"
-                req.emit(Event("", [], None, "abort"))
+                self._outbox.append((req, Event("", [], None, "abort")))
         for i, s in enumerate(self.slots):
             if s is None:
                 continue
@@ -352,7 +358,17 @@ class Engine:
             elif len(req.output) >= req.params.max_tokens:
                 self._finish(s, "length", text=text, ids=[t], logprobs=lps)
             else:
-                req.emit(Event(text, [t], lps))
+                self._outbox.append((req, Event(text, [t], lps)))
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if not out:
+            return
+        if self.emit_many is not None:
+            self.emit_many(out)
+        else:
+            for req, ev in out:
+                req.emit(ev)
 
     def _text(self, s: _Slot, t: int) -> str:
         """Text to emit after token t: held back while it may be the start of a stop
@@ -384,7 +400,7 @@ class Engine:
                 s.text += s.decoder.flush()
                 text += s.text[s.sent:]
         req.finish_reason = reason
-        req.emit(Event(text, list(ids), logprobs, reason))
+        self._outbox.append((req, Event(text, list(ids), logprobs, reason)))
         self._log_done(req, reason)
         self._set_gauges()
 
