@@ -29,6 +29,24 @@ from mistral_jax.tokenizer import Tokenizer
 DISCONNECT_POLL_S = 0.5
 
 
+def _emit_many(pairs) -> None:
+    """Engine thread: hand a turn's events to their requests' event loops, one wake-up per
+    loop (uvicorn has one; a test client may run a loop per request)."""
+    by_loop: dict[Any, list] = {}
+    for req, ev in pairs:
+        by_loop.setdefault(req.loop, []).append((req, ev))
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_fan_out, group)
+        except RuntimeError:  # the loop closed: nobody is listening any more
+            pass
+
+
+def _fan_out(pairs) -> None:
+    for req, ev in pairs:
+        req.emit(ev)
+
+
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -99,24 +117,12 @@ def create_app(engine: Engine, tok: Tokenizer, *, model_name: str, max_model_len
         except APIError as e:
             return error_response(e)
         events: asyncio.Queue[Event] = asyncio.Queue()
-        if engine.emit_many is None:  # the first request: uvicorn's one event loop
-            loop = asyncio.get_running_loop()
-
-            def fan_out(pairs) -> None:  # on the loop
-                for r, ev in pairs:
-                    r.emit(ev)
-
-            def emit_many(pairs) -> None:  # engine thread: one wake-up per turn
-                try:
-                    loop.call_soon_threadsafe(fan_out, pairs)
-                except RuntimeError:  # the loop closed: nobody is listening any more
-                    pass
-
-            engine.emit_many = emit_many
+        engine.emit_many = _emit_many
         emit = events.put_nowait
 
         prefix = "cmpl-" if parsed.kind == "completion" else "chatcmpl-"
         req = EngineRequest(protocol.random_id(prefix), parsed.prompt, parsed.params, emit)
+        req.loop = asyncio.get_running_loop()
         try:
             if app.state.draining:
                 raise ShuttingDown("the server is shutting down")
