@@ -102,10 +102,12 @@ def check_memory(args, max_batch: int, max_seq_len: int, dtype) -> None:
     len_fit = max_seq_len
     while len_fit > 16 and cache_bytes(args, max_batch, len_fit, dtype) > budget:
         len_fit //= 2
+    shorter = (f" or --max-seq-len (e.g. {len_fit})"
+               if cache_bytes(args, max_batch, len_fit, dtype) <= budget else "")
     raise UserInputError(
         f"the KV cache for --max-batch {max_batch} x --max-seq-len {max_seq_len} needs "
         f"{need / 2**30:.2f} GiB but {what} has {free / 2**30:.2f} GiB free: lower "
-        f"--max-batch (at most {batch_fit} fits) or --max-seq-len (e.g. {len_fit})")
+        f"--max-batch (at most {batch_fit} fits){shorter}")
 
 
 def resolve_context(ns: argparse.Namespace, args) -> int:
