@@ -31,7 +31,6 @@ import numpy as np
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.bench.costs import decode_bytes, nbytes, prefill_flops
-from mistral_jax.bench.presets import PRESETS
 from mistral_jax.bench.probes import (
     Hardware,
     choose_peak,
@@ -59,6 +58,7 @@ from mistral_jax.generate import generate_from_params
 from mistral_jax.kernels import CHOICES, ENV, Kernels, default_kernels
 from mistral_jax.model import causal_positions, forward, random_params
 from mistral_jax.moe import default_decode_kernel
+from mistral_jax.presets import PRESETS
 from mistral_jax.quantize import MODES
 from mistral_jax.sampling import Greedy, prng_key
 from mistral_jax.transformer import Transformer

@@ -1,5 +1,5 @@
-"""Model shapes the benchmark can run with random weights.
-"""
+"""Model shapes to run with random weights: the `--preset` of the benchmark, the quality
+report and the server."""
 
 from __future__ import annotations
 
