@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from mistral_jax import cli
+from mistral_jax.cli import common as cli
 from mistral_jax.generate import generate
 from mistral_jax.tokenizer import load_tokenizer
 from mistral_jax.transformer import Transformer

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mistral_jax import cli
+from mistral_jax.cli import common as cli
 from mistral_jax.config import load_args
 from mistral_jax.errors import UserInputError
 from mistral_jax.serve import device

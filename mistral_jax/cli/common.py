@@ -32,6 +32,7 @@ from mistral_jax.cli.timing import (
 from mistral_jax.config import load_args
 from mistral_jax.dtypes import DTYPES
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
+from mistral_jax.generate import check_fits
 from mistral_jax.interrupts import exit_status
 from mistral_jax.mesh import initialize_distributed, make_mesh
 from mistral_jax.quantize import MODES, is_quantized
@@ -249,21 +250,10 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, ModelArgs, Tokenizer]:
 
 def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: ModelArgs,
                   names: Sequence[str]) -> None:
-    """Each prompt plus max_tokens must fit the model's context (when the folder states it)."""
-    if args.max_seq_len is None:
-        return
+    """Each prompt plus --max-tokens must fit the model's context (when the folder states
+    it), checked before the weights load (`generate.check_fits`)."""
     for ids, name in zip(prompts, names):
-        if len(ids) >= args.max_seq_len:  # no --max-tokens fits: the prompt is what is too long
-            raise UserInputError(
-                f"{name} is too long: {len(ids)} tokens, and the model's context of "
-                f"{args.max_seq_len} must hold the prompt and at least one new token; shorten "
-                f"it by at least {len(ids) - args.max_seq_len + 1} tokens")
-        if len(ids) + max_tokens > args.max_seq_len:
-            raise UserInputError(
-                f"{name} is {len(ids)} tokens; with --max-tokens {max_tokens} that is "
-                f"{len(ids) + max_tokens} positions, beyond the model's context of "
-                f"{args.max_seq_len}: shorten it or lower --max-tokens (at most "
-                f"{args.max_seq_len - len(ids)})")
+        check_fits(len(ids), max_tokens, args.max_seq_len, name, max_tokens_name="--max-tokens")
 
 
 def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:

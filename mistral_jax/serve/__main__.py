@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import uvicorn
 
+from mistral_jax import interrupts
 from mistral_jax.cache import cache_sizes
 from mistral_jax.cli import common as cli
 from mistral_jax.dtypes import resolve_dtype
@@ -190,7 +191,10 @@ def _main(argv: Sequence[str] | None) -> int:
     server.ready_line = (f"ready: serving {name} on http://{host}:{port} (max batch "
                          f"{ns.max_batch}, context {max_len} tokens)")
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        # While serving, SIGTERM / SIGINT drain the engine (`_Server.on_signal`) instead of
+        # ending the process at once, as interrupts.py does for every command.
+        with interrupts.deferred((signal.SIGTERM, signal.SIGINT)):
+            asyncio.run(server.serve(sockets=[sock]))
     finally:
         engine.stop()
     return 130 if server.signal == signal.SIGINT else 0
