@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import mistral_jax
-from mistral_jax import args as args_module
+from mistral_jax import config as args_module
 from mistral_jax.config import load_args
 from mistral_jax.errors import ConfigError
 

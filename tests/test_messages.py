@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 import mistral_jax
-from mistral_jax import bench, cli, sharding
+from mistral_jax import sharding
 from mistral_jax.args import ModelArgs
+from mistral_jax.bench import run as bench
+from mistral_jax.cli import common as cli
 from mistral_jax.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
