@@ -25,10 +25,13 @@ import numpy as np
 
 from mistral_jax.args import ModelArgs
 
-# The commands use these as cli.X; tests patch them there.
-from mistral_jax.cli.timing import (
-    log,
-)
+# The commands use these as cli.X (tests patch them there): re-exported explicitly.
+from mistral_jax.cli.timing import CompileTimer as CompileTimer
+from mistral_jax.cli.timing import GenStats as GenStats
+from mistral_jax.cli.timing import compile_notices as compile_notices
+from mistral_jax.cli.timing import log as log
+from mistral_jax.cli.timing import log_stats as log_stats
+from mistral_jax.cli.timing import timed_generate as timed_generate
 from mistral_jax.config import load_args
 from mistral_jax.dtypes import DTYPES
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
