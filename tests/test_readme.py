@@ -1,4 +1,5 @@
-"""The README stays true: every shell command in it that needs no downloaded weights runs here.
+"""The README and docs/*.md stay true: every shell command in them that needs no downloaded
+weights runs here.
 
 Commands that need a real checkpoint ($CKPT, /path/to/...), a full-size preset (mistral-7b,
 mixtral-8x7b: gigabytes of random weights, which CI's memory cannot hold beside a second test
@@ -23,9 +24,14 @@ NOT_HERE = re.compile(r"\$CKPT|path/to|/models/|mistral-7b|mixtral-8x|codestral-
 STDIN = {"mistral_jax.chat": "What does json.dumps do?\n/quit\n"}
 
 
+# The README and the reference pages it links (docs/*.md; docs/design holds notes, no commands).
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def readme_commands() -> list[str]:
-    """Shell commands of the README's ```bash blocks, continuation lines joined."""
-    text = (REPO / "README.md").read_text()
+    """Shell commands of the ```bash blocks of the README and docs/*.md, continuation lines
+    joined."""
+    text = "\n".join(page.read_text() for page in PAGES)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -99,3 +105,12 @@ def test_pyproject_extras_match_the_readme_install_lines():
     # matplotlib draws the notebooks' figures: an extra (and a test dependency), not a runtime one
     assert "matplotlib" in extras["notebooks"] and "matplotlib" in extras["test"]
     assert not [d for d in project["dependencies"] if d.startswith("matplotlib")]
+
+
+def test_readme_links_every_reference_page_and_stays_short():
+    """The README is what a user needs in the first ten minutes; the reference material is in
+    docs/, every page of which the README links."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 220
+    for page in PAGES[1:]:
+        assert f"](docs/{page.name})" in text, page.name
