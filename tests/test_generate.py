@@ -369,7 +369,7 @@ def test_generate_uses_model_params_args_and_dtype(setup, ragged):
         ([[1, 2], []], {}, r"prompts\[1\] is empty"),
         ([[1, 2]], dict(max_tokens=0), "max_tokens must be an integer >= 1"),
         ([[1, 2]], dict(max_tokens=2.0), "max_tokens must be an integer >= 1"),
-        ([[1, 2, 3]], dict(max_tokens=8), r"prompts\[0\] has 3 tokens.*max_seq_len=10"),
+        ([[1, 2, 3]], dict(max_tokens=8), r"prompts\[0\] is 3 tokens; with max_tokens 8 .* context of 10"),
         ([[1, 99]], {}, r"prompts\[0\] holds token id 99 outside \[0, vocab_size=23\)"),
         ([[1, 2]], dict(chunk_size=0), "chunk_size must be None or an integer >= 1"),
         ([[1, 2]], dict(eos_id=-3), r"eos_id must be None or a token id in \[0, vocab_size=23\)"),
