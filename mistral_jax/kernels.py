@@ -9,7 +9,8 @@ facts only (backend, dtype, shapes), by the defaults measured in BENCHMARKS.md:
 - attention: 'auto' (cuDNN for a bfloat16/float16 prefill on GPUs, else the reference
   einsums), 'reference', 'xla' or 'cudnn' (the fused `jax.nn.dot_product_attention`).
 - moe (the decode path of a MoE layer): 'auto' (tiled on the CPU for float32/int8 experts,
-  else 'xla', XLA's gather), 'xla', 'tiled', 'pallas' or 'pallas-interpret'.
+  the Pallas kernel on GPUs for bfloat16/float16/float32 experts, else 'xla', XLA's
+  gather), 'xla', 'tiled', 'pallas' or 'pallas-interpret'.
 - qmatmul (int8/fp8 weight-only matmuls of few rows): 'auto' (= 'xla'), 'xla', 'pallas' or
   'pallas-interpret'. 'pallas-interpret' runs a Pallas kernel in the interpreter (any backend).
 

@@ -55,12 +55,23 @@ def moe_strategy(n_tokens: int, k: int, n_experts: int) -> str:
     return "gather" if n_tokens * k <= n_experts else "grouped"
 
 
+# Expert kernel dtypes the Pallas decode kernel is the default for on GPUs: measured 1.9x
+# the gather path on Mixtral-8x7B bf16 (BENCHMARKS.md, the 2026-12-04 H200 table). int8/fp8
+# experts through it are not measured yet (benchmarks/gpu_suite.py), so they gather.
+PALLAS_GPU_DTYPES = ("bfloat16", "float16", "float32")
+
+
 def default_decode_kernel(w1, w2, w3) -> str:
-    """What `Kernels.moe` 'auto' decodes with: 'tiled' on the CPU backend where every
-    expert kernel's dtype is in TILED_CPU_DTYPES, else 'xla' (the gather path)."""
+    """What `Kernels.moe` 'auto' decodes with, by backend and the expert kernels' dtypes:
+    the CPU: 'tiled' where every dtype is in TILED_CPU_DTYPES; GPUs: 'pallas' where every
+    dtype is in PALLAS_GPU_DTYPES; else 'xla' (the gather path)."""
     dtypes = {jnp.dtype(kernel_of(w).dtype).name for w in (w1, w2, w3)}
-    cpu = jax.default_backend() == "cpu"
-    return "tiled" if cpu and dtypes <= set(TILED_CPU_DTYPES) else "xla"
+    backend = jax.default_backend()
+    if backend == "cpu" and dtypes <= set(TILED_CPU_DTYPES):
+        return "tiled"
+    if backend == "gpu" and dtypes <= set(PALLAS_GPU_DTYPES):
+        return "pallas"
+    return "xla"
 
 
 def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-kernel", choices=CHOICES["moe"], default=None,
                    help=f"MoE decode path: XLA's gather, its row-block tiling or the Pallas "
                    f"kernel (Kernels.moe; default: {ENV['moe']}, else auto = tiled on the CPU "
-                   "for float32/int8 experts, xla otherwise)")
+                   "for float32/int8 experts, pallas on GPUs for float experts, xla otherwise)")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time transformers' PyTorch model on the same weights")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -294,7 +294,7 @@ def chosen_kernels(ns: argparse.Namespace) -> Kernels:
 def moe_kernel_used(args: ModelArgs, params: Any, kernels: Kernels) -> str | None:
     """The MoE decode path a decode step takes (None for a dense model): `kernels.moe`, or
     for 'auto' moe.default_decode_kernel's choice for the first layer's experts, named
-    'xla (default)' or 'tiled (default)'."""
+    e.g. 'pallas (default)'."""
     if args.moe is None:
         return None
     if kernels.moe != "auto":
