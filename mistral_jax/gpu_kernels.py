@@ -15,12 +15,12 @@ NUM_WARPS, NUM_STAGES = 4, 2
 MIN_PROGRAMS = 256  # aim for about two programs per SM on an H100 (132 SMs)
 
 
-def _pallas_call(kernel, **kwargs):
+def _pallas_call(kernel, *, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES, **kwargs):
     """`pl.pallas_call` lowered through Triton on GPUs (see the module docstring)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.triton as pltriton
 
-    params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(kernel, compiler_params=params, **kwargs)
 
 
@@ -210,3 +210,79 @@ def moe_decode_pallas(x: jax.Array, experts: jax.Array, w1, w2, w3, *,
     )(*down_in)
 
     return y.sum(0).astype(x.dtype).reshape(n, k, d)
+
+
+# Grouped matmul tiles: [GMM_BLOCK_N] output columns, [GMM_BLOCK_K] of the reduction a step.
+# Rows per tile are the caller's group block (at most 128). 8 warps, 3 stages: Triton's own
+# matmul tutorial configuration for 128 x 128 x 64 bf16 tiles (96 KB of shared memory).
+GMM_BLOCK_N, GMM_BLOCK_K = 128, 64
+GMM_WARPS, GMM_STAGES = 8, 3
+
+
+def _gmm_kernel(meta_ref, x_ref, w_ref, *rest, block_k: int, steps: int, scaled: bool):
+    """Program (j, i): out[row block i, column block j] = x[block i] @ w[e_i][:, block j]."""
+    import jax.experimental.pallas as pl
+
+    s_ref, o_ref = rest if scaled else (None, *rest)
+    j, i = pl.program_id(0), pl.program_id(1)
+    block_m, block_n = o_ref.shape
+
+    @pl.when(i < meta_ref[0])  # blocks past the last group: nothing to compute
+    def _():
+        e = meta_ref[1 + i]
+        rows, cols = pl.ds(i * block_m, block_m), pl.ds(j * block_n, block_n)
+
+        def body(t, acc):
+            kk = pl.ds(t * block_k, block_k)
+            x = x_ref[rows, kk]
+            w = w_ref[e, kk, cols].astype(x.dtype)
+            return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+        if scaled:
+            acc = acc * s_ref[e, cols].astype(jnp.float32)[None, :]
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def gmm_pallas(x: jax.Array, w, block_expert: jax.Array, n_used: jax.Array, block_m: int, *,
+               block_n: int | None = None, block_k: int | None = None,
+               interpret: bool = False) -> jax.Array:
+    """Grouped matmul over row blocks: x [B * block_m, K] (rows sorted and padded so that each
+    block of `block_m` rows belongs to one expert), w [E, K, N] or a pair (kernel int8/fp8
+    [E, K, N], scale f32 [E, N]), block_expert int32 [B], n_used int32 scalar (blocks past it
+    are padding: skipped, their rows left unwritten) -> [B * block_m, N] in x.dtype.
+
+    Grid (N / block_n, B), row blocks fastest: the programs in flight at once share one
+    column tile [K, block_n] of each expert's weight, so that an expert's weights come from
+    HBM about once per call and its other row blocks read them from L2. A quantized kernel
+    tile is converted in registers and the output scaled per channel; float32 accumulation.
+
+    Expected cost, Mixtral-8x7B w1 (K=4096, N=14336, E=8) for a B=1 P=2048 prefill (4096
+    assignments, 128-row blocks: 32 used): 2 * 4096 * 4096 * 14336 = 0.48 TFLOP, 0.73 ms at
+    the H200's ~660 TFLOP/s measured bf16 matmul; weights 0.94 GB bf16 (0.47 GB int8), 0.23 ms
+    at 4.14 TB/s: compute-bound, so the time is what Triton's tiles reach of the peak
+    (untimed: benchmarks/gpu_suite.py). At 16 assignments per expert (B=8 decode), 8 blocks
+    of 16 rows read each expert once: 0.94 GB, ~0.23 ms, bandwidth-bound.
+    """
+    import jax.experimental.pallas as pl
+
+    kernel, scale = w if isinstance(w, tuple) else (w, None)
+    m, k = x.shape
+    n = kernel.shape[2]
+    blocks = block_expert.shape[0]
+    if m != blocks * block_m:
+        raise ValueError(f"gmm_pallas: x has {m} rows, not {blocks} blocks of {block_m}")
+    block_n = block_n or _block(n, GMM_BLOCK_N)
+    block_k = block_k or _block(k, GMM_BLOCK_K)
+    meta = jnp.concatenate([jnp.reshape(n_used, (1,)), block_expert]).astype(jnp.int32)
+    ins = [meta, x, kernel] + ([scale] if scale is not None else [])
+    return _pallas_call(
+        functools.partial(_gmm_kernel, block_k=block_k, steps=k // block_k,
+                          scaled=scale is not None),
+        grid=(n // block_n, blocks),
+        num_warps=GMM_WARPS, num_stages=GMM_STAGES,
+        in_specs=[pl.no_block_spec] * len(ins),
+        out_specs=pl.BlockSpec((block_m, block_n), lambda j, i: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        interpret=interpret,
+    )(*ins)

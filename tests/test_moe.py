@@ -29,12 +29,12 @@ from mistral_jax.errors import CheckpointError, ConfigError, UserInputError
 from mistral_jax.model import init_params
 from mistral_jax.moe import MoeFeedForward, default_decode_kernel, moe, moe_strategy, route
 from mistral_jax.moe_experts import ExpertWeight, dense_weight, moe_dense, moe_gather
+from mistral_jax.moe_gmm import gmm_block_rows, moe_gmm, moe_ragged
 from mistral_jax.moe_paths import (
     MAX_BLOCK,
     MIN_BLOCK,
     grouped_block_size,
     moe_grouped,
-    moe_ragged,
     moe_tiled,
 )
 from mistral_jax.quantize import quantize_array, quantize_params, resolve_mode
@@ -222,8 +222,9 @@ def test_sparse_paths_equal_the_dense_reference(n, e, k, block, skew):
     grouped = functools.partial(moe_grouped, block_size=block)
     # The gather and tiled paths unroll their N*k assignments: meant for (and compiled here
     # at) small N.
+    gmm = functools.partial(moe_gmm, impl="pallas-interpret", block_size=block)
     for fn in ((moe_gather, moe_tiled, SMALL_TILES) if n * k <= 16 else ()) + (grouped,
-                                                                              moe_ragged):
+                                                                              moe_ragged, gmm):
         got = jax.jit(fn)(x, weights, experts, w1, w2, w3)
         assert rel_err(got, want) <= 1e-6
 
@@ -246,7 +247,8 @@ def test_moe_layer_every_strategy_equals_dense(shape):
     params = MoeFeedForward(args).init(jax.random.PRNGKey(0), x)
     want = jax.jit(MoeFeedForward(args, strategy="dense").apply)(params, x)
     few = shape[0] * shape[1] * 2 <= 8  # the gather path is for decode-sized steps
-    for strategy in ("auto", "grouped", "ragged") + (("gather", "tiled") if few else ()):
+    for strategy in ("auto", "grouped", "ragged", "gmm-interpret") + (("gather", "tiled")
+                                                                        if few else ()):
         got = jax.jit(MoeFeedForward(args, strategy=strategy).apply)(params, x)
         assert got.shape == x.shape
         assert rel_err(got, want) <= 1e-6
@@ -454,7 +456,8 @@ def test_quantized_and_lora_experts_sparse_paths_equal_dense_on_the_dense_weight
     want = moe_dense(x, weights, experts, *plain)
     assert rel_err(jax.jit(moe_dense)(x, weights, experts, *ew), want) <= 1e-6
     grouped = functools.partial(moe_grouped, block_size=block)
-    for fn in ((moe_gather, SMALL_TILES) if n * k <= 16 else ()) + (grouped, moe_ragged):
+    gmm = functools.partial(moe_gmm, impl="pallas-interpret", block_size=block)
+    for fn in ((moe_gather, SMALL_TILES) if n * k <= 16 else ()) + (grouped, moe_ragged, gmm):
         got = jax.jit(fn)(x, weights, experts, *ew)
         assert rel_err(got, want) <= 1e-5, fn
 
@@ -476,7 +479,7 @@ def test_quantized_and_lora_moe_layer_every_strategy_equals_dense(kind):
         assert ff["w1"].dtype != jnp.float32 and ff["w1_scale"].shape == (8, args.hidden_dim)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 3, args.dim))  # N*k = 6 <= E: 'auto' gathers
     want = jax.jit(MoeFeedForward(args, strategy="dense").apply)({"params": ff}, x)
-    for strategy in ("auto", "gather", "tiled", "grouped", "ragged"):
+    for strategy in ("auto", "gather", "tiled", "grouped", "ragged", "gmm-interpret"):
         got = jax.jit(MoeFeedForward(args, strategy=strategy).apply)({"params": ff}, x)
         assert rel_err(got, want) <= 1e-5, strategy
 
@@ -497,7 +500,8 @@ def _float_shapes(jaxpr) -> list[tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("strategy,n", [("gather", 1), ("tiled", 1), ("grouped", 40)])
+@pytest.mark.parametrize("strategy,n", [("gather", 1), ("tiled", 1), ("grouped", 40),
+                                        ("ragged", 40), ("gmm-interpret", 40)])
 def test_int8_sparse_paths_never_dequantize_the_layer(strategy, n):
     """No float value holding more than one expert's [D, F] / [F, D] weights (the stacked
     [E, D, F] a dequantize-first layer makes): only the selected slices are cast."""
