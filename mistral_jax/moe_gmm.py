@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.gpu_kernels import gmm_pallas
-from mistral_jax.moe_experts import AxisNames, ExpertWeight, Weight, kernel_of, mix_slots, quantized_input
+from mistral_jax.moe_experts import (
+    AxisNames,
+    ExpertWeight,
+    Weight,
+    kernel_of,
+    mix_slots,
+    quantized_input,
+)
 
 IMPLS = ("ragged", "pallas", "pallas-interpret")
 

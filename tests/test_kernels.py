@@ -22,8 +22,8 @@ from mistral_jax.gpu_kernels import gmm_pallas, moe_decode_pallas, qmatmul_palla
 from mistral_jax.kernels import Kernels, kernels_from_env
 from mistral_jax.model import causal_positions, forward, init_params
 from mistral_jax.moe import moe, route
-from mistral_jax.moe_gmm import moe_gmm, sort_into_blocks
 from mistral_jax.moe_experts import ExpertWeight, mix_slots, moe_gather
+from mistral_jax.moe_gmm import moe_gmm, sort_into_blocks
 from mistral_jax.moe_paths import moe_pallas
 from mistral_jax.quantize import qeinsum, quantize_array, quantize_params, resolve_mode
 

@@ -695,3 +695,11 @@ def test_bad_expert_checkpoint_is_named(tmp_path, change, message):
     change(state)
     with pytest.raises(CheckpointError, match=message):
         Transformer.from_folder(write_mistral_folder(tmp_path / "m", args, state))
+
+
+def test_grouped_matmul_block_rows_follow_the_rows_per_expert():
+    """About N*k/E rows per block (a power of two at or above it), within Triton's
+    16..128: few rows per expert pad little, many fill 128-row tiles."""
+    assert gmm_block_rows(1, 2, 8) == 16 and gmm_block_rows(64, 2, 8) == 16
+    assert gmm_block_rows(200, 2, 8) == 64 and gmm_block_rows(2048, 2, 8) == 128
+    assert gmm_block_rows(8 * 512, 2, 8) == 128
