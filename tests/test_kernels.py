@@ -18,7 +18,13 @@ from jax import export
 from mistral_jax.args import MoeArgs
 from mistral_jax.cache import init_cache
 from mistral_jax.errors import UserInputError
-from mistral_jax.gpu_kernels import gmm_pallas, moe_decode_pallas, qmatmul_pallas
+from mistral_jax.gpu_kernels import (
+    PARTIAL_SHARE,
+    gmm_pallas,
+    moe_decode_pallas,
+    qmatmul_blocks,
+    qmatmul_pallas,
+)
 from mistral_jax.kernels import Kernels, kernels_from_env
 from mistral_jax.model import causal_positions, forward, init_params
 from mistral_jax.moe import moe, route
@@ -210,6 +216,34 @@ def test_grouped_matmul_moe_on_w8a8_and_lora_experts_equals_the_gather_path(case
         got = jax.jit(functools.partial(moe_gmm, impl=impl, block_size=4))(
             x, weights, experts, *ew)
         assert rel_err(got, want) <= 1e-5, impl
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 256), (5, 512, 384)])
+def test_quantized_matmul_kernel_with_and_without_split_k_equals_the_xla_path(mode, m, k, n):
+    """Split K 8 ways (float32 partials summed outside) and not at all (x.dtype written by
+    the kernel), interpreted, against `qeinsum`'s XLA path, in bfloat16 and float32."""
+    rng = np.random.default_rng(7)
+    assert qmatmul_blocks(m, k, n)[2] == (8 if k == 4096 else 1)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+    q, scale = quantize_array(w, resolve_mode(mode), (0,))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        want = qeinsum("mk,kn->mn", x, q, scale, impl="xla")
+        got = qmatmul_pallas(x, q, scale, interpret=True)
+        assert got.dtype == dtype
+        assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= tol
+
+
+def test_quantized_matmul_blocks_at_7b_shapes_fill_the_gpu_within_the_partials_budget():
+    """At Mistral-7B's decode shapes (B=1, int8): enough programs for two per SM of an H200
+    where the partial sums allow, 128-byte weight rows, partials <= 1/8 of the weights."""
+    for k, n in ((4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024), (4096, 32768)):
+        block_n, block_k, split = qmatmul_blocks(1, k, n)
+        assert block_n == 128 and block_k == 64, (k, n)
+        assert split * 16 * n * 4 <= PARTIAL_SHARE * k * n
+        assert n // block_n * split >= (256 if n >= 4096 else 64), (k, n, split)
+    assert qmatmul_blocks(1, 4096, 32768)[2] == 1  # the output head: no partials at all
 
 
 def test_two_kernel_choices_live_in_one_process_and_agree():
