@@ -338,13 +338,68 @@ def test_first_probes_run_before_the_weights_load(monkeypatch, capsys):
     peak memory is the allocator's peak since the start, so a probe after loading added its
     buffer to every row's figure."""
     order = []
-    load, copy = bench._load_model, bench.measure_copy_bandwidth
+    load, copy, read = bench._load_model, bench.measure_copy_bandwidth, bench.measure_read_bandwidth
     monkeypatch.setattr(bench, "_load_model", lambda *a: order.append("load") or load(*a))
     monkeypatch.setattr(bench, "measure_copy_bandwidth",
                         lambda *a: order.append("copy probe") or copy(*a))
+    monkeypatch.setattr(bench, "measure_read_bandwidth",
+                        lambda n: order.append(("read probe", n)) or read(n))
     assert bench.main(["--preset", "tiny", "--prompt-len", "4", "--gen-len", "2",
-                       "--repeats", "1", "--no-compile-cache"]) == 0
-    assert order == ["copy probe", "load", "copy probe"]
+                       "--repeats", "1", "--no-compile-cache", "--copy-mib", "8"]) == 0
+    read_probe = ("read probe", 8 << 20)  # the tiny weights are smaller than the copy probe
+    assert order == ["copy probe", read_probe, "load", "copy probe", read_probe]
+
+
+def test_read_floor_is_the_best_probe_and_the_datasheet_floor_is_beside_it():
+    """The floor is taken against the highest bandwidth any probe reached (read-only or the
+    copy's read + write): a low probe would make "% of floor" over-state efficiency, as the
+    copy probe did on an H200 (3.2 TB/s against torch's 4.14 read). The datasheet's floor
+    comes beside it for known GPUs."""
+    hw = bench.Hardware(copy_bandwidth=3.2e12, matmul_flops=1e15, peak_flops=1e15,
+                        peak_source="x", read_bandwidth=4.0e12, stated_bandwidth=4.8e12)
+    assert hw.floor_bandwidth == 4.0e12
+    row = _row(decode_bytes_per_step=14.4e9, decode_ms_step=4.5)
+    row.update(bench.hardware_fractions(row, hw))
+    assert row["bandwidth_floor_ms"] == pytest.approx(3.6)
+    assert row["pct_of_bandwidth_floor"] == pytest.approx(80)
+    assert row["datasheet_floor_ms"] == pytest.approx(3.0)
+    assert row["pct_of_datasheet_floor"] == pytest.approx(100 * 3.0 / 4.5)
+    copy_best = bench.Hardware(5e9, 1e9, 1e9, "x", read_bandwidth=2e9)
+    assert copy_best.floor_bandwidth == 5e9
+    assert "datasheet_floor_ms" not in bench.hardware_fractions(_row(), copy_best)
+    assert "| 14.400 | 80.0 | 66.7 |" in bench.format_table([row])
+    for kind, bw in (("NVIDIA H200", 4.8e12), ("NVIDIA H100 80GB HBM3", 3.35e12),
+                     ("NVIDIA H100 PCIe", 2.0e12), ("NVIDIA H100 NVL", 3.9e12),
+                     ("NVIDIA A100-SXM4-80GB", 2.039e12), ("cpu", None)):
+        assert probes.stated_bandwidth(kind) == bw, kind
+
+
+def test_read_probe_reads_the_buffer_it_is_given_with_each_reduction(monkeypatch):
+    """Bytes per probe = the [rows, 8192] float32 buffer, over the best call's seconds."""
+    monkeypatch.setattr(probes, "_best_seconds", lambda fn, repeats: float(fn().size))
+    got = probes.measure_read_bandwidth(4 * 8192 * 10)
+    # sum -> 1 value, sum over rows -> 8192, max over columns -> 10: bytes / output size
+    assert got == {"sum": 4 * 8192 * 10, "sum over rows": 40.0, "max over columns": 8192 * 4}
+
+
+def test_moe_decode_bytes_per_path():
+    """Per decode step of B tokens: the decode kernels read B*k experts (repeats included),
+    the grouped paths each chosen expert once, dense every expert; the step takes the
+    first while B*k <= E (moe.moe_strategy)."""
+    moe = tiny_moe_args()  # 4 experts, top 2
+    params = abstract_params(moe)
+    ff = [x for k, x in params["layers_0"]["feed_forward"].items() if k.startswith("w")]
+    experts = moe.n_layers * sum(x.size for x in ff) * 4
+    one = bench.decode_bytes(moe, params, 1, 16, jnp.float32)
+    base = one["by_path"]["dense"] - experts
+    assert one["path"] == "per assignment" and one["total"] == one["by_path"]["grouped"]
+    assert one["by_path"]["per assignment"] == pytest.approx(base + experts / 2)
+    eight = bench.decode_bytes(moe, params, 8, 16, jnp.float32)
+    assert eight["path"] == "grouped"
+    assert eight["by_path"]["per assignment"] > eight["by_path"]["dense"]  # 16 reads of 4
+    assert eight["total"] == eight["by_path"]["grouped"] <= eight["by_path"]["dense"]
+    assert "by_path" not in bench.decode_bytes(tiny_args(), abstract_params(tiny_args()), 1,
+                                               16, jnp.float32)
 
 
 def test_mfu_peak_is_the_stated_one_where_there_is_one():

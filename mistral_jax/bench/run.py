@@ -29,18 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax.args import ModelArgs
-from mistral_jax.bench.costs import decode_bytes, nbytes, prefill_flops
+from mistral_jax.bench.costs import decode_bytes, nbytes, prefill_flops, weight_bytes
 from mistral_jax.bench.presets import PRESETS
 from mistral_jax.bench.probes import (
     Hardware,
     choose_peak,
+    device_free_bytes,
     device_peak_memory,
     hardware_fractions,
     measure_copy_bandwidth,
     measure_matmul_flops,
+    measure_read_bandwidth,
     memory_estimate,
+    stated_bandwidth,
 )
-from mistral_jax.bench.report import MEMORY_ESTIMATE, format_table
+from mistral_jax.bench.report import MEMORY_ESTIMATE, format_header, format_table
 from mistral_jax.bench.vs_transformers import (
     bench_transformers_threads,
     build_transformers_model,
@@ -61,18 +64,6 @@ from mistral_jax.moe import default_decode_kernel
 from mistral_jax.quantize import MODES
 from mistral_jax.sampling import Greedy, prng_key
 from mistral_jax.transformer import Transformer
-
-# ----------------------------------------------------------------------------- setup
-
-
-# ----------------------------------------------------------------------------- model arithmetic
-
-
-# ----------------------------------------------------------------------------- programs
-
-
-# ----------------------------------------------------------------------------- transformers
-
 
 # ----------------------------------------------------------------------------- one configuration
 
@@ -151,6 +142,8 @@ def bench_config(params, args: ModelArgs, *, batch: int, prompt_len: int, gen_le
         decode_bytes_per_step=moved["total"],
         decode_kv_bytes_per_step=moved["kv"],
     )
+    if "by_path" in moved:  # MoE: what each expert path would read, and the one taken
+        row.update(decode_bytes_by_path=moved["by_path"], moe_decode_reads=moved["path"])
 
     prompts = tokens_np.tolist()
     gen = functools.partial(generate_from_params, params, args, prompts, max_tokens=gen_len,
@@ -224,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads for --vs-transformers (default: torch's own)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="buffer for the copy-bandwidth probe (default 1024 on GPU, 256 elsewhere)")
+    p.add_argument("--read-mib", type=int, default=None,
+                   help="buffer for the read-only bandwidth probe (default: the weights' bytes, "
+                   "at least the copy probe's)")
     p.add_argument("--matmul-n", type=int, default=None,
                    help="matmul size for the measured peak (default 8192 on GPU, 1024 elsewhere)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -284,6 +280,18 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     return args, params, f"{name} {ns.quantize}" if ns.quantize else name
 
 
+def planned_weight_bytes(ns: argparse.Namespace, dtype) -> int:
+    """Bytes of the weights the run will load, known before loading them (for the read
+    probe's size): the preset's shapes (quantized as asked), or the checkpoint's files."""
+    if ns.ckpt is not None:
+        return sum(f.stat().st_size for f in ns.ckpt.iterdir()
+                   if f.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+    args = PRESETS[ns.preset]
+    if ns.layers is not None:
+        args = dataclasses.replace(args, n_layers=ns.layers)
+    return weight_bytes(args, dtype, ns.quantize)
+
+
 def chosen_kernels(ns: argparse.Namespace) -> Kernels:
     """The flags over the default (`kernels.default_kernels`: MISTRAL_JAX_*, else 'auto')."""
     default = default_kernels()
@@ -320,12 +328,15 @@ def run(ns: argparse.Namespace) -> dict:
     on_gpu = jax.default_backend() == "gpu"
     dtype = resolve_dtype(ns.dtype)
     copy_bytes = (ns.copy_mib or (1024 if on_gpu else 256)) << 20
+    read_bytes = (ns.read_mib << 20 if ns.read_mib
+                  else max(planned_weight_bytes(ns, dtype), copy_bytes))
     matmul_n = ns.matmul_n or (8192 if on_gpu else 1024)
     # Probed before and again after the workload; the higher of the two counts, since a
     # busy machine can only make a probe read low. The first probes run before the weights
     # load, so that their buffers (1 GiB on a GPU) never sit beside the weights and raise
     # the allocator's peak that each row reports.
     copy_probes = [measure_copy_bandwidth(copy_bytes)]
+    read_probes = [measure_read_bandwidth(read_bytes)]
     matmul_probes = [measure_matmul_flops(dtype, matmul_n)]
     args, params, model_name = _load_model(ns, dtype)
     if args.max_seq_len is not None and max(ns.prompt_len) + max(ns.gen_len) > args.max_seq_len:
@@ -362,10 +373,16 @@ def run(ns: argparse.Namespace) -> dict:
                     torch_threads=torch_threads))
 
     copy_probes.append(measure_copy_bandwidth(copy_bytes))
+    free = device_free_bytes()
+    if free is None or free > 1.25 * read_bytes:  # beside the weights, where it fits
+        read_probes.append(measure_read_bandwidth(read_bytes))
     matmul_probes.append(measure_matmul_flops(dtype, matmul_n))
     copy_bw, matmul = max(copy_probes), max(matmul_probes)
+    read_best = {way: max(p[way] for p in read_probes) for way in read_probes[0]}
     hw = Hardware(copy_bw, matmul, *choose_peak(matmul, matmul_n, dtype, device.device_kind,
-                                                ns.peak_tflops))
+                                                ns.peak_tflops),
+                  read_bandwidth=max(read_best.values()),
+                  stated_bandwidth=stated_bandwidth(device.device_kind))
     for row in results:
         row.update(hardware_fractions(row, hw))
 
@@ -386,6 +403,11 @@ def run(ns: argparse.Namespace) -> dict:
         "moe_kernel": moe_kernel_used(args, params, kernels),
         "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
         "copy_bandwidth_gbps_probes": [x / 1e9 for x in copy_probes],
+        "read_bandwidth_gbps": hw.read_bandwidth / 1e9, "read_bytes": read_bytes,
+        "read_bandwidth_gbps_by_probe": {k: v / 1e9 for k, v in read_best.items()},
+        "read_probes_run": len(read_probes),
+        "floor_bandwidth_gbps": hw.floor_bandwidth / 1e9,
+        "stated_bandwidth_gbps": hw.stated_bandwidth / 1e9 if hw.stated_bandwidth else None,
         "matmul_tflops_measured": matmul / 1e12, "matmul_n": matmul_n,
         "matmul_tflops_probes": [x / 1e12 for x in matmul_probes],
         "peak_tflops": hw.peak_flops / 1e12, "peak_source": hw.peak_source,
@@ -408,18 +430,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out = run(ns)
     m = out["meta"]
-    print(f"# {m['model']} {m['dtype']} ({m['n_params'] / 1e9:.3f}B params, "
-          f"{m['weight_bytes'] / 1e9:.3f} GB) on {m['device']} x{m['n_devices']}, jax {m['jax']}")
-    print(f"# copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s, MFU against "
-          f"{m['peak_tflops']:.3f} TFLOP/s ({m['peak_source']}); probes before/after the run: "
-          + ", ".join(f"{x:.1f}" for x in m["copy_bandwidth_gbps_probes"]) + " GB/s, "
-          + ", ".join(f"{x:.3f}" for x in m["matmul_tflops_probes"]) + " TFLOP/s; "
-          + ("" if m["load_avg_1m"] is None else f"load average {m['load_avg_1m']:.2f}"))
-    if "hf_logits_rel_err" in m:
-        threads = " or ".join(map(str, m["torch_threads"]))
-        print(f"# transformers {m['transformers']} on {m['hf_device']} ({threads} torch threads"
-              + (", the faster per row" if len(m["torch_threads"]) > 1 else "")
-              + f"): logits rel err {m['hf_logits_rel_err']:.2e}")
+    print(format_header(m))
     print(format_table(out["results"]))
     text = json.dumps(out, default=float)
     print(text)
