@@ -60,7 +60,7 @@ from mistral_jax.errors import UserInputError
 from mistral_jax.generate import generate_from_params
 from mistral_jax.kernels import CHOICES, ENV, Kernels, default_kernels
 from mistral_jax.model import causal_positions, forward, random_params
-from mistral_jax.moe import default_decode_kernel
+from mistral_jax.moe import default_decode_kernel, default_grouped_kernel
 from mistral_jax.quantize import MODES
 from mistral_jax.sampling import Greedy, prng_key
 from mistral_jax.transformer import Transformer
@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"MoE decode path: XLA's gather, its row-block tiling or the Pallas "
                    f"kernel (Kernels.moe; default: {ENV['moe']}, else auto = tiled on the CPU "
                    "for float32/int8 experts, pallas on GPUs for float experts, xla otherwise)")
+    p.add_argument("--moe-grouped", choices=CHOICES["grouped"], default=None,
+                   help=f"MoE prefill / batched-decode path: scan over row blocks, ragged_dot or "
+                   f"the Pallas grouped matmul (Kernels.grouped; default: {ENV['grouped']}, "
+                   "else auto = pallas on GPUs, scan elsewhere)")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time transformers' PyTorch model on the same weights")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -296,7 +300,8 @@ def chosen_kernels(ns: argparse.Namespace) -> Kernels:
     """The flags over the default (`kernels.default_kernels`: MISTRAL_JAX_*, else 'auto')."""
     default = default_kernels()
     return Kernels(attention=ns.attention or default.attention, moe=ns.moe_kernel or default.moe,
-                   qmatmul=ns.qmatmul or default.qmatmul)
+                   qmatmul=ns.qmatmul or default.qmatmul,
+                   grouped=ns.moe_grouped or default.grouped)
 
 
 def moe_kernel_used(args: ModelArgs, params: Any, kernels: Kernels) -> str | None:
@@ -401,6 +406,8 @@ def run(ns: argparse.Namespace) -> dict:
         "attention": kernels.attention,
         "qmatmul": kernels.qmatmul,
         "moe_kernel": moe_kernel_used(args, params, kernels),
+        "moe_grouped": None if args.moe is None else kernels.grouped if kernels.grouped != "auto"
+        else f"{default_grouped_kernel()} (default)",
         "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
         "copy_bandwidth_gbps_probes": [x / 1e9 for x in copy_probes],
         "read_bandwidth_gbps": hw.read_bandwidth / 1e9, "read_bytes": read_bytes,
