@@ -30,7 +30,7 @@ from mistral_jax.args import MoeArgs
 from mistral_jax.bench.costs import expected_expert_fraction
 from mistral_jax.gpu_kernels import moe_decode_pallas, qmatmul_pallas
 from mistral_jax.moe import route
-from mistral_jax.moe_experts import moe_dense, moe_gather
+from mistral_jax.moe_experts import mix_slots, moe_dense, moe_gather
 from mistral_jax.quantize import MODES, param_bytes, quantize_array
 
 
@@ -63,6 +63,8 @@ def sweep_qmatmul(shapes, blocks, rows: int, mode: str, inner: int, repeats: int
         cases = {"xla bf16": (lambda a, w: a @ w, (w,)),
                  f"xla {mode}": (lambda a, q, s: ((a @ q.astype(a.dtype)).astype(jnp.float32)
                                                   * s).astype(a.dtype), (q, scale))}
+        cases["pallas default"] = (functools.partial(qmatmul_pallas, interpret=interpret),
+                                   (q, scale))  # qmatmul_blocks' choice
         for bn, bk in blocks:
             if n % bn == 0 and k % bk == 0:
                 cases[f"pallas n{bn} k{bk}"] = (functools.partial(
@@ -90,15 +92,17 @@ def sweep_moe(d: int, f: int, e: int, k: int, tokens: int, up_blocks, down_block
     def routed(fn):
         return lambda a, w1, w2, w3: fn(a, weights, experts, w1, w2, w3)
 
+    def kernel(**blocks):  # the decode kernel returns each slot's output: mixed here
+        return lambda a, w1, w2, w3: mix_slots(moe_decode_pallas(
+            a, experts, w1, w2, w3, interpret=interpret, **blocks), weights)
+
     cases = {"xla dense": routed(moe_dense), "xla gather": routed(moe_gather)}
     for bf, bd in up_blocks:
         if f % bf == 0 and d % bd == 0:
-            cases[f"pallas up f{bf} d{bd}"] = routed(functools.partial(
-                moe_decode_pallas, block_f=bf, block_d=bd, interpret=interpret))
+            cases[f"pallas up f{bf} d{bd}"] = kernel(block_f=bf, block_d=bd)
     for bo, bi in down_blocks:
         if d % bo == 0 and f % bi == 0:
-            cases[f"pallas down out{bo} in{bi}"] = routed(functools.partial(
-                moe_decode_pallas, block_out=bo, block_in=bi, interpret=interpret))
+            cases[f"pallas down out{bo} in{bi}"] = kernel(block_out=bo, block_in=bi)
     out = []
     for name, fn in cases.items():
         s = time_call(fn, x, (w1, w2, w3), inner, repeats)

@@ -555,27 +555,46 @@ def test_gpu_suite_runs_its_steps_and_writes_a_summary(tmp_path):
     """benchmarks/gpu_suite.py (the one prepared GPU run) on CPU stand-ins: each step's
     exit status, wall time and headline figures land in summary.json."""
     cmd = [sys.executable, "benchmarks/gpu_suite.py", "--tiny", "--out", str(tmp_path),
-           "--work", str(tmp_path.parent / "suite_work"), "--budget", "500", "--only", "mistral7b", "kernel-sweep", "mixtral8x7b-int8",
-           "quant-quality-7b"]
+           "--work", str(tmp_path.parent / "suite_work"), "--budget", "500", "--only",
+           "mixtral8x7b-int8", "mistral7b", "mixtral8x7b-xla", "kernel-sweep", "quant-quality-7b"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [e["step"] for e in summary] == ["mistral7b", "kernel-sweep", "mixtral8x7b-int8",
-                                            "quant-quality-7b"]
+    assert [e["step"] for e in summary] == ["mixtral8x7b-int8", "mistral7b", "mixtral8x7b-xla",
+                                            "kernel-sweep", "quant-quality-7b"]
     assert all(entry["rc"] == 0 and entry["wall_s"] > 0 for entry in summary)
-    for entry in (summary[0], summary[2]):
+    for entry in summary[:3]:
         assert entry["results"] and _finite_positive(entry["results"][0]["decode_ms_step"])
-    assert "--moe-kernel pallas-interpret" in summary[2]["command"]
-    assert summary[2]["bench"]["meta"]["moe_kernel"] == "pallas-interpret"
-    sweep = summary[1]["json_lines"][0]["results"]  # kernel_sweep.py: every case timed
+    assert "--moe-kernel pallas-interpret" in summary[0]["command"]
+    assert summary[0]["bench"]["meta"]["moe_kernel"] == "pallas-interpret"
+    assert summary[2]["bench"]["meta"]["moe_grouped"] == "scan"
+    assert summary[2]["bench"]["meta"]["moe_kernel"] == "xla"
+    sweep = summary[3]["json_lines"][0]["results"]  # kernel_sweep.py: every case timed
     assert {r["kernel"] for r in sweep} == {"qmatmul", "moe"}
     assert any(r["case"].startswith("pallas") for r in sweep)
     assert all(_finite_positive(r["us"]) for r in sweep)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.txt", "summary.json"]
     assert "===== quant-quality-7b" in (tmp_path / "logs.txt").read_text()
-    reports = summary[3]["json_lines"]  # quant.py's quality report, one line per mode
+    reports = summary[4]["json_lines"]  # quant.py's quality report, one line per mode
     assert [r["mode"] for r in reports] == ["int8", "fp8", "fp8-tensor"]
     assert all(0 <= r["greedy_agreement"] <= 1 for r in reports)
+
+
+def test_gpu_suite_runs_issue_18s_table_first_within_9_minutes():
+    """One step per row of issue #18's target table (and the GPU tests) lead the suite, and
+    their time caps fit the 9 minutes the default budget stays within."""
+    gpu_suite = _import_gpu_suite()
+    names = [step[0] for step in gpu_suite.STEPS]
+    table = ["gpu-tests", "mixtral8x7b", "mistral7b-int8-pallas", "mixtral8x7b-int8",
+             "mixtral-prefill2048", "mistral7b", "mixtral8x7b-xla", "mistral7b-fp8-pallas"]
+    assert names[:len(table)] == table
+    assert sum(step[3] for step in gpu_suite.STEPS[:len(table)]) <= 540
+    assert gpu_suite.BUDGET <= 540
+    argv = dict((step[0], step[2]) for step in gpu_suite.STEPS)
+    assert "--moe-kernel" not in argv["mixtral8x7b"]  # the defaults, as users get them
+    assert argv["mixtral8x7b-xla"][argv["mixtral8x7b-xla"].index("--moe-grouped") + 1] == "scan"
+    tiny = gpu_suite.step_argv(argv["mixtral8x7b-int8"], gpu_suite.Path("W"), tiny=True)
+    assert "tiny-moe" in tiny and "pallas-interpret" in tiny and "pallas" not in tiny
 
 
 def test_gpu_suite_skips_what_the_budget_cannot_fit(tmp_path):
