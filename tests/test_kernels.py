@@ -246,6 +246,22 @@ def test_quantized_matmul_blocks_at_7b_shapes_fill_the_gpu_within_the_partials_b
     assert qmatmul_blocks(1, 4096, 32768)[2] == 1  # the output head: no partials at all
 
 
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_mixtral_prefill_logits_with_each_grouped_path_equal_the_scan(kind):
+    """A tiny Mixtral's prefill (6 tokens, top 2 of 4 experts: the grouped paths) with
+    Kernels.grouped 'ragged' and 'pallas-interpret' against the scan, in float32."""
+    args = tiny_moe_args(moe=MoeArgs(4, 2))
+    params = init_params(args, jax.random.PRNGKey(0))
+    if kind == "int8":
+        params = quantize_params(params, "int8")
+    tokens = jnp.asarray([[5, 9, 2, 7, 1, 3]], jnp.int32)
+    fwd = jax.jit(forward, static_argnames=("args", "kernels"))
+    run = functools.partial(fwd, params, tokens, causal_positions(tokens), None, args=args)
+    want = run(kernels=Kernels(grouped="scan"))[0]
+    for grouped in ("ragged", "pallas-interpret"):
+        assert rel_err(run(kernels=Kernels(grouped=grouped))[0], want) <= 1e-5, grouped
+
+
 def test_two_kernel_choices_live_in_one_process_and_agree():
     """The same int8 Mixtral forward with the default kernels and with both Pallas kernels
     (interpreted), one after the other in one process: each choice is its own trace (a
@@ -319,8 +335,8 @@ def test_moe_decode_kernel_lowers_to_triton_for_cuda_at_mixtral_shapes(kind, sha
         return (S((e, in_, out), jnp.int8 if kind == "int8" else jnp.float8_e4m3fn),
                 S((e, out), jnp.float32))
 
-    calls = _triton_calls(moe_decode_pallas, S((n, d), bf), S((n, k), jnp.float32),
-                          S((n, k), jnp.int32), weight(d, f), weight(f, d), weight(d, f))
+    calls = _triton_calls(moe_decode_pallas, S((n, d), bf), S((n, k), jnp.int32),
+                          weight(d, f), weight(f, d), weight(d, f))
     assert len(calls) == 2  # gate/up + SwiGLU, then down
 
 
