@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_jax.args import ModelArgs, args_to_params_json
+from mistral_jax.args import ModelArgs
+from mistral_jax.config import args_to_params_json
 
 
 def synthetic_args(gb: float) -> ModelArgs:

@@ -2,8 +2,15 @@
 
 import warnings
 
-from mistral_jax.args import LoraArgs, ModelArgs, MoeArgs, load_args
+# First, before jax is imported (seconds): a command's Ctrl-C / SIGTERM / SIGHUP must end it
+# then too. A library import changes no handler (see interrupts.started_as_command).
+from mistral_jax import interrupts as _interrupts
+
+_interrupts.install_if_command()
+
+from mistral_jax.args import LoraArgs, ModelArgs, MoeArgs
 from mistral_jax.cache import init_cache
+from mistral_jax.config import load_args
 from mistral_jax.errors import (
     CheckpointError,
     ConfigError,

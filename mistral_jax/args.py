@@ -1,23 +1,11 @@
-"""`ModelArgs`: the one description of a model, read from params.json or config.json.
-
-Mistral's own folders carry a `params.json` (mistral-inference's `TransformerArgs`);
-Hugging Face folders carry a `config.json` (`MistralForCausalLM` / `MixtralForCausalLM`).
-Both are parsed into the same frozen, hashable dataclass, so it can be a static
-argument of `jax.jit`.
-
-A field left out means what the folder's reference means. params.json: mistral-inference's
-`TransformerArgs` (`rope_theta` 1e6, no sliding window). config.json: the defaults of
-transformers' `MistralConfig` or `MixtralConfig` (by `model_type`, else `architectures`),
-`HF_DEFAULTS`: for Mistral `rope_theta` 1e4, `sliding_window` 4096, `rms_norm_eps` 1e-6; for
-Mixtral 1e6, no window, 1e-5; both 8 KV heads (n_heads where the field is null). Mistral 7B
-v0.1's params.json omits `rope_theta` although that model was trained with 1e4; pass
-`rope_theta=1e4` to `Transformer.from_folder` for that one model in the Mistral layout.
+"""`ModelArgs`: the one description of a model, a frozen, hashable dataclass (static under
+`jax.jit`), and the checks of its fields. Reading it from a folder's params.json or
+config.json is config.py (and hf_config.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,19 +13,6 @@ from typing import Any
 from mistral_jax.errors import ConfigError
 
 MISTRAL_DEFAULT_ROPE_THETA = 1e6
-# What transformers' MistralConfig / MixtralConfig (4.x and 5.x alike) take for the fields a
-# config.json may leave out that no tensor's shape can tell (or, for the KV heads, that it
-# would refuse): a Mixtral config without rope_theta means 1e6, a Mistral one 1e4 and a
-# 4096-token window. A null num_key_value_heads means num_attention_heads in both.
-HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mistral": {"sliding_window": 4096, "rms_norm_eps": 1e-6, "num_key_value_heads": 8},
-    "mixtral": {"sliding_window": None, "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
-                "num_local_experts": 8, "num_experts_per_tok": 2},
-}
-# Without rope_theta or rope_parameters.rope_theta.
-HF_DEFAULT_ROPE_THETA = {"mistral": 1e4, "mixtral": 1e6}
-HF_ARCHITECTURES = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
-
 
 @dataclasses.dataclass(frozen=True)
 class MoeArgs:
@@ -49,6 +24,45 @@ class MoeArgs:
 class LoraArgs:
     rank: int
     scaling: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnArgs:
+    """YaRN rotary scaling (transformers' rope_type 'yarn'; params.json's `yarn` block).
+
+    `attention_factor` multiplies cos and sin (so every attention score by its square);
+    readers resolve it from factor / mscale / mscale_all_dim / apply_scale as the references do.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True  # round the correction range outwards (transformers' default)
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "beta_fast", "beta_slow", "attention_factor"):
+            object.__setattr__(self, name, float(positive_number(getattr(self, name),
+                                                                 f"yarn.{name}")))
+        positive_int(self.original_max_position_embeddings, "yarn.original_max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryScaleArgs:
+    """The position-dependent query scale 1 + beta * log(1 + floor(pos / original_max)) of
+    transformers' Ministral3 (`llama_4_scaling_beta`) and params.json's `llama_4_scaling`."""
+
+    beta: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) \
+                or not math.isfinite(self.beta):
+            raise ConfigError(f"llama_4_scaling.beta must be a number, got {self.beta!r}")
+        object.__setattr__(self, "beta", float(self.beta))
+        positive_int(self.original_max_position_embeddings,
+                     "llama_4_scaling.original_max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +84,9 @@ class ModelArgs:
     lora: LoraArgs | None = None
     # Longest sequence the model supports, when the folder says (HF max_position_embeddings).
     max_seq_len: int | None = None
+    yarn: YarnArgs | None = None  # None: plain rotary embeddings with rope_theta
+    llama_4_scaling: QueryScaleArgs | None = None  # None: queries unscaled
+    tied_embeddings: bool = False  # the output head is the embedding (no `output` weight)
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
@@ -98,6 +115,8 @@ class ModelArgs:
                 raise ConfigError(f"sliding_window entries must be positive integers, got {w!r}")
         if self.moe is not None:
             check_moe(self.moe.num_experts, self.moe.num_experts_per_tok)
+        if not isinstance(self.tied_embeddings, bool):
+            raise ConfigError(f"tied_embeddings must be true or false, got {self.tied_embeddings!r}")
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
@@ -113,7 +132,8 @@ class ModelArgs:
         attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         ffn = 3 * d * f * (self.moe.num_experts if self.moe else 1)
         gate = d * self.moe.num_experts if self.moe else 0
-        return self.n_layers * (attn + ffn + gate + 2 * d) + 2 * v * d + d
+        heads = 1 if self.tied_embeddings else 2  # embedding (+ output)
+        return self.n_layers * (attn + ffn + gate + 2 * d) + heads * v * d + d
 
 
 def positive_int(value: Any, name: str) -> int:
@@ -160,189 +180,6 @@ def config_field(source: Path, block: dict, key: str, kind: str, where: str = ""
     return float(v)
 
 
-def _optional(cfg: dict, key: str, source: Path, kind: str) -> Any:
-    """cfg[key] checked as `config_field` does, or None when absent or null."""
-    return None if cfg.get(key) is None else config_field(source, cfg, key, kind)
-
-
-def lora_args(block: Any, source: Path) -> LoraArgs:
-    """A params.json `lora` block: `rank` (positive int) and `scaling` (number), both
-    required as in mistral-inference's LoraArgs; else a ConfigError naming file and field."""
-    if not isinstance(block, dict):
-        raise ConfigError(f"{source}: lora must be an object with rank and scaling, got {block!r}")
-    return LoraArgs(config_field(source, block, "rank", "int", "lora."),
-                    config_field(source, block, "scaling", "float", "lora."))
-
-
-def _require(cfg: dict, key: str, source: Path) -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise ConfigError(f"{source}: required field {key!r} is missing")
-    return cfg[key]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object at top level")
-    return cfg
-
-
-def _build(source: Path, **kwargs: Any) -> ModelArgs:
-    try:
-        return ModelArgs(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
-    """Parse a Mistral `params.json` (mistral-inference's TransformerArgs)."""
-    path = Path(path)
-    cfg = read_json(path)
-    req = {k: config_field(path, cfg, k, "int") for k in (
-        "dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")}
-    req["norm_eps"] = config_field(path, cfg, "norm_eps", "positive")
-    n_kv_heads = _optional(cfg, "n_kv_heads", path, "int") or req["n_heads"]
-    head_dim = _optional(cfg, "head_dim", path, "int") or req["dim"] // req["n_heads"]
-    moe = None
-    if cfg.get("moe") is not None:  # an empty block is incomplete, as in mistral-inference
-        m = cfg["moe"]
-        if not isinstance(m, dict):
-            raise ConfigError(f"{path}: moe must be an object with num_experts and "
-                              f"num_experts_per_tok, got {m!r}")
-        for key in ("num_experts", "num_experts_per_tok"):
-            if m.get(key) is None:
-                raise ConfigError(f"{path}: moe block is missing required field {key!r}")
-        try:
-            moe = check_moe(m["num_experts"], m["num_experts_per_tok"])
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    lora = None if cfg.get("lora") is None else lora_args(cfg["lora"], path)
-    kwargs = dict(
-        req,
-        n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        rope_theta=_optional(cfg, "rope_theta", path, "positive") or MISTRAL_DEFAULT_ROPE_THETA,
-        sliding_window=cfg.get("sliding_window"),
-        moe=moe,
-        lora=lora,
-        max_seq_len=(_optional(cfg, "max_seq_len", path, "int")
-                     or _optional(cfg, "max_position_embeddings", path, "int")),
-    )
-    kwargs.update(overrides)
-    return _build(path, **kwargs)
-
-
-def args_from_hf_config(path: str | Path, **overrides: Any) -> ModelArgs:
-    """Parse a Hugging Face `config.json` of MistralForCausalLM or MixtralForCausalLM; fields
-    left out take transformers' defaults for the config's model type (`HF_DEFAULTS`)."""
-    path = Path(path)
-    cfg = read_json(path)
-    model_type = hf_model_type(cfg, path)
-    if cfg.get("tie_word_embeddings"):
-        raise ConfigError(f"{path}: tie_word_embeddings=true is not supported by Mistral models")
-    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # one function (transformers)
-        raise ConfigError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported "
-                          "(Mistral models use 'silu')")
-    cfg = {**HF_DEFAULTS[model_type], **cfg}  # present keys win, null ones included
-    # Checked and named as config.json names them.
-    n_heads = config_field(path, cfg, "num_attention_heads", "int")
-    dim = config_field(path, cfg, "hidden_size", "int")
-    # rope_scaling: transformers 4's name for the block (transformers 5 still reads it).
-    rope_key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
-    rope = cfg.get(rope_key) or {}
-    if not isinstance(rope, dict):
-        raise ConfigError(f"{path}: {rope_key} must be an object or null, got {rope!r}")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"{path}: {rope_key} rope_type {rope_type!r} is not supported "
-                          "(only plain rotary embeddings)")
-    theta = (_optional(cfg, "rope_theta", path, "positive") or rope.get("rope_theta")
-             or HF_DEFAULT_ROPE_THETA[model_type])
-    moe = None
-    if model_type == "mixtral":
-        n, k = (_require(cfg, key, path) for key in ("num_local_experts", "num_experts_per_tok"))
-        try:  # named as config.json names them
-            moe = check_moe(n, k, names=("num_local_experts", "num_experts_per_tok"))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    kwargs = dict(
-        dim=dim,
-        n_layers=config_field(path, cfg, "num_hidden_layers", "int"),
-        head_dim=_optional(cfg, "head_dim", path, "int") or dim // n_heads,
-        hidden_dim=config_field(path, cfg, "intermediate_size", "int"),
-        n_heads=n_heads,
-        n_kv_heads=_optional(cfg, "num_key_value_heads", path, "int") or n_heads,
-        norm_eps=config_field(path, cfg, "rms_norm_eps", "positive"),
-        vocab_size=config_field(path, cfg, "vocab_size", "int"),
-        rope_theta=theta,
-        sliding_window=cfg.get("sliding_window"),
-        moe=moe,
-        max_seq_len=_optional(cfg, "max_position_embeddings", path, "int"),
-    )
-    kwargs.update(overrides)
-    return _build(path, **kwargs)
-
-
-def hf_model_type(cfg: dict, path: Path) -> str:
-    """'mistral' or 'mixtral': the config's `model_type`, else what its `architectures` name,
-    else 'mixtral' when it has expert fields; ConfigError for any other model."""
-    arch = cfg.get("architectures") or []
-    if isinstance(arch, str):  # one name rather than a list of them
-        arch = [arch]
-    if not isinstance(arch, list):
-        raise ConfigError(f"{path}: architectures must be a list of class names, got {arch!r}")
-    if arch and not any(a in HF_ARCHITECTURES for a in arch):
-        raise ConfigError(
-            f"{path}: unsupported architectures {arch}; expected MistralForCausalLM or "
-            "MixtralForCausalLM"
-        )
-    model_type = cfg.get("model_type")
-    if model_type is not None:
-        if model_type not in HF_DEFAULTS:
-            raise ConfigError(f"{path}: unsupported model_type {model_type!r}; expected "
-                              "'mistral' or 'mixtral'")
-        return model_type
-    named = {HF_ARCHITECTURES[a] for a in arch if a in HF_ARCHITECTURES}
-    if len(named) == 1:
-        return named.pop()
-    return "mixtral" if "num_local_experts" in cfg else "mistral"
-
-
-def check_folder(folder: str | Path) -> Path:
-    """`folder` as a Path; ConfigError if it does not exist or is not a directory."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        what = "it does not exist" if not folder.exists() else "it is a file"
-        raise ConfigError(f"{folder}: not a directory ({what})")
-    return folder
-
-
-def load_args(folder: str | Path, **overrides: Any) -> tuple[ModelArgs, str]:
-    """Read the args of a model folder; returns (args, layout) with layout 'mistral' or 'hf'."""
-    folder = check_folder(folder)
-    if (folder / "params.json").is_file():
-        return args_from_params_json(folder / "params.json", **overrides), "mistral"
-    if (folder / "config.json").is_file():
-        return args_from_hf_config(folder / "config.json", **overrides), "hf"
-    raise ConfigError(f"{folder}: no params.json (Mistral layout) or config.json (HF layout)")
-
-
-def args_to_params_json(args: ModelArgs) -> dict:
-    """The params.json dict that `args_from_params_json` reads back as `args`."""
-    out = {k: getattr(args, k) for k in (
-        "dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps",
-        "vocab_size", "rope_theta")}
-    if args.sliding_window is not None:
-        w = args.sliding_window
-        out["sliding_window"] = list(w) if isinstance(w, tuple) else w
-    if args.moe is not None:
-        out["moe"] = dataclasses.asdict(args.moe)
-    if args.lora is not None:
-        out["lora"] = dataclasses.asdict(args.lora)
-    if args.max_seq_len is not None:
-        out["max_seq_len"] = args.max_seq_len
-    return out
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

@@ -14,8 +14,8 @@ before any weight is read, with one `CheckpointError` naming the file and tensor
 
 from __future__ import annotations
 
-import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,15 @@ import numpy as np
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.errors import CheckpointError
+from mistral_jax.hf_config import IMAGES_NOTE, VISION, language_model_name
 from mistral_jax.quantize import STORAGE_DTYPES, is_quantized
-from mistral_jax.safetensors_file import check_dtype, iter_file_tensors, read_header
+from mistral_jax.safetensors_file import (
+    _LAYOUTS,
+    _names,
+    check_dtype,
+    iter_file_tensors,
+    read_header,
+)
 from mistral_jax.tree import ParamPath, flatten, is_linear_weight, sibling, split_dims
 
 # Names some exporters add that carry nothing the model needs.
@@ -85,6 +92,7 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | None:
     """Map a checkpoint tensor name to its place in params; None if it is not a model weight."""
+    name = language_model_name(name)
     if name.endswith((".weight_scale", ".input_scale")):  # compressed-tensors (quant.py)
         return scale_target(name, layout, args)
     hf = layout == "hf"
@@ -95,6 +103,8 @@ def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | Non
             "output.weight": "output"})
     if name in top:
         key = top[name]
+        if key == "output" and args.tied_embeddings:  # the embedding is the output head
+            return None
         if key == "embedding":
             return TensorTarget(("embedding",), _identity)
         if key == "norm":
@@ -127,60 +137,12 @@ def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | Non
     return TensorTarget((layer, "feed_forward", module, "kernel"), _t)
 
 
-def safetensors_files(folder: Path, layout: str) -> list[Path]:
-    """The weight files of a model folder, in a stable order."""
-    if layout == "hf":
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
-                raise CheckpointError(f"{index}: weight_map must map tensor names to file names "
-                                      "in the folder")
-            files = sorted({folder / f for f in weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
-            return files
-    files = sorted(folder.glob(_LAYOUTS[layout][2]))
-    if not files:
-        raise CheckpointError(_no_weights(folder, layout))
-    return files
 
 
-_LAYOUTS = {  # layout -> (name, config file, weight files)
-    "mistral": ("Mistral", "params.json", "consolidated*.safetensors"),
-    "hf": ("HF", "config.json", "model*.safetensors"),
-}
 
 
-def _names(paths: list[Path], most: int = 3) -> str:
-    return ", ".join(p.name for p in paths[:most]) + (" ..." if len(paths) > most else "")
 
 
-def _no_weights(folder: Path, layout: str) -> str:
-    """Why a folder has no weight files for `layout`: what else is there, and what to do."""
-    name, config, pattern = _LAYOUTS[layout]
-    msg = f"{folder}: no weight files ({pattern}) for the {name} layout"
-    other = "hf" if layout == "mistral" else "mistral"
-    other_name, other_config, other_pattern = _LAYOUTS[other]
-    found = sorted(folder.glob(other_pattern))
-    if found and (folder / other_config).is_file():
-        msg += (f"; the folder also has {other_config} and {_names(found)} ({other_name} "
-                f"layout): to read those, pass --format {other} to mistral-jax-convert")
-        if layout == "mistral":  # what load_args picks when both are there
-            msg += (", or move params.json out of the folder for Transformer.from_folder "
-                    "(which reads params.json when both configs are there)")
-    elif found:
-        msg += f"; {_names(found)} ({other_name} layout) would need {other_config}"
-    torch = sorted(p for ext in ("*.pth", "*.pt", "*.bin") for p in folder.glob(ext))
-    if torch:
-        msg += (f"; {_names(torch)}: PyTorch pickle checkpoints are not read, only "
-                f"safetensors files ({pattern})")
-    return msg
 
 
 @dataclass(frozen=True)
@@ -197,10 +159,13 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
     Raises CheckpointError for an unknown tensor, a wrong shape, a duplicate or a missing one.
     """
     expected = flatten(abstract)
-    plan, seen = [], {}
+    plan, seen, vision = [], {}, 0
     for path in files:
         for name, (shape, dt) in read_header(path).items():
             if IGNORED.fullmatch(name):
+                continue
+            if VISION.fullmatch(name):
+                vision += 1
                 continue
             target = tensor_target(name, layout, args)
             if target is None or target.path not in expected:
@@ -251,6 +216,8 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
                 "index from another download?)" if unlisted else "")
         raise CheckpointError(
             f"{folder}: {len(missing)} weights missing from the checkpoint: {names}{hint}")
+    if vision:
+        print(IMAGES_NOTE.format(folder=files[0].parent, n=vision), file=sys.stderr)
     return plan
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import uuid
@@ -24,19 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from mistral_jax.args import (
-    ModelArgs,
+from mistral_jax.args import ModelArgs
+from mistral_jax.checkpoint import plan_checkpoint
+from mistral_jax.compressed_tensors import checkpoint_abstract, read_compressed_tensors
+from mistral_jax.config import (
     args_from_hf_config,
     args_from_params_json,
     args_to_params_json,
     check_folder,
     load_args,
 )
-from mistral_jax.checkpoint import plan_checkpoint, safetensors_files
-from mistral_jax.compressed_tensors import checkpoint_abstract, read_compressed_tensors
 from mistral_jax.dtypes import resolve_dtype
 from mistral_jax.errors import CheckpointError, ConfigError, MistralJaxError, UserInputError
-from mistral_jax.interrupts import Interrupts
+from mistral_jax.interrupts import WORDS, Interrupts, exit_status, keyboard_interrupts
 from mistral_jax.model import abstract_params
 from mistral_jax.orbax_restore import (
     MANIFEST,
@@ -59,7 +58,7 @@ from mistral_jax.orbax_write import (
     verify_written,
 )
 from mistral_jax.quantize import MODES, quantize_params, resolve_mode
-from mistral_jax.safetensors_file import tensor_locations
+from mistral_jax.safetensors_file import safetensors_files, tensor_locations
 from mistral_jax.tree import flatten, unflatten
 
 __all__ = ["ConvertStats", "MANIFEST", "convert", "folder_quantization", "is_converted",
@@ -180,13 +179,13 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = "bfloat16", layout
     (it has the manifest) or an empty folder, which the finished output then replaces.
     Raises ConfigError / CheckpointError / UserInputError naming the file at fault.
 
-    SIGINT and SIGTERM (from the main thread): their handlers run at once while the
-    source is checked, and once the partial output exists are only recorded, and acted on
-    at the next tensor or chunk: the partial output is removed (a signal during that
-    removal is recorded too, never cutting it short), then the signal's previous handler
-    runs (KeyboardInterrupt for SIGINT; under the default action the signal is raised
-    again, ending the process). One that arrives once `dst` is in place is too late: the
-    conversion is complete.
+    SIGINT, SIGTERM and SIGHUP (from the main thread; see interrupts.Interrupts): their
+    handlers run at once while the source is checked, and once the partial output exists
+    are only recorded, and acted on at the next tensor or chunk: the partial output is
+    removed (a signal during that removal is recorded too, never cutting it short), then
+    the signal's previous handler runs (KeyboardInterrupt for SIGINT; under the default
+    action the signal is raised again, ending the process). One that arrives once `dst`
+    is in place is too late: the conversion is complete.
     """
     with Interrupts() as interrupts:
         return _convert(Path(src), Path(dst), dtype, layout, quantize, force, verify, progress,
@@ -350,33 +349,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Terminated(BaseException):
-    """SIGTERM: unwinds like KeyboardInterrupt, so that the partial output is removed."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+    """CLI entry point; returns the exit status (130 / 143 / 129 after SIGINT / SIGTERM /
+    SIGHUP, once the partial output is removed)."""
     opts = _parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        stats = convert(opts.src, opts.dst, dtype=opts.dtype, layout=opts.format,
-                        quantize=opts.quantize, force=opts.force, verify=opts.verify,
-                        progress=not opts.quiet)
-    except (MistralJaxError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the destination was left as it was", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except _Terminated:
-        print("terminated; the destination was left as it was", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with keyboard_interrupts():  # in-process: SIGTERM / SIGHUP unwind like Ctrl-C
+        try:
+            stats = convert(opts.src, opts.dst, dtype=opts.dtype, layout=opts.format,
+                            quantize=opts.quantize, force=opts.force, verify=opts.verify,
+                            progress=not opts.quiet)
+        except (MistralJaxError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            status = exit_status(e)
+            word = WORDS.get(status - 128, "interrupted")
+            print(f"\n{word}; the destination was left as it was", file=sys.stderr)
+            return status
     print(stats.summary())
     return 0
 

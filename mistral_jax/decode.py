@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mistral_jax.compile_notice import announce
 from mistral_jax.kernels import Kernels
 from mistral_jax.sampling import Strategy
 
@@ -106,6 +107,7 @@ def prefill(
     Returns the state after one sampled token, with a token buffer of `n_buf` columns.
     """
     B, T = tokens.shape
+    announce("prefill", batch=B, prompt_len=T, cache_len=cache_len, new_tokens=n_buf)
     cache = init_cache(args, B, cache_len, dtype)
     lengths = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
     last_idx = lengths - 1
@@ -168,6 +170,7 @@ def decode_step(
     kernels: Kernels | None = None,
 ) -> SamplingState:
     """Feed each live row its latest token (done rows feed padding) and sample the next."""
+    announce("decode step", batch=state.tokens.shape[0], new_tokens=state.tokens.shape[1])
     last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [B, 1]
     pos = jnp.where(state.done, -1, state.positions)[:, None]  # [B, 1]
     logits, cache = forward(params, jnp.maximum(last, 0), pos, state.cache, args=args,
@@ -188,6 +191,7 @@ def decode(
     kernels: Kernels | None = None,
 ) -> SamplingState:
     """Decode until `max_steps` tokens are sampled (<= the buffer's N) or every row is done."""
+    announce("decode", batch=state.tokens.shape[0], new_tokens=state.tokens.shape[1])
 
     def cond(s: SamplingState) -> jax.Array:
         return (s.step < max_steps) & ~jnp.all(s.done)

@@ -102,11 +102,26 @@ def _validate(prompts, max_tokens, args, eos_id, chunk_size, seed) -> None:
                 f"prompts[{i}] holds token id {int(ids.min() if ids.min() < 0 else ids.max())} "
                 f"outside [0, vocab_size={vocab})"
             )
-        if max_len is not None and len(p) + max_tokens > max_len:
-            raise UserInputError(
-                f"prompts[{i}] has {len(p)} tokens; with max_tokens={max_tokens} that needs "
-                f"{len(p) + max_tokens} positions, beyond the model's max_seq_len={max_len}"
-            )
+        check_fits(len(p), max_tokens, max_len, f"prompts[{i}]")
+
+
+def check_fits(n_prompt: int, max_tokens: int, max_seq_len: int | None, name: str, *,
+               max_tokens_name: str = "max_tokens") -> None:
+    """UserInputError unless a prompt of `n_prompt` tokens plus `max_tokens` new ones fits the
+    model's context (`max_seq_len`, None: unbounded). The message names the prompt (`name`)
+    and the knob to turn (`max_tokens_name`: the keyword, or a command's flag)."""
+    if max_seq_len is None:
+        return
+    if n_prompt >= max_seq_len:  # no max_tokens fits: the prompt is what is too long
+        raise UserInputError(
+            f"{name} is too long: {n_prompt} tokens, and the model's context of {max_seq_len} "
+            f"must hold the prompt and at least one new token; shorten it by at least "
+            f"{n_prompt - max_seq_len + 1} tokens")
+    if n_prompt + max_tokens > max_seq_len:
+        raise UserInputError(
+            f"{name} is {n_prompt} tokens; with {max_tokens_name} {max_tokens} that is "
+            f"{n_prompt + max_tokens} positions, beyond the model's context of {max_seq_len}: "
+            f"shorten it or lower {max_tokens_name} (at most {max_seq_len - n_prompt})")
 
 
 def _start(

@@ -24,7 +24,7 @@ from mistral_jax.cache import LayerCache, update_layer_cache
 from mistral_jax.kernels import Kernels
 from mistral_jax.lora import lora_einsum
 from mistral_jax.quantize import qeinsum
-from mistral_jax.rope import apply_rope, rope_angles
+from mistral_jax.rope import apply_rope, query_scale, rope_tables
 
 Dtype = Any
 
@@ -191,8 +191,10 @@ class Attention(nn.Module):
                    dtype=self.dtype, qmatmul=qm, name="wk")(x)
         v = Linear((d, kv, hd), ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk",
                    dtype=self.dtype, qmatmul=qm, name="wv")(x)
-        cos, sin = rope_angles(positions, hd, a.rope_theta)
+        cos, sin = rope_tables(positions, a)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if a.llama_4_scaling is not None:
+            q = (q * query_scale(positions, a.llama_4_scaling)).astype(k.dtype)
 
         cache_pos = None if cache is None else cache["pos"]
         # Keys for `attend` are [B, K, S, Hd], as the cache stores them.

@@ -14,9 +14,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from mistral_jax.args import ModelArgs, args_from_params_json, load_args
-from mistral_jax.checkpoint import iter_tensors, plan_checkpoint, safetensors_files
+from mistral_jax.args import ModelArgs
+from mistral_jax.checkpoint import iter_tensors, plan_checkpoint
 from mistral_jax.compressed_tensors import checkpoint_abstract, read_compressed_tensors
+from mistral_jax.config import args_from_params_json, load_args
 from mistral_jax.errors import UserInputError
 from mistral_jax.lora import attach_lora, merge_leaf, merge_lora
 from mistral_jax.lora_file import load_lora
@@ -28,6 +29,7 @@ from mistral_jax.orbax_restore import (
     stored_quantization,
 )
 from mistral_jax.quantize import quantize_leaf, resolve_mode
+from mistral_jax.safetensors_file import safetensors_files
 from mistral_jax.tree import ParamPath, flatten, is_linear_weight, set_leaf, unflatten
 
 

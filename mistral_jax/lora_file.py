@@ -12,8 +12,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.args import ModelArgs, config_field, lora_args, read_json
+from mistral_jax.args import ModelArgs, config_field
 from mistral_jax.checkpoint import tensor_target
+from mistral_jax.config import lora_args, read_json
 from mistral_jax.errors import CheckpointError, ConfigError
 from mistral_jax.model import abstract_params
 from mistral_jax.safetensors_file import iter_file_tensors, read_header

@@ -84,8 +84,12 @@ class MistralModel(nn.Module):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)
         x = RMSNorm(a.norm_eps, self.dtype, name="norm")(x)
-        logits = Linear((a.dim, a.vocab_size), ("embed", "vocab"), "btd,dv->btv",
-                        dtype=self.dtype, qmatmul=self.kernels.qmatmul, name="output")(x)
+        if a.tied_embeddings:  # the embedding [V, D] is the output head
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype))
+        else:
+            logits = Linear((a.dim, a.vocab_size), ("embed", "vocab"), "btd,dv->btv",
+                            dtype=self.dtype, qmatmul=self.kernels.qmatmul,
+                            name="output")(x)
         return logits.astype(jnp.float32), new_cache
 
 

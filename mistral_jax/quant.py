@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.bench.presets import PRESETS
 from mistral_jax.cli.common import run as run_command
 from mistral_jax.errors import UserInputError
 from mistral_jax.model import random_params
 from mistral_jax.orbax_restore import folder_quantization
+from mistral_jax.presets import PRESETS
 from mistral_jax.quantize import MODES, param_bytes, quantize_params
 from mistral_jax.tokenizer import load_tokenizer
 from mistral_jax.transformer import Transformer, jit_forward

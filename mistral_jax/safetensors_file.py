@@ -150,3 +150,59 @@ def iter_file_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, np.nd
                                       shape=(loc.nbytes // loc.dtype.itemsize,)).reshape(loc.shape)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: failed to read tensors ({e})") from None
+
+
+_LAYOUTS = {  # layout -> (name, config file, weight files)
+    "mistral": ("Mistral", "params.json", "consolidated*.safetensors"),
+    "hf": ("HF", "config.json", "model*.safetensors"),
+}
+
+
+def _names(paths: list[Path], most: int = 3) -> str:
+    return ", ".join(p.name for p in paths[:most]) + (" ..." if len(paths) > most else "")
+
+
+def _no_weights(folder: Path, layout: str) -> str:
+    """Why a folder has no weight files for `layout`: what else is there, and what to do."""
+    name, config, pattern = _LAYOUTS[layout]
+    msg = f"{folder}: no weight files ({pattern}) for the {name} layout"
+    other = "hf" if layout == "mistral" else "mistral"
+    other_name, other_config, other_pattern = _LAYOUTS[other]
+    found = sorted(folder.glob(other_pattern))
+    if found and (folder / other_config).is_file():
+        msg += (f"; the folder also has {other_config} and {_names(found)} ({other_name} "
+                f"layout): to read those, pass --format {other} to mistral-jax-convert")
+        if layout == "mistral":  # what load_args picks when both are there
+            msg += (", or move params.json out of the folder for Transformer.from_folder "
+                    "(which reads params.json when both configs are there)")
+    elif found:
+        msg += f"; {_names(found)} ({other_name} layout) would need {other_config}"
+    torch = sorted(p for ext in ("*.pth", "*.pt", "*.bin") for p in folder.glob(ext))
+    if torch:
+        msg += (f"; {_names(torch)}: PyTorch pickle checkpoints are not read, only "
+                f"safetensors files ({pattern})")
+    return msg
+
+
+def safetensors_files(folder: Path, layout: str) -> list[Path]:
+    """The weight files of a model folder, in a stable order."""
+    if layout == "hf":
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names "
+                                      "in the folder")
+            files = sorted({folder / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
+            return files
+    files = sorted(folder.glob(_LAYOUTS[layout][2]))
+    if not files:
+        raise CheckpointError(_no_weights(folder, layout))
+    return files

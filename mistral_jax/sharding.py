@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.args import ModelArgs
 from mistral_jax.cli.common import run as run_command
 from mistral_jax.compressed_tensors import read_compressed_tensors
+from mistral_jax.config import load_args
 from mistral_jax.dtypes import resolve_dtype
 from mistral_jax.errors import UserInputError
 from mistral_jax.mesh import (
@@ -119,8 +120,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     gib = 1024 ** 3
     kernels = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)
                       if jnp.dtype(x.dtype).itemsize == 1})
-    print(f"mesh {','.join(f'{a}={n}' for a, n in sizes.items())} "
-          f"({math.prod(sizes.values())} devices), {ns.dtype}"
+    shown = {a: n for a, n in sizes.items() if n > 1} or sizes  # the axes the spec set
+    n_devices = math.prod(sizes.values())
+    print(f"mesh {','.join(f'{a}={n}' for a, n in shown.items())} "
+          f"({n_devices} device{'' if n_devices == 1 else 's'}), {ns.dtype}"
           + (f", {'/'.join(kernels)} kernels" if kernels else ""))
     print(f"weights: {plan['params_total'] / gib:.2f} GiB in all, "
           f"{plan['params'] / gib:.2f} GiB per device")

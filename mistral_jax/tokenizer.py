@@ -244,6 +244,7 @@ class Tokenizer:
         _check_strings(list(tools or []), "tools")
         try:
             msgs = [convert_openai_messages([m])[0] if isinstance(m, dict) else m for m in messages]
+            _refuse_images(msgs)
             if system is not None:
                 msgs.insert(0, SystemMessage(content=system))
             tool_objs = None
@@ -258,6 +259,8 @@ class Tokenizer:
                 ]
             request = ChatCompletionRequest(messages=msgs, tools=tool_objs)
             return self.mistral.encode_chat_completion(request).tokens
+        except TokenizerError:
+            raise
         except (MistralCommonException, ValueError, AssertionError, KeyError, TypeError) as e:
             raise TokenizerError(
                 f"cannot encode chat `messages`/`tools` with {self._name()}: {type(e).__name__}: {e}"
@@ -347,3 +350,16 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self._start :])
         self._start = self._read = len(self.ids)
         return text[len(prev) :]
+
+
+def _refuse_images(messages: Sequence[Any]) -> None:
+    """TokenizerError for an image chunk in any message: a tokenizer with an image config
+    would encode it as [IMG] tokens that the language model alone (no vision encoder) reads
+    as text, giving answers about an image it never saw."""
+    for i, m in enumerate(messages):
+        content = getattr(m, "content", None)
+        for chunk in content if isinstance(content, list) else []:
+            if getattr(chunk, "type", None) in ("image", "image_url"):
+                raise TokenizerError(
+                    f"messages[{i}] has an image ({chunk.type}): images are not supported "
+                    "(the vision encoder is not run); send text only")

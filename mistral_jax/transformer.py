@@ -20,6 +20,7 @@ import numpy as np
 
 from mistral_jax.args import ModelArgs
 from mistral_jax.cache import Cache, init_cache
+from mistral_jax.compat import check_from_folder_keywords, torch_dtype_name
 from mistral_jax.dtypes import resolve_dtype
 from mistral_jax.errors import UserInputError
 from mistral_jax.kernels import Kernels, default_kernels
@@ -58,12 +59,17 @@ class Transformer:
                     lora_path: str | Path | None = None, lora_merge: bool | None = None,
                     lora_scaling: float | None = None, quantize: str | None = None,
                     mesh: Any = None, kernels: Kernels | None = None,
-                    **arg_overrides: Any) -> Transformer:
+                    num_pipeline_ranks: int = 1, device: Any = None,
+                    softmax_fp32: bool = True, **arg_overrides: Any) -> Transformer:
         """Load a Mistral-layout, HF-layout or converted (`mistral-jax-convert`) model folder.
 
         `arg_overrides` replace fields of the folder's args (e.g. `rope_theta=1e4` for
-        Mistral 7B v0.1 in the Mistral layout). `max_batch_size` is accepted for
-        compatibility with mistral-inference and unused: caches are sized per call.
+        Mistral 7B v0.1 in the Mistral layout). mistral-inference's keywords (compat.py):
+        `max_batch_size` is accepted and unused (caches are sized per call);
+        `num_pipeline_ranks` must be 1 (use `mesh` to shard); `device` ('cpu', 'cuda', a
+        torch.device) must name JAX's default backend, where the weights go; `dtype` may be
+        a torch dtype; `softmax_fp32` must be True (it always is here). Anything else is a
+        UserInputError saying what to do instead.
         `lora_path`: a LoRA adapter file or folder (lora.py), merged into the weights
         unless `lora_merge=False` (by default unmerged only when the folder's params.json
         has a lora block, as in mistral-inference); `lora_scaling` overrides its scaling.
@@ -79,12 +85,14 @@ class Transformer:
         `kernels`: which implementations `forward` runs (kernels.py); None:
         `default_kernels()`.
         """
-        del max_batch_size
+        check_from_folder_keywords(max_batch_size=max_batch_size,
+                                   num_pipeline_ranks=num_pipeline_ranks, device=device,
+                                   softmax_fp32=softmax_fp32, overrides=arg_overrides)
         folder = Path(folder)
         start = time.perf_counter()
         mesh = resolve_mesh(mesh)
-        args, params = load(folder, dtype=resolve_dtype(dtype), mesh=mesh, progress=progress,
-                            lora_path=lora_path, lora_merge=lora_merge,
+        args, params = load(folder, dtype=resolve_dtype(torch_dtype_name(dtype)), mesh=mesh,
+                            progress=progress, lora_path=lora_path, lora_merge=lora_merge,
                             lora_scaling=lora_scaling, quantize=quantize, **arg_overrides)
         model = cls(args, params, folder=folder, mesh=mesh, kernels=kernels)
         model.load_seconds = time.perf_counter() - start

@@ -40,7 +40,8 @@ import optax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mistral_jax.args import ModelArgs, args_to_params_json
+from mistral_jax.args import ModelArgs
+from mistral_jax.config import args_to_params_json
 from mistral_jax.model import causal_positions, forward, init_params
 
 DEMO_ARGS = ModelArgs(

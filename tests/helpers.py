@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from mistral_jax.args import ModelArgs, MoeArgs, args_to_params_json
+from mistral_jax.args import ModelArgs, MoeArgs
+from mistral_jax.config import args_to_params_json
 
 
 def tiny_args(**overrides) -> ModelArgs:

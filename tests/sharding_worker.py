@@ -73,6 +73,17 @@ def leaf_report(model) -> dict:
             "n_devices": len(per_device)}
 
 
+def bytes_per_device(tree) -> dict:
+    """How many bytes of `tree`'s arrays each (addressable) device holds."""
+    import jax
+
+    out: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
 def decode_collectives(model, batch_size: int = 4) -> list[list]:
     """[op, element count] of each collective in the compiled decode step (one token per row)."""
     import re
@@ -154,7 +165,7 @@ def multihost(out: Path, folder: Path, coordinator: str, num_processes: int,
                      str(num_processes), "--process-id", str(process_id))
     import jax
 
-    from mistral_jax.args import load_args
+    from mistral_jax.config import load_args
     from mistral_jax.transformer import Transformer
 
     args, _ = load_args(folder)
@@ -185,14 +196,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def bytes_per_device(tree) -> dict:
-    """How many bytes of `tree`'s arrays each (addressable) device holds."""
-    import jax
-
-    out: dict = {}
-    for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-    return out

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.bench import costs, probes, vs_transformers
+from mistral_jax.bench import costs, flags, probes, vs_transformers
 from mistral_jax.bench import run as bench
 from mistral_jax.cache import init_cache
 from mistral_jax.errors import UserInputError
@@ -221,7 +221,9 @@ def test_bench_cli_reports_every_figure_for_each_batch_size(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| B | P | G |" in printed
     result = json.loads(out.read_text())
-    assert json.loads(printed.strip().splitlines()[-1]) == result
+    # stdout is for people: the table, and no JSON line (the JSON goes to --json only)
+    assert not [line for line in printed.splitlines() if line.lstrip().startswith("{")]
+    assert len(printed) < 3000 and set(result) == {"meta", "results"}
     meta = result["meta"]
     for key in ("copy_bandwidth_gbps", "matmul_tflops_measured", "peak_tflops", "weight_bytes"):
         assert _finite_positive(meta[key]), key
@@ -417,14 +419,14 @@ def test_bench_compile_cache_flags():
     ns = bench.parse_args(["--compile-cache", "/tmp/a"])
     assert ns.compile_cache == bench.Path("/tmp/a") and ns.cache_min_compile_secs is None
     assert bench.parse_args(["--compile-cache-dir", "/tmp/b"]).compile_cache == bench.Path("/tmp/b")
-    helps = {a.option_strings[0]: a.help for a in bench.build_parser()._actions}
+    helps = {a.option_strings[0]: a.help for a in flags.build_parser()._actions}
     assert "--compile-cache-dir" in helps["--compile-cache"]
     assert helps["--no-compile-cache"]
 
 
 def test_bench_respects_jax_min_compile_time_env_unless_the_flag_is_given(tmp_path):
     """JAX reads its environment once, at import: hence a fresh interpreter."""
-    code = ("import sys, jax; from mistral_jax import bench; "
+    code = ("import sys, jax; from mistral_jax.bench import run as bench; "
             "bench.enable_cache(bench.parse_args(sys.argv[1:])); "
             "print(jax.config.jax_persistent_cache_min_compile_time_secs)")
     env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="7.5")
@@ -525,10 +527,10 @@ def test_bench_module_runs_and_fills_the_persistent_compilation_cache(tmp_path):
     cmd = [sys.executable, "-m", "mistral_jax.bench", "--preset", "tiny-moe", "--batch", "1",
            "--prompt-len", "4", "--gen-len", "2", "--repeats", "1", "--copy-mib", "8",
            "--matmul-n", "64", "--compile-cache-dir", str(cache_dir),  # the old name
-           "--cache-min-compile-secs", "0"]
+           "--cache-min-compile-secs", "0", "--json", str(tmp_path / "out.json")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "out.json").read_text())
     assert result["meta"]["compile_cache_dir"] == str(cache_dir)
     assert result["meta"]["args"]["moe"] == {"num_experts": 4, "num_experts_per_tok": 2}
     assert _finite_positive(result["results"][0]["decode_ms_step"])

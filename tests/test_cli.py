@@ -188,7 +188,7 @@ def test_sample_batch_prints_each_completion_and_timings(folders, tok):
     assert res.returncode == 0, res.stderr
     want = []
     for p in prompts:
-        want += [expected_continuation(tok, p), sample.SEPARATOR]
+        want += [p + expected_continuation(tok, p), sample.SEPARATOR]  # the prompt is echoed
     assert res.stdout.splitlines() == want
     for part in ("loading text", "loaded ", "compiled in ", "tokens/s", "time to first token"):
         assert part in res.stderr
@@ -205,6 +205,8 @@ def test_chat_streams_answers_over_stdin_reset_and_quit(folders, tok):
     assert "(new conversation)" in res.stderr and "time to first token" in res.stderr
     assert "error: the conversation is" in res.stderr and f"context of {MAX_SEQ_LEN}" in res.stderr
     assert "compiled in" in res.stderr and "Traceback" not in res.stderr
+    # stdin is no terminal: no warm-up, so the first turn says it compiles before it does
+    assert -1 < res.stderr.find("compiling for prompts of up to") < res.stderr.find("time to first")
 
 
 def test_second_start_reads_the_persistent_compilation_cache(folders, tmp_path):
@@ -261,7 +263,7 @@ def test_hf_layout_folder_gives_the_same_completion(folders, tok, capsys):
     prompt = "The cat"
     code, out, err = run_main(sample.main, ["--ckpt", folders["hf"], "--prompt", prompt], capsys)
     assert code == 0, err
-    assert out == expected_continuation(tok, prompt) + "\n"
+    assert out == prompt + expected_continuation(tok, prompt) + "\n"
 
 
 def test_converted_orbax_folder_gives_the_same_completion(folders, tok, capsys, tmp_path):
@@ -272,7 +274,7 @@ def test_converted_orbax_folder_gives_the_same_completion(folders, tok, capsys, 
     code, out, err = run_main(sample.main, ["--ckpt", tmp_path / "converted", "--prompt", prompt],
                               capsys)
     assert code == 0, err
-    assert out == expected_continuation(tok, prompt) + "\n"
+    assert out == prompt + expected_continuation(tok, prompt) + "\n"
 
 
 def test_instruct_sample_follows_the_chat_template(folders, tok, capsys):
@@ -297,17 +299,45 @@ def test_no_ckpt_runs_the_built_in_demo_model(folders, tok, capsys, monkeypatch,
     code, out, err = run_main(sample.main, ["--prompt", "The cat"], capsys)
     assert code == 2 and "no --ckpt given" in err and "--ckpt DIR" in err
     monkeypatch.setattr(cli, "demo_model_folder", lambda: folders["text"])
-    code, out, err = run_main(sample.main, ["--prompt", "The cat"], capsys)
+    code, out, err = run_main(sample.main, ["--prompt", "The cat", "--temperature", "0"], capsys)
     assert code == 0, err
-    assert out == expected_continuation(tok, "The cat") + "\n"
-    assert "built-in demo model" in err
+    assert out == "The cat" + expected_continuation(tok, "The cat") + "\n"
+    assert "built-in demo model" in err and "sampling with" not in err
     # No argument at all: the demo model completes a default prompt (one the scripted
-    # checkpoint knows, so the exact continuation can be checked).
-    monkeypatch.setattr(sample, "DEFAULT_DEMO_PROMPT", "The cat")
-    code, out, err = run_main(sample.main, [], capsys)
+    # checkpoint knows, so the exact continuation can be checked), greedily with
+    # --temperature 0, and echoes it as mistral-demo does.
+    monkeypatch.setattr(sample, "DEFAULT_PROMPT", "The cat")
+    code, out, err = run_main(sample.main, ["--temperature", "0"], capsys)
     assert code == 0, err
-    assert out == expected_continuation(tok, "The cat") + "\n"
+    assert out == "The cat" + expected_continuation(tok, "The cat") + "\n"
     assert "no --prompt given" in err
+    code, out, err = run_main(sample.main, ["--temperature", "0", "--no-echo"], capsys)
+    assert code == 0 and out == expected_continuation(tok, "The cat") + "\n", err
+
+
+def test_sample_samples_the_demo_model_by_default_and_is_greedy_with_a_ckpt(
+        folders, tok, capsys, monkeypatch):
+    """The demo model's greedy output loops, so without --temperature it samples (and says
+    so on stderr and in --help); a --ckpt model stays greedy; --temperature 0 is greedy."""
+    seen = []
+
+    def record(prompts, model, **kw):
+        seen.append(kw)
+        return [[] for _ in prompts], cli.GenStats(0, 0.0, 0.0, 0.0)
+
+    monkeypatch.setattr(cli, "timed_generate", record)
+    monkeypatch.setattr(cli, "demo_model_folder", lambda: folders["text"])
+    for argv, temperature, top_p in (([], sample.DEMO_TEMPERATURE, sample.DEMO_TOP_P),
+                                     (["--top-p", "0.5"], sample.DEMO_TEMPERATURE, 0.5),
+                                     (["--temperature", "0"], 0.0, 1.0),
+                                     (["--ckpt", folders["text"]], 0.0, 1.0)):
+        code, out, err = run_main(sample.main, [str(a) for a in argv], capsys)
+        assert code == 0, err
+        assert (seen[-1]["temperature"], seen[-1]["top_p"]) == (temperature, top_p), argv
+        assert ("sampling with temperature 0.8" in err) == (temperature > 0), argv
+        assert out == sample.DEFAULT_PROMPT + "\n"  # the default prompt, echoed
+    text = sample.build_parser().format_help()
+    assert "default: 0.8 with the built-in demo model" in " ".join(text.split())
 
 
 def test_chat_ctrl_d_exits_cleanly(folders, capsys, monkeypatch):
@@ -345,7 +375,7 @@ BAD_SAMPLE_ARGS = [
     (["--prompt", "hi", "--top-k", "0"], "top_k must be None or an integer >= 1"),
     (["--prompt", "hi", "--dtype", "int4"], "--dtype: invalid choice: 'int4'"),
     (["--prompt", "hi", "--temperature", "warm"], "--temperature: invalid float value"),
-    ([], "give at least one --prompt"),
+    (["--instruct"], "give at least one --prompt"),
     (["--prompt", "hi", "--tools", "{tools_json}"], "--tools and --system need --instruct"),
     (["--instruct", "--prompt", "hi", "--tools", "{bad_tools_json}"], "not valid JSON"),
     (["--instruct", "--prompt", "hi", "--tools", "{missing}"], "cannot read it"),
@@ -498,7 +528,7 @@ def test_sample_on_mixtral_both_layouts_equals_generate(random_folders, tok, cap
     assert len(mistral) == N_TOKENS  # no early eos: every step is compared
     assert hf == mistral and hf_out == out
     assert mistral == api_ids(random_folders["mixtral"], prompt)
-    assert out == sample.continuation(prompt, mistral, tok) + "\n"
+    assert out == RANDOM_PROMPT + sample.continuation(prompt, mistral, tok) + "\n"
 
 
 def test_sample_lora_flag_loads_the_adapter(random_folders, tok, capsys, monkeypatch):
@@ -508,7 +538,7 @@ def test_sample_lora_flag_loads_the_adapter(random_folders, tok, capsys, monkeyp
     with_lora, out, _ = sample_ids([*argv, "--lora", random_folders["lora"]], capsys, monkeypatch)
     assert with_lora != plain  # the adapter changes the answer
     assert with_lora == api_ids(random_folders["dense"], prompt, lora_path=random_folders["lora"])
-    assert out == sample.continuation(prompt, with_lora, tok) + "\n"
+    assert out == RANDOM_PROMPT + sample.continuation(prompt, with_lora, tok) + "\n"
 
 
 def test_lora_help_says_when_the_adapter_stays_unmerged_and_loading_does_so(random_folders,
@@ -904,7 +934,8 @@ def test_ids_past_the_tokenizer_in_a_padded_vocabulary_are_never_sampled(tmp_pat
     code, out, err = run_main(sample.main, ["--ckpt", folder, "--prompt", "The cat",
                                             "--max-tokens", "4"], capsys)
     assert code == 0, err
-    assert out.splitlines() == [sample.continuation(tok.encode("The cat", bos=True), [best], tok)]
+    assert out.splitlines() == [
+        "The cat" + sample.continuation(tok.encode("The cat", bos=True), [best], tok)]
     code, out, err = chat_run(folder, "hello\n", capsys, monkeypatch, "--max-tokens", "4")
     assert code == 0 and "Traceback" not in err, err
     assert tok.decode([best]) in out

@@ -37,7 +37,8 @@ import mistral_jax.orbax_restore as restore_mod
 import mistral_jax.orbax_write as write_mod
 from convert.benchmark import convert_in_child, synthetic_args, write_synthetic
 from convert.safetensors_to_orbax import main
-from mistral_jax.args import ModelArgs, args_from_params_json
+from mistral_jax.args import ModelArgs
+from mistral_jax.config import args_from_params_json
 from mistral_jax.convert import convert
 from mistral_jax.errors import CheckpointError, MistralJaxError
 from mistral_jax.model import abstract_params
@@ -167,7 +168,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     import mistral_jax.orbax_restore as restore_mod
-    from mistral_jax.args import load_args
+    from mistral_jax.config import load_args
     from mistral_jax.load import load_params
     from mistral_jax.model import logical_axes
 
@@ -386,13 +387,14 @@ def test_sigterm_with_its_default_action_ends_the_process_after_the_clean_up(sou
     script = textwrap.dedent("""
         import signal, sys
         import mistral_jax.convert as c
-        copy, calls = c._copy, []
+        import mistral_jax.orbax_write as w
+        copy, calls = w._copy, []
         def copy_then_signal(value, dtype, pool):
             calls.append(1)
             if len(calls) == 3:
                 signal.raise_signal(signal.SIGTERM)
             return copy(value, dtype, pool)
-        c._copy = copy_then_signal
+        w._copy = copy_then_signal
         c.convert(sys.argv[1], sys.argv[2])
         print("finished")
     """)

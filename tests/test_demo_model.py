@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import mistral_jax
-from mistral_jax.args import load_args
+from mistral_jax.config import load_args
 from mistral_jax.generate import generate
 from mistral_jax.model import causal_positions, forward, init_params
 from mistral_jax.tokenizer import load_tokenizer

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mistral_jax.decode import bucket
 from mistral_jax.errors import UserInputError
-from mistral_jax.generate import bucket, generate, generate_from_params, generate_stream
+from mistral_jax.generate import generate, generate_from_params, generate_stream
 
 # The module itself (`mistral_jax.generate` the attribute is the function, as in mistral-inference).
 gen = importlib.import_module("mistral_jax.generate")

@@ -22,8 +22,9 @@ from helpers import (
 )
 from safetensors.numpy import save_file
 
-from mistral_jax.args import LoraArgs, args_from_params_json
+from mistral_jax.args import LoraArgs
 from mistral_jax.checkpoint import tensor_target
+from mistral_jax.config import args_from_params_json
 from mistral_jax.errors import CheckpointError, ConfigError
 from mistral_jax.lora import attach_lora, detach_lora, merge_lora
 from mistral_jax.lora_file import load_lora
@@ -360,6 +361,6 @@ def test_peft_config_r_and_lora_alpha_are_checked(tmp_path):
 
 
 def args_json(args) -> dict:
-    from mistral_jax.args import args_to_params_json
+    from mistral_jax.config import args_to_params_json
 
     return args_to_params_json(args)

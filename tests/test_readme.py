@@ -1,4 +1,5 @@
-"""The README stays true: every shell command in it that needs no downloaded weights runs here.
+"""The README and docs/*.md stay true: every shell command in them that needs no downloaded
+weights runs here.
 
 Commands that need a real checkpoint ($CKPT, /path/to/...), a full-size preset (mistral-7b,
 mixtral-8x7b: gigabytes of random weights, which CI's memory cannot hold beside a second test
@@ -23,9 +24,14 @@ NOT_HERE = re.compile(r"\$CKPT|path/to|/models/|mistral-7b|mixtral-8x|codestral-
 STDIN = {"mistral_jax.chat": "What does json.dumps do?\n/quit\n"}
 
 
+# The README and the reference pages it links (docs/*.md; docs/design holds notes, no commands).
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def readme_commands() -> list[str]:
-    """Shell commands of the README's ```bash blocks, continuation lines joined."""
-    text = (REPO / "README.md").read_text()
+    """Shell commands of the ```bash blocks of the README and docs/*.md, continuation lines
+    joined."""
+    text = "\n".join(page.read_text() for page in PAGES)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -44,6 +50,9 @@ def test_readme_has_the_install_and_test_commands_first():
     text = (REPO / "README.md").read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     assert 'pip install -e ".[test]"' in first_block
+    # the runtime install and both CUDA extras come first too
+    assert "pip install .  " in first_block
+    assert 'pip install ".[cuda13]"' in first_block and 'pip install ".[cuda12]"' in first_block
     assert "python -m pytest -n 2 -q" in first_block
     ci = (REPO / ".ci" / "run").read_text()
     assert "python3 -m pytest -n 2 -q" in ci and 'pip install -q -e ".[test]"' in ci
@@ -85,3 +94,23 @@ def test_python_dash_m_of_an_imported_module_prints_no_runpy_warning():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout
     assert "RuntimeWarning" not in proc.stderr, proc.stderr
+
+
+def test_pyproject_extras_match_the_readme_install_lines():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert extras["cuda12"] == ["jax[cuda12]"] and extras["cuda"] == extras["cuda12"]
+    assert extras["cuda13"][0].startswith("jax[cuda13]")
+    # matplotlib draws the notebooks' figures: an extra (and a test dependency), not a runtime one
+    assert "matplotlib" in extras["notebooks"] and "matplotlib" in extras["test"]
+    assert not [d for d in project["dependencies"] if d.startswith("matplotlib")]
+
+
+def test_readme_links_every_reference_page_and_stays_short():
+    """The README is what a user needs in the first ten minutes; the reference material is in
+    docs/, every page of which the README links."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 220
+    for page in PAGES[1:]:
+        assert f"](docs/{page.name})" in text, page.name

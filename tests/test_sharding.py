@@ -297,7 +297,7 @@ def test_converted_checkpoint_restores_straight_into_shards(eight_devices):
 
 
 def test_memory_plan_divides_the_split_weights_and_names_bad_meshes(tmp_path, capsys):
-    from mistral_jax.args import args_to_params_json
+    from mistral_jax.config import args_to_params_json
     from mistral_jax.sharding import bytes_per_device_plan, main
 
     args = tiny_moe_args(n_heads=8, n_kv_heads=2, moe=MoeArgs(8, 2))

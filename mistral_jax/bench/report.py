@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mistral_jax.bench.vs_transformers import (
-    HF_NOISY_SPREAD,
-)
+from mistral_jax.bench.vs_transformers import HF_NOISY_SPREAD
 
 COLUMNS = (  # (header, key, format)
     ("B", "batch", "{:d}"), ("P", "prompt_len", "{:d}"), ("G", "gen_len", "{:d}"),

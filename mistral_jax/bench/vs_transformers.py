@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax.args import ModelArgs
+from mistral_jax.errors import UserInputError
 from mistral_jax.model import causal_positions, forward
 
 
@@ -33,7 +34,40 @@ def hf_config_dict(args: ModelArgs, dtype_name: str) -> dict:
         cfg["num_local_experts"] = args.moe.num_experts
         cfg["num_experts_per_tok"] = args.moe.num_experts_per_tok
         cfg["router_jitter_noise"] = 0.0
+    cfg.update(hf_family_fields(args))
     return cfg
+
+
+def hf_family_fields(args: ModelArgs) -> dict:
+    """The config.json fields of the newer families (hf_config.py reads them back): Ministral's
+    layer_types, Ministral3's yarn rope_parameters and query scale, tied embeddings."""
+    out: dict = {"tie_word_embeddings": args.tied_embeddings}
+    if isinstance(args.sliding_window, tuple):
+        windows = {w for w in args.layer_windows if w is not None}
+        if len(windows) > 1:
+            raise UserInputError(f"config.json has one sliding_window; args have {sorted(windows)}")
+        out.update(architectures=["MinistralForCausalLM"], model_type="ministral",
+                   sliding_window=windows.pop() if windows else None,
+                   layer_types=["full_attention" if w is None else "sliding_attention"
+                                for w in args.layer_windows])
+    if args.yarn is not None or args.llama_4_scaling is not None:
+        if args.llama_4_scaling is not None and (
+                args.yarn is None or args.yarn.original_max_position_embeddings
+                != args.llama_4_scaling.original_max_position_embeddings):
+            raise UserInputError("config.json's query scale reads yarn's "
+                                 "original_max_position_embeddings; args differ")
+        rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+        if args.yarn is not None:
+            y = args.yarn
+            rope.update(rope_type="yarn", factor=y.factor, beta_fast=y.beta_fast,
+                        beta_slow=y.beta_slow, attention_factor=y.attention_factor,
+                        original_max_position_embeddings=y.original_max_position_embeddings,
+                        truncate=y.truncate)
+        if args.llama_4_scaling is not None:
+            rope["llama_4_scaling_beta"] = args.llama_4_scaling.beta
+            out.update(architectures=["Ministral3ForCausalLM"], model_type="ministral3")
+        out["rope_parameters"] = rope
+    return out
 
 
 def hf_state_dict(params, args: ModelArgs, names: set[str]) -> dict:
@@ -57,7 +91,8 @@ def hf_state_dict(params, args: ModelArgs, names: set[str]) -> dict:
     a = args
     sd = {"model.embed_tokens.weight": tt(params["embedding"]),
           "model.norm.weight": tt(params["norm"]["weight"]),
-          "lm_head.weight": tt(params["output"]["kernel"]).T}
+          "lm_head.weight": (tt(params["embedding"]) if a.tied_embeddings
+                             else tt(params["output"]["kernel"]).T)}
     for i in range(a.n_layers):
         layer, p = params[f"layers_{i}"], f"model.layers.{i}."
         att = layer["attention"]
@@ -104,8 +139,8 @@ def build_transformers_model(params, args: ModelArgs, device: str):
     torch_dtype = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16,
                    jnp.dtype(jnp.float16): torch.float16}[jnp.dtype(dtype)]
     cfg = hf_config_dict(args, str(torch_dtype).removeprefix("torch."))
-    config_cls = transformers.MixtralConfig if args.moe else transformers.MistralConfig
-    model_cls = transformers.MixtralForCausalLM if args.moe else transformers.MistralForCausalLM
+    config_cls = transformers.AutoConfig.for_model(cfg["model_type"]).__class__
+    model_cls = getattr(transformers, cfg["architectures"][0])
     config = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)

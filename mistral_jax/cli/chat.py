@@ -3,7 +3,9 @@
     python -m mistral_jax.chat --ckpt DIR --system "Answer in one sentence."
 
 Type a message and press Enter; the answer streams to stdout as it is generated.
-`/reset` starts a new conversation, `/quit` or Ctrl-D leaves, Ctrl-C stops an answer.
+`/reset` starts a new conversation, `/quit` or Ctrl-D leaves, Ctrl-C stops an answer (at
+the prompt it ends the chat, exit status 130). At a terminal the programs the first turns
+need are compiled at start-up, behind a progress bar (`--warmup` / `--no-warmup`).
 Any other single word starting with '/' is taken for a mistyped command: a notice lists
 the commands and nothing is sent. A line starting with '//' is sent with one '/' less
 (`//etc` sends "/etc"). Each turn re-encodes the whole conversation with the chat
@@ -14,15 +16,19 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+from tqdm import tqdm
 
+from mistral_jax import interrupts
 from mistral_jax.args import ModelArgs
 from mistral_jax.cli import common as cli
+from mistral_jax.decode import bucket
 from mistral_jax.errors import MistralJaxError, UserInputError
 from mistral_jax.generate import generate_stream
 from mistral_jax.sampling import SEED_MIN
@@ -30,6 +36,9 @@ from mistral_jax.tokenizer import StreamDecoder, Tokenizer, check_utf8
 from mistral_jax.transformer import Transformer
 
 DEFAULT_MAX_TOKENS = 512
+# --warmup compiles prefill for each prompt bucket from the shortest first turn up to this
+# many tokens (a conversation only grows through them), and the decode step they share.
+WARMUP_TOKENS = 128
 COMMANDS = ("/reset", "/quit")
 HELP = "/reset starts a new conversation, /quit or Ctrl-D exits, Ctrl-C stops an answer"
 
@@ -44,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         max_tokens_help=f"most tokens per answer (default: {DEFAULT_MAX_TOKENS}, or what is "
         "left of the model's context if that is less)")
     cli.add_chunk_flag(p)
+    p.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=None,
+        help="compile at start-up, behind a progress bar, the programs the first turns need "
+        f"(prompts of up to {WARMUP_TOKENS} tokens), so that they do not stall (default: on "
+        "when stdin is a terminal)")
     return p
 
 
@@ -140,36 +154,80 @@ def answer(model: Transformer, tok: Tokenizer, prompt: list[int], max_tokens: in
     sampling = {**cli.sampling_kwargs(ns), "max_tokens": max_tokens,
                 "seed": turn_seed(ns.seed, turn)}
     chunk_size = cli.chunk_size_for(ns, model.args, [prompt])
-    with cli.CompileTimer() as compile_timer:
+    # Ctrl-C stops the answer: recorded, and acted on between tokens (never inside a compile);
+    # SIGTERM / SIGHUP still end the chat at once.
+    with cli.CompileTimer() as compile_timer, cli.compile_notices(), \
+            interrupts.deferred((signal.SIGINT,)):
         start = time.perf_counter()
-        first = None
+        first = first_compile = None
         try:
             for token in generate_stream(prompt, model, eos_id=tok.eos_id,
                                          chunk_size=chunk_size,
                                          vocab_limit=cli.decodable_ids(tok, model.args),
                                          **sampling):
                 if first is None:
-                    first = time.perf_counter() - start - compile_timer.seconds
+                    first = time.perf_counter() - start
+                    first_compile = compile_timer.seconds
                 ids.append(token)
                 sys.stdout.write(stream.push(token))
                 sys.stdout.flush()
+                interrupts.check()
+            interrupts.check()
         except KeyboardInterrupt:
             sys.stdout.write(stream.flush() + "\n")
+            sys.stdout.flush()
             cli.log("(answer stopped)")
             return tok.decode(ids)
         sys.stdout.write(stream.flush() + "\n")
         sys.stdout.flush()
-        total = time.perf_counter() - start - compile_timer.seconds
-    if turn == 0 or compile_timer.seconds > 0:
-        cli.log(f"compiled in {compile_timer.seconds:.2f} s")
+        total = time.perf_counter() - start
     stats = cli.GenStats(n_tokens=len(ids), first_token_s=first or 0.0, total_s=total,
-                         compile_s=compile_timer.seconds)
-    cli.log(f"[{stats.summary()}]")
+                         compile_s=compile_timer.seconds, first_compile_s=first_compile or 0.0)
+    cli.log_stats(stats)
     context = model.args.max_seq_len
     if context is not None and len(ids) == max_tokens and len(prompt) + len(ids) >= context:
         cli.log(f"(answer cut at the model's context of {context} tokens; /reset starts a "
                 "new conversation)")
     return tok.decode(ids)
+
+
+def warmup_lengths(shortest: int, up_to: int = WARMUP_TOKENS) -> list[int]:
+    """Prompt lengths whose programs cover turns of `shortest` up to `up_to` tokens: both
+    ends of each prefill bucket (decode.bucket), since a turn's token budget, and with it
+    the cache's length, can differ across one: [9, 16, 17, 32, 33, 64, 65, 128] for 9, 128."""
+    lengths, n, up_to = [], shortest, max(up_to, bucket(shortest))
+    while bucket(n) <= up_to:
+        lengths += [n] if bucket(n) == n else [n, bucket(n)]
+        n = bucket(n) + 1
+    return lengths
+
+
+def warm_up(model: Transformer, tok: Tokenizer, ns: argparse.Namespace, progress: bool) -> int:
+    """Compile, behind a progress bar, what turns of `warmup_lengths` tokens need: each
+    prompt is prefilled and one token decoded with the budget a real turn of that length
+    gets (same shapes, same programs; a length compiled already runs in milliseconds).
+    Returns the longest prompt length warmed up."""
+    lengths = warmup_lengths(shortest_turn(tok, ns.system), WARMUP_TOKENS)
+    bar = tqdm(lengths, desc="compiling for the first turns", unit="prompt size",
+               disable=not progress, file=sys.stderr, leave=False)
+    start = time.perf_counter()
+    done = 0
+    for n in bar:
+        prompt = [tok.bos_id] * n
+        try:
+            budget = answer_budget(prompt, ns, model.args)
+        except MistralJaxError:  # no room for an answer at this length (nor beyond)
+            break
+        sampling = {**cli.sampling_kwargs(ns), "max_tokens": budget}
+        tokens = generate_stream(prompt, model, eos_id=None,
+                                 chunk_size=cli.chunk_size_for(ns, model.args, [prompt]),
+                                 vocab_limit=cli.decodable_ids(tok, model.args), **sampling)
+        next(tokens, None)  # dispatches the first decode step: compiled too
+        done = n
+    bar.close()
+    cli.log(f"compiled for prompts of up to {done} tokens in {time.perf_counter() - start:.1f} s "
+            "(longer ones compile when they come)")
+    return done
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -183,6 +241,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
     keep_bad_bytes()
     interactive = sys.stdin is not None and sys.stdin.isatty()
+    if ns.warmup or (ns.warmup is None and interactive):
+        warm_up(model, tok, ns, progress=sys.stderr.isatty())
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -193,9 +253,11 @@ def _main(argv: Sequence[str] | None) -> int:
     n_answers = 0
     while True:
         try:
-            text = read_message(interactive)
-        except KeyboardInterrupt:
-            text = None
+            with interrupts.raising():  # at the prompt a signal ends the chat (readline tidies up)
+                text = read_message(interactive)
+        except KeyboardInterrupt as e:
+            print(file=sys.stderr)
+            return interrupts.exit_status(e)
         if text is None:  # Ctrl-D / end of input
             if interactive:
                 print()

@@ -13,11 +13,9 @@ holds only what the model wrote.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.resources
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from mistral_jax.args import ModelArgs, load_args
+from mistral_jax.args import ModelArgs
+
+# The commands use these as cli.X (tests patch them there): re-exported explicitly.
+from mistral_jax.cli.timing import CompileTimer as CompileTimer
+from mistral_jax.cli.timing import GenStats as GenStats
+from mistral_jax.cli.timing import compile_notices as compile_notices
+from mistral_jax.cli.timing import log as log
+from mistral_jax.cli.timing import log_stats as log_stats
+from mistral_jax.cli.timing import timed_generate as timed_generate
+from mistral_jax.config import load_args
 from mistral_jax.dtypes import DTYPES
 from mistral_jax.errors import MistralJaxError, TokenizerError, UserInputError
-from mistral_jax.generate import generate
+from mistral_jax.generate import check_fits
+from mistral_jax.interrupts import exit_status
 from mistral_jax.mesh import initialize_distributed, make_mesh
 from mistral_jax.quantize import MODES, is_quantized
 from mistral_jax.sampling import check_seed, make_strategy
@@ -115,15 +123,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens: int | None,
-                       temperature: float, max_tokens_help: str | None = None) -> None:
-    """--max-tokens, --temperature, --top-p, --top-k, --seed (checked by `check_sampling`)."""
+                       temperature: float | None, max_tokens_help: str | None = None,
+                       temperature_help: str | None = None, top_p: float | None = 1.0,
+                       top_p_help: str | None = None) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed (checked by `check_sampling`).
+
+    A None default means "the command decides" (sample: by model); the command then says
+    what it chose in `temperature_help` / `top_p_help`."""
     parser.add_argument("--max-tokens", type=int_at_least(1), default=max_tokens,
                         help=max_tokens_help or
                         f"most tokens generated per answer (default: {max_tokens})")
     parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f">= 0; 0 is greedy (default: {temperature})")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus sampling mass, in (0, 1] (default: 1, off)")
+                        help=temperature_help or f">= 0; 0 is greedy (default: {temperature})")
+    parser.add_argument("--top-p", type=float, default=top_p,
+                        help=top_p_help or "nucleus sampling mass, in (0, 1] (default: 1, off)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample among the k most likely tokens, k >= 1 (default: off)")
     parser.add_argument("--seed", type=int, default=0,
@@ -240,16 +253,10 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, ModelArgs, Tokenizer]:
 
 def check_lengths(prompts: Sequence[Sequence[int]], max_tokens: int, args: ModelArgs,
                   names: Sequence[str]) -> None:
-    """Each prompt plus max_tokens must fit the model's context (when the folder states it)."""
-    if args.max_seq_len is None:
-        return
+    """Each prompt plus --max-tokens must fit the model's context (when the folder states
+    it), checked before the weights load (`generate.check_fits`)."""
     for ids, name in zip(prompts, names):
-        if len(ids) + max_tokens > args.max_seq_len:
-            raise UserInputError(
-                f"{name} is {len(ids)} tokens; with --max-tokens {max_tokens} that is "
-                f"{len(ids) + max_tokens} positions, beyond the model's context of "
-                f"{args.max_seq_len}: shorten it or lower --max-tokens (at most "
-                f"{max(args.max_seq_len - len(ids), 0)})")
+        check_fits(len(ids), max_tokens, args.max_seq_len, name, max_tokens_name="--max-tokens")
 
 
 def load_model(ns: argparse.Namespace, folder: Path) -> Transformer:
@@ -329,56 +336,7 @@ def enable_compilation_cache(cache_dir: str | Path | None = None,
     return path
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-class CompileTimer:
-    """Seconds JAX spends tracing, lowering and compiling while the `with` block runs.
-
-    Read from `jax.monitoring` events, so a first call can be split into compile time
-    and run time without compiling anything twice.
-    """
-
-    EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-              "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._active = False
-
-    def _listen(self, event: str, duration: float, *args: Any, **kwargs: Any) -> None:
-        if self._active and event in self.EVENTS:
-            self.seconds += duration
-
-    def __enter__(self) -> CompileTimer:
-        self._active = True
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._active = False
-        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
-        if unregister is not None:
-            try:
-                unregister(self._listen)
-            except (AssertionError, ValueError, KeyError):
-                pass
-
-
-@dataclasses.dataclass
-class GenStats:
-    """Timings of one generation; compile time is excluded from the other two."""
-
-    n_tokens: int
-    first_token_s: float  # prompt processing + first sampled token
-    total_s: float  # whole generation
-    compile_s: float
-
-    def summary(self) -> str:
-        rate = self.n_tokens / self.total_s if self.total_s > 0 else float("inf")
-        return (f"{self.n_tokens} tokens in {self.total_s:.2f} s: {rate:.1f} tokens/s, "
-                f"time to first token {self.first_token_s:.3f} s")
+# ----------------------------------------------------------------------------- generating
 
 
 def decodable_ids(tok: Tokenizer, args: ModelArgs) -> int | None:
@@ -387,41 +345,7 @@ def decodable_ids(tok: Tokenizer, args: ModelArgs) -> int | None:
     return tok.n_words if tok.n_words < args.vocab_size else None
 
 
-def timed_generate(prompts: Sequence[Sequence[int]], model: Transformer,
-                   **options: Any) -> tuple[list[list[int]], GenStats]:
-    """`generate.generate(prompts, model, **options)`, timed: stopped once after the
-    prompts' first token.
-
-    Returns the generated ids per prompt (cut at eos, as `generate` does) and the timings.
-    """
-    marks: dict[str, float] = {}
-    with CompileTimer() as compile_timer:
-        start = time.perf_counter()
-
-        def first_token() -> None:
-            marks["first"] = time.perf_counter() - start
-            marks["compile_first"] = compile_timer.seconds
-
-        out, _ = generate(prompts, model, on_first_token=first_token, **options)
-        total = time.perf_counter() - start
-    stats = GenStats(n_tokens=sum(len(o) for o in out),
-                     first_token_s=marks["first"] - marks["compile_first"],
-                     total_s=total - compile_timer.seconds, compile_s=compile_timer.seconds)
-    return out, stats
-
-
 # ----------------------------------------------------------------------------- running
-
-
-def log(message: str) -> None:
-    """One informational line on stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def log_stats(stats: GenStats) -> None:
-    """Compile time, then tokens/s and time to first token, on stderr."""
-    log(f"compiled in {stats.compile_s:.2f} s")
-    log(stats.summary())
 
 
 def out_of_memory(e: BaseException) -> str | None:
@@ -455,6 +379,6 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         sys.stdout.flush()
         print(f"error: {message}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # in-process; a command ends at once (interrupts.install)
         print(file=sys.stderr)
-        return 130
+        return exit_status(e)

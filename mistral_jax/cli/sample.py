@@ -6,9 +6,14 @@
     python -m mistral_jax.sample --ckpt DIR --fim-prefix "def add(a, b):" --fim-suffix "print(add(1, 2))"
 
 Each answer goes to stdout (several prompts: each followed by a `=====` line): for a plain
-prompt the text that continues it, for --instruct the assistant's answer, for FIM the
-middle; a tool-call answer is printed as a JSON list of {"name", "arguments"}. Load time, compile time,
-tokens/s and time to first token go to stderr.
+prompt the prompt and the text that continues it, as mistral-inference's `mistral-demo`
+prints them (--no-echo: the continuation only), for --instruct the assistant's answer, for
+FIM the middle; a tool-call answer is printed as a JSON list of {"name", "arguments"}. Load
+time, compile time, tokens/s and time to first token go to stderr.
+
+Without --prompt a plain run completes DEFAULT_PROMPT. Without --temperature the built-in demo
+model (no --ckpt) samples at DEMO_TEMPERATURE / DEMO_TOP_P, because greedy decoding makes that
+tiny model repeat one line; a --ckpt model is decoded greedily. `--temperature 0` is greedy.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from mistral_jax.tokenizer import Tokenizer, ToolCall, check_utf8
 
 SEPARATOR = "====================="
 
-# `python -m mistral_jax.sample` alone completes this prompt with the demo model.
-DEFAULT_DEMO_PROMPT = "Return the number of"
+# `python -m mistral_jax.sample` (or `--ckpt DIR`) without --prompt completes this prompt.
+DEFAULT_PROMPT = "Return the number of"
+# Sampling used for the demo model when --temperature is not given: its greedy output loops.
+DEMO_TEMPERATURE, DEMO_TOP_P = 0.8, 0.95
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fill in the middle: the code before the gap (needs a v3+ tokenizer)")
     p.add_argument("--fim-suffix", metavar="TEXT", default=None,
                    help="fill in the middle: the code after the gap")
-    cli.add_sampling_flags(p, max_tokens=128, temperature=0.0)
+    cli.add_sampling_flags(
+        p, max_tokens=128, temperature=None, top_p=None,
+        temperature_help=f">= 0; 0 is greedy (default: {DEMO_TEMPERATURE} with the built-in "
+        "demo model, whose greedy output repeats itself; 0 with --ckpt)",
+        top_p_help=f"nucleus sampling mass, in (0, 1] (default: {DEMO_TOP_P} when the demo "
+        "model samples by default, else 1, off)")
+    p.add_argument("--no-echo", action="store_true",
+                   help="print only the continuation of a plain prompt, not the prompt itself")
     cli.add_chunk_flag(p)
     return p
 
@@ -73,8 +87,21 @@ def read_tools(path: Path) -> list[dict[str, Any]]:
     return tools
 
 
+def resolve_sampling(ns: argparse.Namespace) -> None:
+    """Fills in --temperature / --top-p left unset: the demo model samples (said on stderr),
+    a --ckpt model is greedy."""
+    if ns.temperature is None and ns.ckpt is None:
+        ns.temperature = DEMO_TEMPERATURE
+        ns.top_p = DEMO_TOP_P if ns.top_p is None else ns.top_p
+        cli.log(f"sampling with temperature {ns.temperature}, top_p {ns.top_p}, seed {ns.seed} "
+                "(the demo model's default; --temperature 0 is greedy)")
+    ns.temperature = 0.0 if ns.temperature is None else ns.temperature
+    ns.top_p = 1.0 if ns.top_p is None else ns.top_p
+
+
 def check_flags(ns: argparse.Namespace) -> None:
     """Everything that can be checked before the model folder is opened."""
+    resolve_sampling(ns)
     cli.check_sampling(ns)
     fim = ns.fim_prefix is not None or ns.fim_suffix is not None
     if fim:
@@ -88,11 +115,10 @@ def check_flags(ns: argparse.Namespace) -> None:
         if not ((ns.fim_prefix or "").strip() or (ns.fim_suffix or "").strip()):
             raise UserInputError("--fim-prefix and --fim-suffix are both empty: give at least one")
     elif not ns.prompt:
-        if ns.ckpt is not None or ns.instruct:
-            raise UserInputError("give at least one --prompt TEXT (or --fim-prefix/--fim-suffix)")
-        # `python -m mistral_jax.sample` alone: the built-in demo model completes a prompt.
-        ns.prompt = [DEFAULT_DEMO_PROMPT]
-        cli.log(f"no --prompt given: completing {DEFAULT_DEMO_PROMPT!r}")
+        if ns.instruct:  # a chat turn needs a message; a plain completion has a default
+            raise UserInputError("--instruct: give at least one --prompt TEXT (the user message)")
+        ns.prompt = [DEFAULT_PROMPT]
+        cli.log(f"no --prompt given: completing {DEFAULT_PROMPT!r}")
     for i, text in enumerate(ns.prompt):
         cli.check_text(text, f"--prompt #{i + 1}" if len(ns.prompt) > 1 else "--prompt")
     if (ns.tools is not None or ns.system is not None) and not ns.instruct:
@@ -164,9 +190,10 @@ def _main(argv: Sequence[str] | None) -> int:
                                         vocab_limit=cli.decodable_ids(tok, args),
                                         **cli.sampling_kwargs(ns))
     plain = not ns.instruct and ns.fim_prefix is None and ns.fim_suffix is None
-    for prompt, ids in zip(prompts, outputs):
+    for text, prompt, ids in zip(ns.prompt if plain else prompts, prompts, outputs):
         if plain:
-            print(continuation(prompt, ids, tok), flush=True)
+            echo = "" if ns.no_echo else text
+            print(echo + continuation(prompt, ids, tok), flush=True)
         else:
             print(answer_text(ids, tok, parse_tools=tools is not None), flush=True)
         if len(outputs) > 1:
