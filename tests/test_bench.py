@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.bench import costs, flags, probes, vs_transformers
+from mistral_jax.bench import costs, probes, vs_transformers
+from mistral_jax.bench import flags as bench_flags
 from mistral_jax.bench import run as bench
 from mistral_jax.cache import init_cache
 from mistral_jax.errors import UserInputError
@@ -419,7 +420,7 @@ def test_bench_compile_cache_flags():
     ns = bench.parse_args(["--compile-cache", "/tmp/a"])
     assert ns.compile_cache == bench.Path("/tmp/a") and ns.cache_min_compile_secs is None
     assert bench.parse_args(["--compile-cache-dir", "/tmp/b"]).compile_cache == bench.Path("/tmp/b")
-    helps = {a.option_strings[0]: a.help for a in flags.build_parser()._actions}
+    helps = {a.option_strings[0]: a.help for a in bench_flags.build_parser()._actions}
     assert "--compile-cache-dir" in helps["--compile-cache"]
     assert helps["--no-compile-cache"]
 
