@@ -63,6 +63,8 @@ def sweep_qmatmul(shapes, blocks, rows: int, mode: str, inner: int, repeats: int
         cases = {"xla bf16": (lambda a, w: a @ w, (w,)),
                  f"xla {mode}": (lambda a, q, s: ((a @ q.astype(a.dtype)).astype(jnp.float32)
                                                   * s).astype(a.dtype), (q, scale))}
+        cases["pallas default"] = (functools.partial(qmatmul_pallas, interpret=interpret),
+                                   (q, scale))  # qmatmul_blocks' choice
         for bn, bk in blocks:
             if n % bn == 0 and k % bk == 0:
                 cases[f"pallas n{bn} k{bk}"] = (functools.partial(
@@ -90,7 +92,7 @@ def sweep_moe(d: int, f: int, e: int, k: int, tokens: int, up_blocks, down_block
     def routed(fn):
         return lambda a, w1, w2, w3: fn(a, weights, experts, w1, w2, w3)
 
-    def kernel(**blocks):  # the Pallas kernel's per-slot outputs, mixed as moe_pallas does
+    def kernel(**blocks):  # the decode kernel returns each slot's output: mixed here
         return lambda a, w1, w2, w3: mix_slots(moe_decode_pallas(
             a, experts, w1, w2, w3, interpret=interpret, **blocks), weights)
 

@@ -9,11 +9,17 @@ facts only (backend, dtype, shapes), by the defaults measured in BENCHMARKS.md:
 - attention: 'auto' (cuDNN for a bfloat16/float16 prefill on GPUs, else the reference
   einsums), 'reference', 'xla' or 'cudnn' (the fused `jax.nn.dot_product_attention`).
 - moe (the decode path of a MoE layer): 'auto' (tiled on the CPU for float32/int8 experts,
-  else 'xla', XLA's gather), 'xla', 'tiled', 'pallas' or 'pallas-interpret'.
+  the Pallas kernel on GPUs for bfloat16/float16/float32 experts, else 'xla', XLA's
+  gather), 'xla', 'tiled', 'pallas' or 'pallas-interpret'.
+- grouped (the prefill / batched-decode path of a MoE layer, N*k > E): 'auto' (the Pallas
+  grouped matmul on GPUs, else 'scan'), 'scan' (`moe_paths.moe_grouped`, a scan over
+  row blocks), 'ragged' (`jax.lax.ragged_dot`), 'pallas' or 'pallas-interpret'
+  (`moe_gmm.moe_gmm`).
 - qmatmul (int8/fp8 weight-only matmuls of few rows): 'auto' (= 'xla'), 'xla', 'pallas' or
   'pallas-interpret'. 'pallas-interpret' runs a Pallas kernel in the interpreter (any backend).
 
-The environment variables MISTRAL_JAX_ATTENTION, MISTRAL_JAX_MOE_KERNEL and MISTRAL_JAX_QMATMUL
+The environment variables MISTRAL_JAX_ATTENTION, MISTRAL_JAX_MOE_KERNEL, MISTRAL_JAX_MOE_GROUPED
+and MISTRAL_JAX_QMATMUL
 give the default (`default_kernels`), read once when this module is imported; nothing reads
 the environment while a function is traced.
 """
@@ -28,10 +34,11 @@ from mistral_jax.errors import UserInputError
 CHOICES = {
     "attention": ("auto", "reference", "xla", "cudnn"),
     "moe": ("auto", "xla", "tiled", "pallas", "pallas-interpret"),
+    "grouped": ("auto", "scan", "ragged", "pallas", "pallas-interpret"),
     "qmatmul": ("auto", "xla", "pallas", "pallas-interpret"),
 }
 ENV = {"attention": "MISTRAL_JAX_ATTENTION", "moe": "MISTRAL_JAX_MOE_KERNEL",
-       "qmatmul": "MISTRAL_JAX_QMATMUL"}
+       "grouped": "MISTRAL_JAX_MOE_GROUPED", "qmatmul": "MISTRAL_JAX_QMATMUL"}
 _ENV_AT_IMPORT = {field: os.environ.get(name) for field, name in ENV.items()}
 
 
@@ -43,6 +50,7 @@ class Kernels:
     attention: str = "auto"
     moe: str = "auto"
     qmatmul: str = "auto"
+    grouped: str = "auto"
 
     def __post_init__(self):
         for field, choices in CHOICES.items():

@@ -4,8 +4,8 @@ SwiGLU outputs mixed by a float32 softmax over the selected gate logits.
     weights, experts = route(gate_logits, k)            # [N, k] f32, [N, k] int32
     out = moe(x, weights, experts, w1, w2, w3)          # x [N, D] -> [N, D]
 
-The paths that compute it live in moe_experts.py (dense reference, gather) and
-moe_paths.py (tiled, grouped, ragged, Pallas); `moe` picks one statically from N, the
+The paths that compute it live in moe_experts.py (dense reference, gather),
+moe_paths.py (tiled, grouped scan, Pallas decode) and moe_gmm.py (grouped matmuls); `moe` picks one statically from N, the
 backend, the experts' dtype and `Kernels.moe`. docs/design/moe.md has the details.
 """
 
@@ -29,11 +29,12 @@ from mistral_jax.moe_experts import (
     moe_dense,
     moe_gather,
 )
-from mistral_jax.moe_paths import TILED_CPU_DTYPES, moe_grouped, moe_pallas, moe_ragged, moe_tiled
+from mistral_jax.moe_gmm import moe_gmm, moe_ragged
+from mistral_jax.moe_paths import TILED_CPU_DTYPES, moe_grouped, moe_pallas, moe_tiled
 from mistral_jax.partitioning import expert_parallel
 
 STRATEGIES = ("auto", "gather", "tiled", "grouped", "dense", "ragged", "pallas",
-              "pallas-interpret")
+              "pallas-interpret", "gmm", "gmm-interpret")
 
 
 def route(gate_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -55,17 +56,36 @@ def moe_strategy(n_tokens: int, k: int, n_experts: int) -> str:
     return "gather" if n_tokens * k <= n_experts else "grouped"
 
 
+# Expert kernel dtypes the Pallas decode kernel is the default for on GPUs: measured 1.9x
+# the gather path on Mixtral-8x7B bf16 (BENCHMARKS.md, the 2026-12-04 H200 table). int8/fp8
+# experts through it are not measured yet (benchmarks/gpu_suite.py), so they gather.
+PALLAS_GPU_DTYPES = ("bfloat16", "float16", "float32")
+
+
 def default_decode_kernel(w1, w2, w3) -> str:
-    """What `Kernels.moe` 'auto' decodes with: 'tiled' on the CPU backend where every
-    expert kernel's dtype is in TILED_CPU_DTYPES, else 'xla' (the gather path)."""
+    """What `Kernels.moe` 'auto' decodes with, by backend and the expert kernels' dtypes:
+    the CPU: 'tiled' where every dtype is in TILED_CPU_DTYPES; GPUs: 'pallas' where every
+    dtype is in PALLAS_GPU_DTYPES; else 'xla' (the gather path)."""
     dtypes = {jnp.dtype(kernel_of(w).dtype).name for w in (w1, w2, w3)}
-    cpu = jax.default_backend() == "cpu"
-    return "tiled" if cpu and dtypes <= set(TILED_CPU_DTYPES) else "xla"
+    backend = jax.default_backend()
+    if backend == "cpu" and dtypes <= set(TILED_CPU_DTYPES):
+        return "tiled"
+    if backend == "gpu" and dtypes <= set(PALLAS_GPU_DTYPES):
+        return "pallas"
+    return "xla"
+
+
+def default_grouped_kernel() -> str:
+    """What `Kernels.grouped` 'auto' runs prefill / batched decode with: the Pallas grouped
+    matmul on GPUs (one matmul per projection; the scan over blocks it replaces measured
+    3-21% MFU on an H200, BENCHMARKS.md), the scan over row blocks elsewhere. Not
+    `ragged_dot` on GPUs: jaxlib 0.10's CUDA lowering computes every expert for every row."""
+    return "pallas" if jax.default_backend() == "gpu" else "scan"
 
 
 def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
         strategy: str = "auto", kernel: str = "auto", qmatmul: str = "auto",
-        hidden_axes: AxisNames = ()) -> jax.Array:
+        grouped: str = "auto", hidden_axes: AxisNames = ()) -> jax.Array:
     """Mix the selected experts' SwiGLU outputs. x [N, D], weights/experts [N, k] -> [N, D].
 
     w1/w3 [E, D, F], w2 [E, F, D]: plain arrays or `ExpertWeight`s (quantized / LoRA).
@@ -73,8 +93,10 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
     `strategy` is one of STRATEGIES; 'auto' picks by `moe_strategy` (static in N), and
     where that is 'gather', `kernel` (`Kernels.moe`) picks the decode path: `moe_gather`
     ('xla'), `moe_tiled` ('tiled') or `moe_pallas`; 'auto': `default_decode_kernel`.
-    `qmatmul` (`Kernels.qmatmul`) goes to the quantized expert matmuls of the gather and
-    grouped paths.
+    Where it is 'grouped', `grouped` (`Kernels.grouped`) picks the grouped path: 'scan'
+    (`moe_grouped`), 'ragged' or the Pallas grouped matmul (`moe_gmm`); 'auto':
+    `default_grouped_kernel`. `qmatmul` (`Kernels.qmatmul`) goes to the quantized expert
+    matmuls of the gather and scan paths.
 
     `hidden_axes`: mesh axes that split F inside a shard_map (`sharding.expert_parallel`
     with tensor > 1), so that the per-row activation scale of w2's input (`input_scale`)
@@ -88,10 +110,16 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
             if kernel == "auto":
                 kernel = default_decode_kernel(w1, w2, w3)
             strategy = strategy if kernel == "xla" else kernel
+        else:
+            grouped = default_grouped_kernel() if grouped == "auto" else grouped
+            strategy = {"scan": "grouped", "ragged": "ragged", "pallas": "gmm",
+                        "pallas-interpret": "gmm-interpret"}[grouped]
     fn = {"gather": functools.partial(moe_gather, qmatmul=qmatmul), "tiled": moe_tiled,
           "grouped": functools.partial(moe_grouped, qmatmul=qmatmul), "dense": moe_dense,
           "ragged": moe_ragged, "pallas": moe_pallas,
-          "pallas-interpret": functools.partial(moe_pallas, interpret=True)}[strategy]
+          "pallas-interpret": functools.partial(moe_pallas, interpret=True),
+          "gmm": moe_gmm, "gmm-interpret": functools.partial(moe_gmm, impl="pallas-interpret"),
+          }[strategy]
     return fn(x, weights, experts, w1, w2, w3, hidden_axes=hidden_axes)
 
 
@@ -122,7 +150,7 @@ class MoeFeedForward(nn.Module):
                                                               ("w3", w3)))
         # Split over the mesh's expert axis when there is one (sharding.py), else plain `moe`.
         fn = functools.partial(moe, strategy=self.strategy, kernel=self.kernels.moe,
-                               qmatmul=self.kernels.qmatmul)
+                               qmatmul=self.kernels.qmatmul, grouped=self.kernels.grouped)
         out = expert_parallel(fn, flat, weights, experts, w1, w2, w3)
         return out.reshape(b, t, d)
 

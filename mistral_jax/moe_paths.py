@@ -1,4 +1,6 @@
-"""The other MoE execution paths: tiled (CPU decode), grouped and ragged (prefill), Pallas (GPU decode).
+"""The other MoE execution paths: tiled (CPU decode), grouped (portable prefill), Pallas (GPU decode).
+
+The grouped-matmul paths (ragged_dot, the Pallas grouped matmul) are in moe_gmm.py.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from mistral_jax.moe_experts import (
     AxisNames,
     ExpertWeight,
     Weight,
-    dense_weight,
     expert_ffn,
     expert_slice,
     kernel_of,
     mix_slots,
     moe_gather,
-    quantized_input,
 )
+from mistral_jax.moe_gmm import sort_into_blocks
 from mistral_jax.quantize import quantize_activations
 
 # Expert kernel dtypes `moe_tiled` is faster for than the gather path on the CPU backend
@@ -144,30 +145,19 @@ def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3
 
     x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     Each block indexes its expert's slices inside the scan body (quantized kernel, scale
-    row, LoRA factors for an `ExpertWeight`). Each expert's group of rows is padded to a multiple of `block_size`, so every block
-    belongs to one expert; `lax.scan` runs cdiv(N*k, block) + E - 1 blocks, an upper
-    bound on the blocks any routing needs (blocks past the last group hold zeros).
+    row, LoRA factors for an `ExpertWeight`). Each expert's group of rows is padded to a
+    multiple of `block_size` (`moe_gmm.sort_into_blocks`), so every block belongs to one
+    expert; `lax.scan` runs cdiv(N*k, block) + E - 1 blocks, an upper bound on the blocks
+    any routing needs (blocks past the last group hold zeros).
     """
     n, k = experts.shape
     d = x.shape[1]
     n_experts = kernel_of(w1).shape[0]
-    m = n * k
     block = block_size or grouped_block_size(n, k, n_experts)
-    n_blocks = -(-m // block) + n_experts - 1
-    flat = experts.reshape(m)
-    order = jnp.argsort(flat, stable=True)  # assignment ids grouped by expert
-    sizes = jnp.bincount(flat, length=n_experts)  # [E] rows per expert
-    padded = -(-sizes // block) * block
-    padded_end = jnp.cumsum(padded)
-    start = jnp.cumsum(sizes) - sizes
-    sorted_expert = flat[order]
-    rank = jnp.arange(m) - start[sorted_expert]  # position inside its expert's group
-    dest_sorted = padded_end[sorted_expert] - padded[sorted_expert] + rank
-    dest = jnp.zeros(m, jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))  # [N*k]
-    token = jnp.arange(m) // k
-    xs = jnp.zeros((n_blocks * block, d), x.dtype).at[dest].set(x[token], unique_indices=True)
-    block_expert = jnp.searchsorted(padded_end, jnp.arange(n_blocks) * block, side="right")
-    block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
+    dest, block_expert, _ = sort_into_blocks(experts, n_experts, block)
+    n_blocks = block_expert.shape[0]
+    xs = jnp.zeros((n_blocks * block, d), x.dtype)
+    xs = xs.at[dest].set(x[jnp.arange(n * k) // k], unique_indices=True)
 
     def run_block(carry, blk):
         xb, e = blk
@@ -176,32 +166,6 @@ def moe_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3
 
     _, ys = jax.lax.scan(run_block, None, (xs.reshape(n_blocks, block, d), block_expert))
     return mix_slots(ys.reshape(n_blocks * block, d)[dest].reshape(n, k, d), weights)
-
-
-def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
-               hidden_axes: AxisNames = ()) -> jax.Array:
-    """Grouped path through `jax.lax.ragged_dot` (native grouped matmul on TPU).
-
-    x [N, D], weights/experts [N, k], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
-    """
-    n, k = experts.shape
-    ws = (w1, w2, w3)
-    w1, w2, w3 = (dense_weight(w, x.dtype) for w in ws)
-    n_experts = w1.shape[0]
-    flat = experts.reshape(n * k)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    xs = x[order // k]
-    row_expert = flat[order]  # [N*k] the expert of each sorted row
-
-    def rows(v, w, axes=()):  # quantized activations (per row, its expert's scale), if any
-        return quantized_input(v, w, lambda s: s[row_expert][:, None], axes)
-
-    hidden = (jax.nn.silu(jax.lax.ragged_dot(rows(xs, ws[0]), w1, sizes))
-              * jax.lax.ragged_dot(rows(xs, ws[2]), w3, sizes))
-    ys = jax.lax.ragged_dot(rows(hidden, ws[1], hidden_axes), w2, sizes)
-    return mix_slots(jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(n, k, -1),
-                     weights)
 
 
 def moe_pallas(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,

@@ -18,12 +18,19 @@ from jax import export
 from mistral_jax.args import MoeArgs
 from mistral_jax.cache import init_cache
 from mistral_jax.errors import UserInputError
-from mistral_jax.gpu_kernels import moe_decode_pallas, qmatmul_pallas
+from mistral_jax.gpu_kernels import (
+    PARTIAL_SHARE,
+    gmm_pallas,
+    moe_decode_pallas,
+    qmatmul_blocks,
+    qmatmul_pallas,
+)
 from mistral_jax.kernels import Kernels, kernels_from_env
 from mistral_jax.model import causal_positions, forward, init_params
 from mistral_jax.moe import moe, route
 from mistral_jax.moe_experts import ExpertWeight, mix_slots, moe_gather
-from mistral_jax.moe_paths import moe_pallas
+from mistral_jax.moe_gmm import moe_gmm, sort_into_blocks
+from mistral_jax.moe_paths import moe_grouped, moe_pallas
 from mistral_jax.quantize import qeinsum, quantize_array, quantize_params, resolve_mode
 
 TRITON = "__gpu$xla.gpu.triton"
@@ -134,10 +141,125 @@ def test_kernel_choices_pick_the_path_and_bad_values_name_themselves():
         assert ("pallas_call" in decode) == kernel_used
         w, ex = route(prefill_logits, 2)  # a prefill keeps the grouped path either way
         assert "pallas_call" not in str(jax.make_jaxpr(fn)(prefill_x, w, ex, *ws))
+    # The prefill's grouped path: Kernels.grouped, 'auto' = the scan on this CPU.
+    w, ex = route(prefill_logits, 2)
+    for value, kernel_used in (("auto", False), ("scan", False), ("ragged", False),
+                               ("pallas-interpret", True)):
+        fn = functools.partial(moe, grouped=Kernels(grouped=value).grouped)
+        jaxpr = str(jax.make_jaxpr(fn)(prefill_x, w, ex, *ws))
+        assert ("pallas_call" in jaxpr) == kernel_used, value
+        assert ("ragged_dot" in jaxpr) == (value == "ragged"), value
+    with pytest.raises(UserInputError, match="grouped='megablox'"):
+        Kernels(grouped="megablox")
     with pytest.raises(UserInputError, match="moe='triton'"):
         Kernels(moe="triton")
     with pytest.raises(UserInputError, match="MISTRAL_JAX_QMATMUL"):
         kernels_from_env({"MISTRAL_JAX_QMATMUL": "fast"})
+
+
+def test_grouped_prefill_is_the_pallas_grouped_matmul_on_gpus(monkeypatch):
+    """'auto' on a GPU backend: the Pallas grouped matmul (traced only: no Triton here)."""
+    import mistral_jax.moe as moe_module
+
+    taken = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(moe_module, "moe_gmm", lambda *a, **kw: taken.append(kw) or a[0])
+    x, logits, *ws = _layer(40, 8)
+    moe(x, *route(logits, 2), *ws)
+    assert taken == [{"hidden_axes": ()}]  # impl: its default, 'pallas'
+    assert moe_module.default_grouped_kernel() == "pallas"
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8", "fp8"])
+def test_grouped_matmul_kernel_equals_each_blocks_expert_matmul(kind):
+    """`gmm_pallas` in the interpreter: each used block of rows times its expert's weight
+    (scaled per channel where quantized), blocks past n_used left alone."""
+    e, d, f, block = 4, 64, 96, 8
+    x, logits, w1, _, _ = _layer(21, e, d, f)
+    experts = route(logits, 2)[1]
+    dest, block_expert, n_used = sort_into_blocks(experts, e, block)
+    xs = jnp.zeros((block_expert.shape[0] * block, d)).at[dest].set(x[jnp.arange(42) // 2])
+    w = w1 if kind == "float32" else _quantized(kind, w1)[0]
+    dense = w1 if kind == "float32" else w.kernel.astype(jnp.float32) * w.scale[:, None, :]
+    arg = w if kind == "float32" else (w.kernel, w.scale)
+    got = gmm_pallas(xs, arg, block_expert, n_used, block, block_n=32, block_k=16,
+                     interpret=True)
+    rows = jnp.repeat(block_expert, block)
+    want = jnp.einsum("md,mdf->mf", xs, dense[rows])
+    used = int(n_used) * block
+    assert used < xs.shape[0]  # some padding blocks to skip
+    assert rel_err(got[:used], want[:used]) <= 1e-5
+    with pytest.raises(ValueError, match="72 rows, not 9 blocks of 16"):
+        gmm_pallas(xs, arg, block_expert, n_used, 16, interpret=True)
+
+
+@pytest.mark.parametrize("case", ["static", "dynamic+lora"])
+def test_grouped_matmul_moe_on_w8a8_and_lora_experts_equals_the_gather_path(case):
+    """`moe_gmm` (interpreted) against `moe_gather` with each expert's own static activation
+    scale, or per-token scales beside an unmerged LoRA adapter."""
+    e = 4
+    x, logits, *ws = _layer(6, e, d=32, f=48)
+    weights, experts = route(logits, 2)
+    rng = np.random.default_rng(5)
+    ew = []
+    for w in ws:
+        q, scale = quantize_array(w, resolve_mode("int8"), (1,))
+        if case == "static":
+            ew.append(ExpertWeight(q, scale, input_scale=jnp.asarray(
+                rng.uniform(0.01, 0.05, e), jnp.float32)))
+        else:
+            a = jnp.asarray(rng.standard_normal((e, w.shape[1], 4)) / 6, jnp.float32)
+            b = jnp.asarray(rng.standard_normal((e, 4, w.shape[2])) * 0.1, jnp.float32)
+            ew.append(ExpertWeight(q, scale, a, b, jnp.zeros((e,), jnp.float32)))
+    want = jax.jit(moe_gather)(x, weights, experts, *ew)
+    for impl in ("ragged", "pallas-interpret"):
+        got = jax.jit(functools.partial(moe_gmm, impl=impl, block_size=4))(
+            x, weights, experts, *ew)
+        assert rel_err(got, want) <= 1e-5, impl
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 256), (5, 512, 384)])
+def test_quantized_matmul_kernel_with_and_without_split_k_equals_the_xla_path(mode, m, k, n):
+    """Split K 8 ways (float32 partials summed outside) and not at all (x.dtype written by
+    the kernel), interpreted, against `qeinsum`'s XLA path, in bfloat16 and float32."""
+    rng = np.random.default_rng(7)
+    assert qmatmul_blocks(m, k, n)[2] == (8 if k == 4096 else 1)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+    q, scale = quantize_array(w, resolve_mode(mode), (0,))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        want = qeinsum("mk,kn->mn", x, q, scale, impl="xla")
+        got = qmatmul_pallas(x, q, scale, interpret=True)
+        assert got.dtype == dtype
+        assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= tol
+
+
+def test_quantized_matmul_blocks_at_7b_shapes_fill_the_gpu_within_the_partials_budget():
+    """At Mistral-7B's decode shapes (B=1, int8): enough programs for two per SM of an H200
+    where the partial sums allow, 128-byte weight rows, partials <= 1/8 of the weights."""
+    for k, n in ((4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024), (4096, 32768)):
+        block_n, block_k, split = qmatmul_blocks(1, k, n)
+        assert block_n == 128 and block_k == 64, (k, n)
+        assert split * 16 * n * 4 <= PARTIAL_SHARE * k * n
+        assert n // block_n * split >= (256 if n >= 4096 else 64), (k, n, split)
+    assert qmatmul_blocks(1, 4096, 32768)[2] == 1  # the output head: no partials at all
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_mixtral_prefill_logits_with_each_grouped_path_equal_the_scan(kind):
+    """A tiny Mixtral's prefill (6 tokens, top 2 of 4 experts: the grouped paths) with
+    Kernels.grouped 'ragged' and 'pallas-interpret' against the scan, in float32."""
+    args = tiny_moe_args(moe=MoeArgs(4, 2))
+    params = init_params(args, jax.random.PRNGKey(0))
+    if kind == "int8":
+        params = quantize_params(params, "int8")
+    tokens = jnp.asarray([[5, 9, 2, 7, 1, 3]], jnp.int32)
+    fwd = jax.jit(forward, static_argnames=("args", "kernels"))
+    run = functools.partial(fwd, params, tokens, causal_positions(tokens), None, args=args)
+    want = run(kernels=Kernels(grouped="scan"))[0]
+    for grouped in ("ragged", "pallas-interpret"):
+        assert rel_err(run(kernels=Kernels(grouped=grouped))[0], want) <= 1e-5, grouped
 
 
 def test_two_kernel_choices_live_in_one_process_and_agree():
@@ -218,6 +340,34 @@ def test_moe_decode_kernel_lowers_to_triton_for_cuda_at_mixtral_shapes(kind, sha
     assert len(calls) == 2  # gate/up + SwiGLU, then down
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "fp8"])
+@pytest.mark.parametrize("k,n", [(4096, 14336), (14336, 4096)])
+def test_grouped_matmul_kernel_lowers_to_triton_for_cuda_at_mixtral_shapes(kind, k, n):
+    e, block, blocks = 8, 128, 40
+    if kind == "bfloat16":
+        w = S((e, k, n), jnp.bfloat16)
+    else:
+        w = (S((e, k, n), jnp.int8 if kind == "int8" else jnp.float8_e4m3fn),
+             S((e, n), jnp.float32))
+    calls = _triton_calls(functools.partial(gmm_pallas, block_m=block),
+                          S((blocks * block, k), jnp.bfloat16), w, S((blocks,), jnp.int32),
+                          S((), jnp.int32))
+    assert len(calls) == 1
+
+
+def test_grouped_mixtral_prefill_lowers_for_cuda(monkeypatch):
+    """A bf16 Mixtral prefill (B=2, P=16: N*k > E) with Kernels(grouped='pallas'), lowered
+    for CUDA: three grouped-matmul Triton calls per MoE layer."""
+    args = tiny_moe_args(moe=MoeArgs(8, 2), dim=128, hidden_dim=256, head_dim=32)
+    params = jax.eval_shape(lambda: init_params(args, jax.random.PRNGKey(0),
+                                                dtype=jnp.bfloat16))
+    tokens = S((2, 16), jnp.int32)
+    calls = _triton_calls(functools.partial(forward, args=args,
+                                            kernels=Kernels(grouped="pallas")),
+                          params, tokens, tokens, None)
+    assert len(calls) == 3 * args.n_layers
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 14336), (8, 14336, 4096), (64, 4096, 6144)])
 def test_quantized_matmul_kernel_lowers_to_triton_for_cuda(m, k, n):
     calls = _triton_calls(qmatmul_pallas, S((m, k), jnp.bfloat16), S((k, n), jnp.int8),
@@ -245,6 +395,21 @@ def test_kernels_compiled_on_gpu_equal_the_xla_paths(monkeypatch, kind):
         want = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale, impl="xla"))(x)
         got = jax.jit(lambda a: qeinsum("nd,df->nf", a, q, scale, impl="pallas"))(x)
         assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "fp8"])
+def test_grouped_matmul_compiled_on_gpu_equals_the_scan_path(kind):
+    """The Triton grouped matmul, compiled for this GPU, against the scan over row blocks:
+    a 96-token prefill of a Mixtral-proportioned layer (D:F = 1:3.5, 8 experts, top 2)."""
+    x, logits, *ws = _layer(96, 8, 512, 1792, dtype=jnp.bfloat16)
+    weights, experts = route(logits, 2)
+    if kind != "bfloat16":
+        ws = _quantized(kind, *ws)
+    want = jax.jit(moe_grouped)(x, weights, experts, *ws)
+    got = jax.jit(moe_gmm)(x, weights, experts, *ws)
+    assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2
 
 
 def test_quantized_mixtral_decode_step_with_both_kernels_lowers_for_cuda(monkeypatch):

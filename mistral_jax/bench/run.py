@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -30,24 +29,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax.args import ModelArgs
-from mistral_jax.bench.costs import decode_bytes, nbytes, prefill_flops
+from mistral_jax.bench.costs import decode_bytes, nbytes, prefill_flops, weight_bytes
+from mistral_jax.bench.flags import chosen_kernels, parse_args, validate
 from mistral_jax.bench.probes import (
     Hardware,
     choose_peak,
+    device_free_bytes,
     device_peak_memory,
     hardware_fractions,
     measure_copy_bandwidth,
     measure_matmul_flops,
+    measure_read_bandwidth,
     memory_estimate,
+    stated_bandwidth,
 )
-from mistral_jax.bench.report import MEMORY_ESTIMATE, format_table
+from mistral_jax.bench.report import MEMORY_ESTIMATE, format_header, format_table
 from mistral_jax.bench.vs_transformers import (
     bench_transformers_threads,
     build_transformers_model,
     hf_logits_rel_err,
 )
 from mistral_jax.cache import init_cache
-from mistral_jax.cli.common import COMPILE_CACHE_ENV, default_cache_dir, enable_compilation_cache
+from mistral_jax.cli.common import enable_compilation_cache
 from mistral_jax.cli.common import run as run_command
 from mistral_jax.decode import decode as generate_decode
 from mistral_jax.decode import decode_step as generate_decode_step
@@ -55,25 +58,12 @@ from mistral_jax.decode import prefill as generate_prefill
 from mistral_jax.dtypes import resolve_dtype
 from mistral_jax.errors import UserInputError
 from mistral_jax.generate import generate_from_params
-from mistral_jax.kernels import CHOICES, ENV, Kernels, default_kernels
+from mistral_jax.kernels import Kernels
 from mistral_jax.model import causal_positions, forward, random_params
-from mistral_jax.moe import default_decode_kernel
+from mistral_jax.moe import default_decode_kernel, default_grouped_kernel
 from mistral_jax.presets import PRESETS
-from mistral_jax.quantize import MODES
 from mistral_jax.sampling import Greedy, prng_key
 from mistral_jax.transformer import Transformer
-
-# ----------------------------------------------------------------------------- setup
-
-
-# ----------------------------------------------------------------------------- model arithmetic
-
-
-# ----------------------------------------------------------------------------- programs
-
-
-# ----------------------------------------------------------------------------- transformers
-
 
 # ----------------------------------------------------------------------------- one configuration
 
@@ -152,6 +142,8 @@ def bench_config(params, args: ModelArgs, *, batch: int, prompt_len: int, gen_le
         decode_bytes_per_step=moved["total"],
         decode_kv_bytes_per_step=moved["kv"],
     )
+    if "by_path" in moved:  # MoE: what each expert path would read, and the one taken
+        row.update(decode_bytes_by_path=moved["by_path"], moe_decode_reads=moved["path"])
 
     prompts = tokens_np.tolist()
     gen = functools.partial(generate_from_params, params, args, prompts, max_tokens=gen_len,
@@ -190,94 +182,6 @@ def bench_config(params, args: ModelArgs, *, batch: int, prompt_len: int, gen_le
 # ----------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m mistral_jax.bench`."""
-    p = argparse.ArgumentParser(prog="python -m mistral_jax.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="model shape with random weights (ignored with --ckpt)")
-    p.add_argument("--ckpt", type=Path, help="a model folder (Mistral or HF layout) to load instead")
-    p.add_argument("--layers", type=int, default=None,
-                   help="the preset's shapes with this many layers (a big shape on a small "
-                   "device: per-layer figures; not with --ckpt)")
-    p.add_argument("--dtype", default="auto",
-                   help="bfloat16 | float16 | float32; auto: float32 on a CPU, bfloat16 "
-                   "elsewhere (transformer.auto_dtype)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt-len", type=int, nargs="+", default=[64])
-    p.add_argument("--gen-len", type=int, nargs="+", default=[32])
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per figure (median)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantize", choices=list(MODES), default=None,
-                   help="weight-only int8/fp8 attention and feed-forward weights (quant.py)")
-    p.add_argument("--attention", choices=CHOICES["attention"], default=None,
-                   help=f"prefill attention kernel (Kernels.attention, kernels.py; default: "
-                   f"{ENV['attention']}, else auto)")
-    p.add_argument("--qmatmul", choices=CHOICES["qmatmul"], default=None,
-                   help=f"quantized decode matmul: XLA or the Pallas kernel (Kernels.qmatmul; "
-                   f"default: {ENV['qmatmul']}, else auto = xla)")
-    p.add_argument("--moe-kernel", choices=CHOICES["moe"], default=None,
-                   help=f"MoE decode path: XLA's gather, its row-block tiling or the Pallas "
-                   f"kernel (Kernels.moe; default: {ENV['moe']}, else auto = tiled on the CPU "
-                   "for float32/int8 experts, xla otherwise)")
-    p.add_argument("--vs-transformers", action="store_true",
-                   help="also time transformers' PyTorch model on the same weights")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch CPU threads for --vs-transformers (default: torch's own)")
-    p.add_argument("--copy-mib", type=int, default=None,
-                   help="buffer for the copy-bandwidth probe (default 1024 on GPU, 256 elsewhere)")
-    p.add_argument("--matmul-n", type=int, default=None,
-                   help="matmul size for the measured peak (default 8192 on GPU, 1024 elsewhere)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak to take MFU against (default: datasheet for known GPUs, else measured)")
-    p.add_argument("--compile-cache", "--compile-cache-dir", dest="compile_cache", metavar="DIR",
-                   type=Path, default=None,
-                   help="JAX's persistent compilation cache, so that a second start skips most "
-                   f"compilation (default {default_cache_dir()}; --compile-cache-dir: old name)")
-    p.add_argument("--cache-min-compile-secs", type=float, default=None,
-                   help="store only programs that took at least this long to compile (default: "
-                   "$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, else JAX's 1 s)")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help=f"neither read nor write the compilation cache (or set "
-                   f"{COMPILE_CACHE_ENV}=off)")
-    p.add_argument("--json", type=Path, help="also write the JSON result here")
-    return p
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def _validate(ns: argparse.Namespace) -> None:
-    for name in ("batch", "prompt_len"):
-        if any(v < 1 for v in getattr(ns, name)):
-            raise UserInputError(f"--{name.replace('_', '-')} values must be >= 1")
-    if any(v < 2 for v in ns.gen_len):
-        raise UserInputError("--gen-len values must be >= 2 (one prefill token + decode steps)")
-    if ns.repeats < 1:
-        raise UserInputError("--repeats must be >= 1")
-    if ns.torch_threads is not None and ns.torch_threads < 1:
-        raise UserInputError("--torch-threads must be >= 1")
-    if ns.ckpt is not None and not ns.ckpt.is_dir():
-        raise UserInputError(f"--ckpt {ns.ckpt}: not a directory")
-    if ns.layers is not None and (ns.layers < 1 or ns.ckpt is not None):
-        raise UserInputError("--layers must be >= 1, and applies to a --preset, not --ckpt")
-    if ns.vs_transformers:  # one line now, not an ImportError traceback after the JAX run
-        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise UserInputError(
-                f"--vs-transformers needs {' and '.join(missing)} (not installed here): "
-                "pip install torch transformers (or the test extra), or drop --vs-transformers")
-    if ns.quantize and ns.vs_transformers:
-        raise UserInputError("--quantize cannot be combined with --vs-transformers "
-                             "(transformers' model is built from unquantized weights)")
-    if ns.json is not None:  # checked before the run, not after it
-        if ns.json.is_dir():
-            raise UserInputError(f"--json {ns.json}: is a directory; give a file name")
-        blocking = next((p for p in ns.json.parents if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            raise UserInputError(f"--json {ns.json}: {blocking} is a file, not a directory")
-
-
 def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     if ns.ckpt is not None:
         model = Transformer.from_folder(ns.ckpt, dtype=dtype, quantize=ns.quantize)
@@ -295,17 +199,22 @@ def _load_model(ns: argparse.Namespace, dtype) -> tuple[ModelArgs, Any, str]:
     return args, params, f"{name} {ns.quantize}" if ns.quantize else name
 
 
-def chosen_kernels(ns: argparse.Namespace) -> Kernels:
-    """The flags over the default (`kernels.default_kernels`: MISTRAL_JAX_*, else 'auto')."""
-    default = default_kernels()
-    return Kernels(attention=ns.attention or default.attention, moe=ns.moe_kernel or default.moe,
-                   qmatmul=ns.qmatmul or default.qmatmul)
+def planned_weight_bytes(ns: argparse.Namespace, dtype) -> int:
+    """Bytes of the weights the run will load, known before loading them (for the read
+    probe's size): the preset's shapes (quantized as asked), or the checkpoint's files."""
+    if ns.ckpt is not None:
+        return sum(f.stat().st_size for f in ns.ckpt.iterdir()
+                   if f.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+    args = PRESETS[ns.preset]
+    if ns.layers is not None:
+        args = dataclasses.replace(args, n_layers=ns.layers)
+    return weight_bytes(args, dtype, ns.quantize)
 
 
 def moe_kernel_used(args: ModelArgs, params: Any, kernels: Kernels) -> str | None:
     """The MoE decode path a decode step takes (None for a dense model): `kernels.moe`, or
     for 'auto' moe.default_decode_kernel's choice for the first layer's experts, named
-    'xla (default)' or 'tiled (default)'."""
+    e.g. 'pallas (default)'."""
     if args.moe is None:
         return None
     if kernels.moe != "auto":
@@ -325,18 +234,21 @@ def enable_cache(ns: argparse.Namespace) -> Path | None:
 
 def run(ns: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed CLI arguments; returns {'meta', 'results'}."""
-    _validate(ns)
+    validate(ns)
     kernels = chosen_kernels(ns)
     cache_dir = enable_cache(ns)
     on_gpu = jax.default_backend() == "gpu"
     dtype = resolve_dtype(ns.dtype)
     copy_bytes = (ns.copy_mib or (1024 if on_gpu else 256)) << 20
+    read_bytes = (ns.read_mib << 20 if ns.read_mib
+                  else max(planned_weight_bytes(ns, dtype), copy_bytes))
     matmul_n = ns.matmul_n or (8192 if on_gpu else 1024)
     # Probed before and again after the workload; the higher of the two counts, since a
     # busy machine can only make a probe read low. The first probes run before the weights
     # load, so that their buffers (1 GiB on a GPU) never sit beside the weights and raise
     # the allocator's peak that each row reports.
     copy_probes = [measure_copy_bandwidth(copy_bytes)]
+    read_probes = [measure_read_bandwidth(read_bytes)]
     matmul_probes = [measure_matmul_flops(dtype, matmul_n)]
     args, params, model_name = _load_model(ns, dtype)
     if args.max_seq_len is not None and max(ns.prompt_len) + max(ns.gen_len) > args.max_seq_len:
@@ -373,10 +285,16 @@ def run(ns: argparse.Namespace) -> dict:
                     torch_threads=torch_threads))
 
     copy_probes.append(measure_copy_bandwidth(copy_bytes))
+    free = device_free_bytes()
+    if free is None or free > 1.25 * read_bytes:  # beside the weights, where it fits
+        read_probes.append(measure_read_bandwidth(read_bytes))
     matmul_probes.append(measure_matmul_flops(dtype, matmul_n))
     copy_bw, matmul = max(copy_probes), max(matmul_probes)
+    read_best = {way: max(p[way] for p in read_probes) for way in read_probes[0]}
     hw = Hardware(copy_bw, matmul, *choose_peak(matmul, matmul_n, dtype, device.device_kind,
-                                                ns.peak_tflops))
+                                                ns.peak_tflops),
+                  read_bandwidth=max(read_best.values()),
+                  stated_bandwidth=stated_bandwidth(device.device_kind))
     for row in results:
         row.update(hardware_fractions(row, hw))
 
@@ -395,8 +313,15 @@ def run(ns: argparse.Namespace) -> dict:
         "attention": kernels.attention,
         "qmatmul": kernels.qmatmul,
         "moe_kernel": moe_kernel_used(args, params, kernels),
+        "moe_grouped": None if args.moe is None else kernels.grouped if kernels.grouped != "auto"
+        else f"{default_grouped_kernel()} (default)",
         "copy_bandwidth_gbps": copy_bw / 1e9, "copy_bytes": copy_bytes,
         "copy_bandwidth_gbps_probes": [x / 1e9 for x in copy_probes],
+        "read_bandwidth_gbps": hw.read_bandwidth / 1e9, "read_bytes": read_bytes,
+        "read_bandwidth_gbps_by_probe": {k: v / 1e9 for k, v in read_best.items()},
+        "read_probes_run": len(read_probes),
+        "floor_bandwidth_gbps": hw.floor_bandwidth / 1e9,
+        "stated_bandwidth_gbps": hw.stated_bandwidth / 1e9 if hw.stated_bandwidth else None,
         "matmul_tflops_measured": matmul / 1e12, "matmul_n": matmul_n,
         "matmul_tflops_probes": [x / 1e12 for x in matmul_probes],
         "peak_tflops": hw.peak_flops / 1e12, "peak_source": hw.peak_source,
@@ -419,18 +344,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out = run(ns)
     m = out["meta"]
-    print(f"# {m['model']} {m['dtype']} ({m['n_params'] / 1e9:.3f}B params, "
-          f"{m['weight_bytes'] / 1e9:.3f} GB) on {m['device']} x{m['n_devices']}, jax {m['jax']}")
-    print(f"# copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s, MFU against "
-          f"{m['peak_tflops']:.3f} TFLOP/s ({m['peak_source']}); probes before/after the run: "
-          + ", ".join(f"{x:.1f}" for x in m["copy_bandwidth_gbps_probes"]) + " GB/s, "
-          + ", ".join(f"{x:.3f}" for x in m["matmul_tflops_probes"]) + " TFLOP/s; "
-          + ("" if m["load_avg_1m"] is None else f"load average {m['load_avg_1m']:.2f}"))
-    if "hf_logits_rel_err" in m:
-        threads = " or ".join(map(str, m["torch_threads"]))
-        print(f"# transformers {m['transformers']} on {m['hf_device']} ({threads} torch threads"
-              + (", the faster per row" if len(m["torch_threads"]) > 1 else "")
-              + f"): logits rel err {m['hf_logits_rel_err']:.2e}")
+    print(format_header(m))
     print(format_table(out["results"]))
     if ns.json is not None:  # the whole result: machines read the file, stdout is for people
         text = json.dumps(out, default=float)
