@@ -180,6 +180,11 @@ def config_field(source: Path, block: dict, key: str, kind: str, where: str = ""
     return float(v)
 
 
+def optional_field(source: Path, block: dict, key: str, kind: str, where: str = "") -> Any:
+    """block[key] checked as `config_field` does, or None when absent or null."""
+    return None if block.get(key) is None else config_field(source, block, key, kind, where)
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention factor 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

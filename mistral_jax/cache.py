@@ -42,7 +42,7 @@ def init_cache(args: ModelArgs, batch_size: int, max_seq_len: int, dtype=jnp.bfl
     cache = []
     for size in cache_sizes(args, max_seq_len):
         shape = (batch_size, args.n_kv_heads, size, args.head_dim)
-        # Under a mesh (sharding.use_mesh): batch along data, KV heads along tensor.
+        # Under a mesh (partitioning.use_mesh): batch along data, KV heads along tensor.
         cache.append(constrain_cache_layer(LayerCache(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),

@@ -93,7 +93,7 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 def tensor_target(name: str, layout: str, args: ModelArgs) -> TensorTarget | None:
     """Map a checkpoint tensor name to its place in params; None if it is not a model weight."""
     name = language_model_name(name)
-    if name.endswith((".weight_scale", ".input_scale")):  # compressed-tensors (quant.py)
+    if name.endswith((".weight_scale", ".input_scale")):  # compressed-tensors (compressed_tensors.py)
         return scale_target(name, layout, args)
     hf = layout == "hf"
     a = args
@@ -178,7 +178,7 @@ def plan_checkpoint(files: list[Path], layout: str, args: ModelArgs, abstract) -
             if dt in STORAGE_DTYPES and not is_quantized(leaf):
                 raise CheckpointError(f"{path}: tensor {name!r} is stored as {dt} but the "
                                       "checkpoint has no weight_scale for it")
-            if target.path[-1].endswith("scale"):  # compressed-tensors scales (quant.py)
+            if target.path[-1].endswith("scale"):  # compressed-tensors scales (compressed_tensors.py)
                 if tuple(shape) not in scale_shapes(target.path[-1], param_shape):
                     raise CheckpointError(
                         f"{path}: tensor {name!r} has shape {list(shape)}, expected one scale "
@@ -232,7 +232,7 @@ def checkpoint_name(path: ParamPath, expert: int | None, layout: str) -> str:
     m = re.fullmatch(r"layers_(\d+)", path[0])
     if m:
         prefix = f"model.layers.{m[1]}." if hf else f"layers.{m[1]}."
-        # compressed-tensors scale leaves (quant.py): `scale` is the tensor `.weight_scale`,
+        # compressed-tensors scale leaves (compressed_tensors.py): `scale` is the tensor `.weight_scale`,
         # `input_scale` is `.input_scale`
         suffix = {"scale": "weight_scale", "input_scale": "input_scale"}
         if expert is not None:

@@ -20,6 +20,7 @@ from mistral_jax.args import (
     ModelArgs,
     check_moe,
     config_field,
+    optional_field,
     yarn_mscale,
 )
 from mistral_jax.errors import ConfigError
@@ -84,11 +85,6 @@ def warn_unknown_fields(source: Path, cfg: dict, read: Sequence[str], known: Seq
 
 
 
-def _optional(cfg: dict, key: str, source: Path, kind: str) -> Any:
-    """cfg[key] checked as `config_field` does, or None when absent or null."""
-    return None if cfg.get(key) is None else config_field(source, cfg, key, kind)
-
-
 def lora_args(block: Any, source: Path) -> LoraArgs:
     """A params.json `lora` block: `rank` (positive int) and `scaling` (number), both
     required as in mistral-inference's LoraArgs; else a ConfigError naming file and field."""
@@ -96,12 +92,6 @@ def lora_args(block: Any, source: Path) -> LoraArgs:
         raise ConfigError(f"{source}: lora must be an object with rank and scaling, got {block!r}")
     return LoraArgs(config_field(source, block, "rank", "int", "lora."),
                     config_field(source, block, "scaling", "float", "lora."))
-
-
-def _require(cfg: dict, key: str, source: Path) -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise ConfigError(f"{source}: required field {key!r} is missing")
-    return cfg[key]
 
 
 def read_json(path: Path) -> dict:
@@ -133,8 +123,8 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
     req = {k: config_field(path, cfg, k, "int") for k in (
         "dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")}
     req["norm_eps"] = config_field(path, cfg, "norm_eps", "positive")
-    n_kv_heads = _optional(cfg, "n_kv_heads", path, "int") or req["n_heads"]
-    head_dim = _optional(cfg, "head_dim", path, "int") or req["dim"] // req["n_heads"]
+    n_kv_heads = optional_field(path, cfg, "n_kv_heads", "int") or req["n_heads"]
+    head_dim = optional_field(path, cfg, "head_dim", "int") or req["dim"] // req["n_heads"]
     moe = None
     if cfg.get("moe") is not None:  # an empty block is incomplete, as in mistral-inference
         m = cfg["moe"]
@@ -153,12 +143,12 @@ def args_from_params_json(path: str | Path, **overrides: Any) -> ModelArgs:
         req,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        rope_theta=_optional(cfg, "rope_theta", path, "positive") or MISTRAL_DEFAULT_ROPE_THETA,
+        rope_theta=optional_field(path, cfg, "rope_theta", "positive") or MISTRAL_DEFAULT_ROPE_THETA,
         sliding_window=cfg.get("sliding_window"),
         moe=moe,
         lora=lora,
-        max_seq_len=(_optional(cfg, "max_seq_len", path, "int")
-                     or _optional(cfg, "max_position_embeddings", path, "int")),
+        max_seq_len=(optional_field(path, cfg, "max_seq_len", "int")
+                     or optional_field(path, cfg, "max_position_embeddings", "int")),
         **params_json_extras(cfg, path),
     )
     kwargs.update(overrides)

@@ -209,7 +209,7 @@ def _convert(src: Path, dst: Path, dtype: Any, layout: str, quantize: str | None
     check = interrupts.check  # (a signal dropped in a GC callback while tracing the model)
     if scheme is None:
         abstract, implied = abstract_params(args, np_dtype), {}
-    else:  # int8 / fp8 kernels with their scales, as `checkpoint.load_params` holds them
+    else:  # int8 / fp8 kernels with their scales, as `load.load_params` holds them
         abstract, implied = checkpoint_abstract(files, layout, args, np_dtype, scheme)
     check()
     plan = plan_checkpoint(files, layout, args, abstract)  # every header checked before any data

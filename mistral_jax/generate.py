@@ -165,7 +165,7 @@ def _start(
 
     static = dict(args=args, forward=forward, strategy=strategy, kernels=kernels)
     # Params sharded over a mesh: trace under it, so the KV cache and the MoE layers are
-    # split like the weights (sharding.py); a no-op on one device.
+    # split like the weights (partitioning.py); a no-op on one device.
     with use_mesh(mesh_of(params)):
         state = prefill_jit(
             params,

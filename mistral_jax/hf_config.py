@@ -33,6 +33,7 @@ from mistral_jax.args import (
     YarnArgs,
     check_moe,
     config_field,
+    optional_field,
     positive_int,
     yarn_mscale,
 )
@@ -129,8 +130,8 @@ def hf_args(cfg: dict, path: Path) -> dict[str, Any]:
             moe = check_moe(n, k, names=(f"{where}num_local_experts", f"{where}num_experts_per_tok"))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    head_dim = _optional(c, "head_dim", path, where) or dim // n_heads
-    max_pos = _optional(c, "max_position_embeddings", path, where)
+    head_dim = optional_field(path, c, "head_dim", "int", where) or dim // n_heads
+    max_pos = optional_field(path, c, "max_position_embeddings", "int", where)
     theta, yarn, query_scale = _rope(c, text, path, where, family, head_dim)
     tied = cfg.get("tie_word_embeddings", tie_default) if where else c.get(
         "tie_word_embeddings", False)
@@ -140,7 +141,7 @@ def hf_args(cfg: dict, path: Path) -> dict[str, Any]:
         head_dim=head_dim,
         hidden_dim=config_field(path, c, "intermediate_size", "int", where),
         n_heads=n_heads,
-        n_kv_heads=_optional(c, "num_key_value_heads", path, where) or n_heads,
+        n_kv_heads=optional_field(path, c, "num_key_value_heads", "int", where) or n_heads,
         norm_eps=config_field(path, c, "rms_norm_eps", "positive", where),
         vocab_size=config_field(path, c, "vocab_size", "int", where),
         rope_theta=theta,
@@ -358,10 +359,6 @@ def _number(value: Any, name: str, path: Path, positive: bool = True) -> float:
         kind = "a positive number" if positive else "a number"
         raise ConfigError(f"{path}: {name} must be {kind}, got {value!r}")
     return float(value)
-
-
-def _optional(c: dict, key: str, path: Path, where: str) -> Any:
-    return None if c.get(key) is None else config_field(path, c, key, "int", where)
 
 
 def _require(c: dict, key: str, path: Path, where: str) -> Any:

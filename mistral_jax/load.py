@@ -43,7 +43,7 @@ def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
     `jax.device_put`); it is called once per leaf as soon as the leaf is complete,
     so at most one leaf (a stacked expert weight for MoE) is held on the host.
     `finish(path, host_array) -> {path: host_array}` may first turn a finished leaf
-    into other leaves (LoRA merge, quantization: `lora.load_hooks`). Weights stored
+    into other leaves (LoRA merge, quantization: `load.load_hooks`). Weights stored
     int8/fp8 with a `weight_scale` (compressed-tensors) stay so (`quant.py`).
     """
     folder = Path(folder)
@@ -85,14 +85,14 @@ def load_params(folder: str | Path, args: ModelArgs, layout: str, dtype, *,
 
 def load_hooks(folder: Path, args: ModelArgs, dtype, *, lora_path=None, lora_merge=None,
                lora_scaling=None, quantize=None, prequantized: str | None = None):
-    """What `Transformer.from_folder` does around `checkpoint.load_params` for LoRA and
+    """What `Transformer.from_folder` does around `load.load_params` for LoRA and
     quantization: returns (finish, post) where `finish(path, host_array)` merges the
     adapter into each weight and then quantizes it as it is read, and `post(params)`
     attaches an unmerged adapter (or merges into an already quantized checkpoint).
 
     `lora_merge=None` merges unless the folder's params.json has a lora block, which,
     as in mistral-inference, asks for the adapter to stay unmerged. `prequantized` names
-    how the weights are already stored quantized; None: `convert.folder_quantization`.
+    how the weights are already stored quantized; None: `orbax_restore.folder_quantization`.
     """
     if prequantized is None:
         prequantized = folder_quantization(folder)

@@ -151,7 +151,7 @@ def param_shardings(args: ModelArgs, mesh: Mesh,
 def tree_specs(params, args: ModelArgs, mesh: Mesh | Mapping[str, int],
                rules: Sequence[tuple[str, str | None]] = RULES):
     """PartitionSpecs for a params tree that may hold more than the declared weights:
-    quantization scales and unmerged LoRA factors get the axes `quant.param_logical_axes`
+    quantization scales and unmerged LoRA factors get the axes `model.param_logical_axes`
     gives them. `params` may hold arrays or ShapeDtypeStructs."""
     declared = _declared(args)
     flat = flatten(params)
@@ -187,7 +187,7 @@ def place_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def place_fn(args: ModelArgs, mesh: Mesh) -> Callable[[tuple[str, ...], np.ndarray], jax.Array]:
-    """`place(path, host_array)` for `checkpoint.load_params`: each leaf straight onto its shards.
+    """`place(path, host_array)` for `load.load_params`: each leaf straight onto its shards.
 
     Declared weights get `param_shardings`; extra leaves that load hooks add (quantization
     scales, LoRA factors: small) are replicated here and given their own sharding by

@@ -98,7 +98,7 @@ def moe(x: jax.Array, weights: jax.Array, experts: jax.Array, w1, w2, w3, *,
     `default_grouped_kernel`. `qmatmul` (`Kernels.qmatmul`) goes to the quantized expert
     matmuls of the gather and scan paths.
 
-    `hidden_axes`: mesh axes that split F inside a shard_map (`sharding.expert_parallel`
+    `hidden_axes`: mesh axes that split F inside a shard_map (`partitioning.expert_parallel`
     with tensor > 1), so that the per-row activation scale of w2's input (`input_scale`)
     is the max over the whole row, as without the split; () elsewhere.
     """
@@ -148,7 +148,7 @@ class MoeFeedForward(nn.Module):
         weights, experts = route(gate(flat), a.moe.num_experts_per_tok)
         w1, w2, w3 = (self._expert_weight(n, w) for n, w in (("w1", w1), ("w2", w2),
                                                               ("w3", w3)))
-        # Split over the mesh's expert axis when there is one (sharding.py), else plain `moe`.
+        # Split over the mesh's expert axis when there is one (partitioning.py), else plain `moe`.
         fn = functools.partial(moe, strategy=self.strategy, kernel=self.kernels.moe,
                                qmatmul=self.kernels.qmatmul, grouped=self.kernels.grouped)
         out = expert_parallel(fn, flat, weights, experts, w1, w2, w3)

@@ -55,7 +55,7 @@ def dense_weight(w: Weight, dtype) -> jax.Array:
 def quantized_input(x: jax.Array, w: Weight, pick: Callable[[jax.Array], jax.Array],
                     axis_name: AxisNames = ()) -> jax.Array:
     """x [..., in] as the expert weight `w` sees it: each row quantized to the kernel's
-    dtype and back (`quant.quantize_activations` over the last axis, then times its
+    dtype and back (`quantize.quantize_activations` over the last axis, then times its
     scale) when `w` carries an `input_scale`; else x itself. For the dense paths, which
     multiply by the dequantized weight. `pick(w.input_scale)` maps the [E] scales to one
     that broadcasts against x [..., 1]: [E, 1, 1] for x [E, N, in], [M, 1] per row.
@@ -75,7 +75,7 @@ def expert_matmul(x: jax.Array, w: Weight, axis_name: AxisNames = (), *,
 
     A quantized kernel is multiplied as stored (cast to x's dtype) and its output scaled
     per channel; with an `input_scale`, each row of x is quantized first (scale per row,
-    `quant.qeinsum`). A LoRA adapter adds (x @ a) @ b on the unquantized x, as `Linear`
+    `quantize.qeinsum`). A LoRA adapter adds (x @ a) @ b on the unquantized x, as `Linear`
     does. Nothing [in, out]-sized is dequantized. `axis_name`: see `quantized_input`;
     `qmatmul`: `Kernels.qmatmul`, for `quantize.qeinsum`.
     """

@@ -148,7 +148,7 @@ def stored_quantization(folder: str | Path) -> dict | None:
 def folder_quantization(folder: str | Path) -> str | None:
     """How a model folder's weights are stored quantized: a converted folder's mode
     (`stored_quantization`), 'compressed-tensors' where a source folder's config says so
-    (quant.read_compressed_tensors), else None."""
+    (compressed_tensors.read_compressed_tensors), else None."""
     if is_converted(folder):
         stored = stored_quantization(folder)
         return None if stored is None else stored["mode"]

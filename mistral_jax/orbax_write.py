@@ -239,7 +239,7 @@ class Source:
             path, expert = p.target.path, p.target.expert
             if not self._quantized(p):  # cast by the writer, block by block
                 yield path, expert, value, p
-            elif expert is None:  # cast as `checkpoint.load_params` does, then quantized
+            elif expert is None:  # cast as `load.load_params` does, then quantized
                 for leaf_path, leaf in quantize_leaf(path, _copy(value, self.dtype, pool),
                                                      self.mode).items():
                     yield leaf_path, None, leaf, p

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from mistral_jax.errors import CheckpointError
 
 # The safetensors dtypes a weight may have (-> numpy dtype name): floats, and the int8 / fp8
-# of compressed-tensors weights, which must come with their scales (quant.py).
+# of compressed-tensors weights, which must come with their scales (compressed_tensors.py).
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "I8": "int8", "F8_E4M3": "float8_e4m3fn"}
 

@@ -50,7 +50,7 @@ class Transformer:
         self.params = params
         self.kernels = default_kernels() if kernels is None else kernels
         self.folder = folder
-        self.mesh = mesh  # the params are sharded over it (sharding.py); None: one device
+        self.mesh = mesh  # the params are sharded over it (mesh.py); None: one device
         self.load_seconds: float | None = None
 
     @classmethod
@@ -74,7 +74,7 @@ class Transformer:
         unless `lora_merge=False` (by default unmerged only when the folder's params.json
         has a lora block, as in mistral-inference); `lora_scaling` overrides its scaling.
         `quantize`: 'int8', 'fp8' or 'fp8-tensor' quantizes the weights as they load
-        (quant.py); compressed-tensors int8/fp8 checkpoints, and folders converted with
+        (quantize.py); compressed-tensors int8/fp8 checkpoints, and folders converted with
         `mistral-jax-convert --quantize` or from such checkpoints, load quantized without
         it (and refuse it: UserInputError); `dtype` then applies to the other leaves.
         `dtype`: bfloat16 (mistral-inference's default), float16, float32 or 'auto'
@@ -124,7 +124,7 @@ class Transformer:
                              for a in (tokens, positions))
         check_inputs(tokens, positions, cache, self.args)  # before the int32 casts below
         check_positions(positions, cache, self.args)  # values: outside the jit below
-        if self.mesh is not None:  # rows along data; traced under the mesh (sharding.py)
+        if self.mesh is not None:  # rows along data; traced under the mesh (partitioning.py)
             tokens, positions = shard_batch(
                 self.mesh, np.asarray(tokens, np.int32), np.asarray(positions, np.int32))
             with use_mesh(self.mesh):

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per figure (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantize", choices=list(MODES), default=None,
-                   help="weight-only int8/fp8 attention and feed-forward weights (quant.py)")
+                   help="weight-only int8/fp8 attention and feed-forward weights (quantize.py)")
     p.add_argument("--attention", choices=CHOICES["attention"], default=None,
                    help=f"prefill attention kernel (Kernels.attention, kernels.py; default: "
                    f"{ENV['attention']}, else auto)")

@@ -90,7 +90,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
         help="dtype of the weights and KV cache; auto (default): float32 on a CPU, where "
         "XLA computes bfloat16 through float32 copies of the weights (slower and no smaller), "
-        "bfloat16 on GPUs and TPUs (transformer.auto_dtype)")
+        "bfloat16 on GPUs and TPUs (dtypes.auto_dtype)")
     parser.add_argument(
         "--lora", metavar="PATH", type=Path, default=None,
         help="LoRA adapter (mistral-finetune lora.safetensors, or a peft adapter folder), "
